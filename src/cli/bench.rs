@@ -1,0 +1,117 @@
+//! `moss bench`: prefill and decode speed, time to first token and aggregate throughput, measured
+//! through the same engine handle that serves requests.
+
+use std::time::Instant;
+
+use clap::Args;
+use serde::Serialize;
+
+use super::{start_engine, ModelArgs};
+use crate::config::Config;
+use crate::engine::{EngineHandle, Event, GenerateRequest, SamplingParams};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens to generate per stream.
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Streams submitted at once.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The figures `moss bench` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub device: String,
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub concurrency: usize,
+    /// Prompt tokens per second of prefill (mean over streams).
+    pub prefill_tok_s: f64,
+    /// Generated tokens per second of one stream's decode steps (mean over streams).
+    pub decode_tok_s: f64,
+    /// Mean time from submitting a request to its first text.
+    pub ttft_ms: f64,
+    /// Generated tokens of all streams per second of wall time.
+    pub aggregate_tok_s: f64,
+}
+
+/// A prompt of exactly `n` tokens cut from ordinary English text.
+pub fn synthetic_prompt(engine: &EngineHandle, n: usize) -> anyhow::Result<Vec<u32>> {
+    let text = "The quick brown fox jumps over the lazy dog while the committee discusses the budget for next year. ";
+    let unit = engine.info.prompts.encode_text(text)?;
+    anyhow::ensure!(!unit.is_empty(), "the tokenizer produced no tokens");
+    Ok(unit.iter().copied().cycle().take(n.max(1)).collect())
+}
+
+/// Runs `concurrency` greedy generations of `gen` tokens on a prompt of `prompt` tokens.
+pub fn measure(engine: &EngineHandle, prompt: usize, gen: usize, concurrency: usize) -> anyhow::Result<BenchReport> {
+    let ids = synthetic_prompt(engine, prompt)?;
+    let request = GenerateRequest { prompt: ids, sampling: SamplingParams::greedy(), max_tokens: gen, stop: vec![], ignore_eos: true };
+    let start = Instant::now();
+    let streams = (0..concurrency.max(1)).map(|_| engine.generate(request.clone())).collect::<Result<Vec<_>, _>>()?;
+    let handles: Vec<_> = streams
+        .into_iter()
+        .map(|mut rx| {
+            std::thread::spawn(move || {
+                let mut first: Option<f64> = None;
+                while let Some(ev) = rx.blocking_recv() {
+                    match ev {
+                        Event::Text(_) if first.is_none() => first = Some(start.elapsed().as_secs_f64()),
+                        Event::Done { usage, timings, .. } => return Ok((first.unwrap_or(f64::NAN), usage, timings)),
+                        Event::Error(e) => return Err(anyhow::anyhow!(e)),
+                        _ => {}
+                    }
+                }
+                Err(anyhow::anyhow!("engine stopped"))
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for h in handles {
+        results.push(h.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??);
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let n = results.len() as f64;
+    let mean = |f: &dyn Fn(&(f64, crate::engine::Usage, crate::engine::Timings)) -> f64| results.iter().map(f).sum::<f64>() / n;
+    let completion: usize = results.iter().map(|r| r.1.completion_tokens).sum();
+    Ok(BenchReport {
+        model: engine.info.name.clone(),
+        device: engine.info.device.clone(),
+        prompt_tokens: prompt,
+        gen_tokens: gen,
+        concurrency: results.len(),
+        prefill_tok_s: mean(&|r| r.1.prompt_tokens as f64 / r.2.prefill.as_secs_f64()),
+        decode_tok_s: mean(&|r| (r.1.completion_tokens.saturating_sub(1)) as f64 / r.2.decode.as_secs_f64()),
+        ttft_ms: mean(&|r| r.0 * 1000.0),
+        aggregate_tok_s: completion as f64 / wall,
+    })
+}
+
+pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.gen_tokens >= 2, "--gen-tokens must be at least 2");
+    let engine = start_engine(config, &args.model)?;
+    measure(&engine, 8, 4, 1)?; // warm-up: first-touch allocations, caches
+    let report = measure(&engine, args.prompt_tokens, args.gen_tokens, args.concurrency)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("model            {} on {}", report.model, report.device);
+        println!("prompt / gen     {} / {} tokens, {} stream(s)", report.prompt_tokens, report.gen_tokens, report.concurrency);
+        println!("prefill          {:.1} tok/s", report.prefill_tok_s);
+        println!("decode           {:.1} tok/s", report.decode_tok_s);
+        println!("first token      {:.0} ms", report.ttft_ms);
+        println!("aggregate        {:.1} tok/s", report.aggregate_tok_s);
+    }
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! The command line: global options and one subcommand per CONTRACT.md command.
+
+pub mod bench;
+mod chat;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+use crate::engine::{EngineHandle, EngineOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "moss", version, about = "A self-hostable chat service in front of one language model")]
+pub struct Cli {
+    /// Configuration file (defaults are built in; MOSS_* environment variables override both).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Chat in the terminal (one answer with --prompt, a REPL otherwise).
+    Chat(chat::ChatArgs),
+    /// Measure prefill and decode speed.
+    Bench(bench::BenchArgs),
+    /// Print the token ids of TEXT (no special tokens added) as a JSON array.
+    Tokenize(TokenizeArgs),
+    /// Development helpers.
+    #[command(subcommand, hide = true)]
+    Debug(DebugCommand),
+}
+
+/// Options shared by every command that loads the model.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// GGUF model file (default: the configured model, else the default model, fetched on first use).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// auto, cpu or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The text to tokenize.
+    pub text: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Write a tiny random-weight GGUF (qwen2, llama or gemma3) for tests and load scripts.
+    TinyModel {
+        out: PathBuf,
+        #[arg(long, default_value = "qwen2")]
+        arch: String,
+    },
+}
+
+/// Starts logging to stderr (`RUST_LOG` wins over `-v`).
+pub fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Runs one command.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Chat(args) => chat::run(&config, args),
+        Command::Bench(args) => bench::run(&config, args),
+        Command::Tokenize(args) => tokenize(&config, args),
+        Command::Debug(DebugCommand::TinyModel { out, arch }) => {
+            let arch = match arch.as_str() {
+                "qwen2" => crate::engine::Arch::Qwen2,
+                "llama" => crate::engine::Arch::Llama,
+                "gemma3" => crate::engine::Arch::Gemma3,
+                other => anyhow::bail!("unknown architecture {other} (qwen2, llama, gemma3)"),
+            };
+            crate::engine::tiny::write_tiny_model(&out, &crate::engine::tiny::TinySpec::new(arch))
+        }
+    }
+}
+
+/// Engine options from config and command-line overrides.
+pub fn engine_options(config: &Config, args: &ModelArgs) -> anyhow::Result<EngineOptions> {
+    let model = match args.model.clone().or_else(|| config.model_path()) {
+        Some(path) => path,
+        None => crate::models::ensure_default_model()?,
+    };
+    let e = &config.engine;
+    Ok(EngineOptions {
+        model,
+        device: args.device.clone().unwrap_or_else(|| e.device.clone()),
+        max_context: e.max_context,
+        queue_capacity: e.queue_capacity,
+        token_delay: Duration::from_millis(e.token_delay_ms),
+    })
+}
+
+/// Loads the engine for a command, with the error naming the file.
+pub fn start_engine(config: &Config, args: &ModelArgs) -> anyhow::Result<EngineHandle> {
+    Ok(EngineHandle::start(engine_options(config, args)?)?)
+}
+
+fn tokenize(config: &Config, args: TokenizeArgs) -> anyhow::Result<()> {
+    // Only the tokenizer is needed: read the header, not the weights.
+    let opts = engine_options(config, &args.model)?;
+    let file = crate::engine::gguf::ModelFile::open(&opts.model)?;
+    let tok = crate::engine::tokenizer::load(&file.path, &file.content)
+        .map_err(|source| crate::engine::LoadError::Tokenizer { path: file.path.clone(), source })?;
+    let mut plain = tok;
+    plain.set_encode_special_tokens(true);
+    let enc = plain.encode(args.text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?;
+    println!("{}", serde_json::to_string(enc.get_ids())?);
+    Ok(())
+}

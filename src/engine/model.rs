@@ -1,0 +1,88 @@
+//! The transformer itself: one of candle-transformers' quantized implementations, picked by
+//! `general.architecture`, behind one small interface (reset, forward → last-token logits).
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen2};
+
+use super::gguf::{Arch, LoadError, ModelFile};
+
+enum Weights {
+    Qwen2(quantized_qwen2::ModelWeights),
+    Llama(quantized_llama::ModelWeights),
+    /// Gemma 3 has no way to clear its KV cache, so a pristine copy (tensors are shared,
+    /// only the empty caches are copied) replaces the live one between sequences.
+    Gemma3 { pristine: quantized_gemma3::ModelWeights, live: quantized_gemma3::ModelWeights },
+}
+
+/// A loaded model holding one sequence's KV cache.
+pub struct Model {
+    weights: Weights,
+    device: Device,
+    /// Positions the implementation can address (its rotary tables' length).
+    pub max_positions: usize,
+}
+
+impl Model {
+    /// Reads every weight of `file` onto `device` (consuming the file's header).
+    pub fn load(file: ModelFile, device: &Device) -> Result<Self, LoadError> {
+        let ModelFile { path, content, arch, mut reader } = file;
+        let err = |reason: String| LoadError::Model { path: path.clone(), reason };
+        // A hand-made file can have tensor shapes that make the implementation panic;
+        // that must be an error naming the file, not a crash.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            load_weights(arch, content, &mut reader, device)
+        }));
+        let (weights, max_positions) = match result {
+            Ok(Ok(w)) => w,
+            Ok(Err(e)) => return Err(err(e.to_string())),
+            Err(_) => return Err(err("the model's tensors do not fit its architecture".into())),
+        };
+        Ok(Self { weights, device: device.clone(), max_positions })
+    }
+
+    /// Forgets the current sequence (empties the KV cache).
+    pub fn reset(&mut self) {
+        match &mut self.weights {
+            Weights::Qwen2(m) => m.clear_kv_cache(),
+            Weights::Llama(m) => m.clear_kv_cache(),
+            Weights::Gemma3 { pristine, live } => *live = pristine.clone(),
+        }
+    }
+
+    /// Runs `tokens` at positions `pos..` and returns the logits of the last one (f32, 1-D).
+    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
+        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let logits = match &mut self.weights {
+            Weights::Qwen2(m) => m.forward(&input, pos)?,
+            Weights::Llama(m) => m.forward(&input, pos)?,
+            Weights::Gemma3 { live, .. } => live.forward(&input, pos)?,
+        };
+        logits.squeeze(0)?.to_dtype(DType::F32)
+    }
+}
+
+fn load_weights(
+    arch: Arch,
+    content: candle_core::quantized::gguf_file::Content,
+    reader: &mut std::io::BufReader<std::fs::File>,
+    device: &Device,
+) -> candle_core::Result<(Weights, usize)> {
+    Ok(match arch {
+        Arch::Qwen2 => {
+            let ctx = content
+                .metadata
+                .get("qwen2.context_length")
+                .and_then(|v| v.to_u32().ok())
+                .unwrap_or(4096) as usize;
+            (Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(content, reader, device)?), ctx)
+        }
+        Arch::Llama => (
+            Weights::Llama(quantized_llama::ModelWeights::from_gguf(content, reader, device)?),
+            quantized_llama::MAX_SEQ_LEN,
+        ),
+        Arch::Gemma3 => {
+            let m = quantized_gemma3::ModelWeights::from_gguf(content, reader, device)?;
+            (Weights::Gemma3 { pristine: m.clone(), live: m }, quantized_gemma3::MAX_SEQ_LEN)
+        }
+    })
+}

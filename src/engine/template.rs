@@ -1,0 +1,119 @@
+//! Renders a conversation into prompt text with the model's Jinja chat template (minijinja).
+//!
+//! The template comes from `tokenizer.chat_template`; a model without one gets ChatML. Message
+//! contents can be replaced by markers so that the caller can tokenize user text without letting
+//! it smuggle in special tokens (see `prompt.rs`).
+
+use minijinja::{Environment, Error, ErrorKind};
+use serde::Serialize;
+
+/// ChatML, used when the GGUF carries no chat template (or one minijinja cannot compile).
+pub const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// Who said a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self { role, content: content.into() }
+    }
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+    /// True when the model's own template is used (false: ChatML fallback).
+    pub is_native: bool,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate").field("is_native", &self.is_native).finish()
+    }
+}
+
+fn raise_exception(msg: String) -> Result<String, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+fn environment(source: String) -> Result<Environment<'static>, Error> {
+    let mut env = Environment::new();
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", raise_exception);
+    env.add_template_owned("chat", source)?;
+    Ok(env)
+}
+
+impl ChatTemplate {
+    /// Compiles `source`, falling back to ChatML (with a warning) when it is absent or invalid.
+    pub fn new(source: Option<&str>, bos_token: &str, eos_token: &str) -> Self {
+        let native = source.and_then(|src| match environment(src.to_string()) {
+            Ok(env) => Some(env),
+            Err(e) => {
+                tracing::warn!("the model's chat template does not compile ({e}); using ChatML");
+                None
+            }
+        });
+        let is_native = native.is_some();
+        let env = native.unwrap_or_else(|| environment(CHATML.to_string()).expect("ChatML compiles"));
+        Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string(), is_native }
+    }
+
+    /// Renders `messages`, ending with the assistant's turn opener when `add_generation_prompt`.
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, Error> {
+        let tmpl = self.env.get_template("chat")?;
+        tmpl.render(minijinja::context! {
+            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chatml_renders_roles_in_order() {
+        let t = ChatTemplate::new(None, "", "<|im_end|>");
+        let out = t
+            .render(&[ChatMessage::new(Role::System, "S"), ChatMessage::new(Role::User, "你好")], true)
+            .unwrap();
+        assert_eq!(out, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n");
+        assert!(!t.is_native);
+    }
+
+    #[test]
+    fn python_methods_and_raise_exception_work() {
+        let src = "{% for m in messages %}{{ m.content.strip().upper() }}{% if m.role == 'assistant' %}{{ raise_exception('no') }}{% endif %}{% endfor %}";
+        let t = ChatTemplate::new(Some(src), "", "");
+        assert!(t.is_native);
+        assert_eq!(t.render(&[ChatMessage::new(Role::User, "  hi ")], false).unwrap(), "HI");
+        let err = t.render(&[ChatMessage::new(Role::Assistant, "x")], false).unwrap_err();
+        assert!(err.to_string().contains("no"), "{err}");
+    }
+
+    #[test]
+    fn broken_template_falls_back_to_chatml() {
+        let t = ChatTemplate::new(Some("{% for %}"), "", "");
+        assert!(!t.is_native);
+    }
+}

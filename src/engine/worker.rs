@@ -1,0 +1,190 @@
+//! The engine thread: loads the model once, then runs queued requests one after another,
+//! streaming text back and dropping a request as soon as its receiver is gone.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::detok::{Detokenizer, StopMatcher, StopOutcome};
+use super::gguf::{LoadError, ModelFile};
+use super::model::Model;
+use super::prompt::PromptBuilder;
+use super::sampler::Sampler;
+use super::template::ChatTemplate;
+use super::{
+    select_device, EngineOptions, EngineStats, Event, FinishReason, Job, ModelInfo, Timings, Usage,
+};
+
+/// Longest slice of a prompt sent through the model at once (bounds prefill memory).
+const PREFILL_CHUNK: usize = 512;
+
+/// Entry point of the engine thread.
+pub(super) fn run(
+    options: EngineOptions,
+    mut jobs: mpsc::Receiver<Job>,
+    ready: std::sync::mpsc::Sender<Result<Arc<ModelInfo>, LoadError>>,
+    stats: Arc<EngineStats>,
+) {
+    let (mut model, info) = match load(&options) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let info = Arc::new(info);
+    if ready.send(Ok(info.clone())).is_err() {
+        return;
+    }
+    while let Some(job) = jobs.blocking_recv() {
+        if job.events.is_closed() {
+            stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        stats.requests_started.fetch_add(1, Ordering::Relaxed);
+        let _ = job.events.send(Event::Started);
+        let queued = job.submitted.elapsed();
+        let outcome = generate(&mut model, &info, &job, &options, &stats, queued);
+        match outcome {
+            Ok(done) => {
+                if matches!(done, Event::Done { finish_reason: FinishReason::Cancelled, .. }) {
+                    stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = job.events.send(done);
+            }
+            Err(e) => {
+                tracing::error!("generation failed: {e}");
+                let _ = job.events.send(Event::Error(e.to_string()));
+            }
+        }
+    }
+}
+
+/// Loads the model file, tokenizer and template.
+pub(super) fn load(options: &EngineOptions) -> Result<(Model, ModelInfo), LoadError> {
+    let device = select_device(&options.device)?;
+    let file = ModelFile::open(&options.model)?;
+    let tokenizer = super::tokenizer::load(&file.path, &file.content)
+        .map_err(|source| LoadError::Tokenizer { path: file.path.clone(), source })?;
+    let token_text = |key: &str| {
+        file.md_u32(key).and_then(|id| tokenizer.id_to_token(id))
+    };
+    let bos_text = token_text("tokenizer.ggml.bos_token_id").unwrap_or_default();
+    let eos_text = token_text("tokenizer.ggml.eos_token_id").unwrap_or_default();
+    let template = ChatTemplate::new(file.md_str("tokenizer.chat_template"), &bos_text, &eos_text);
+    let add_bos = file.md_bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
+    let bos = add_bos.then(|| file.md_u32("tokenizer.ggml.bos_token_id")).flatten();
+    let mut end_of_turn: Vec<u32> = file.md_u32("tokenizer.ggml.eos_token_id").into_iter().collect();
+    for text in ["<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "</s>"] {
+        if let Some(id) = tokenizer.token_to_id(text) {
+            if !end_of_turn.contains(&id) {
+                end_of_turn.push(id);
+            }
+        }
+    }
+    let model_ctx = file.arch_u32("context_length").map(|c| c as usize).unwrap_or(options.max_context);
+    let name = file
+        .md_str("general.name")
+        .map(str::to_string)
+        .or_else(|| file.path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into());
+    let (path, arch) = (file.path.clone(), file.arch);
+    let model = Model::load(file, &device)?;
+    let context_length = model_ctx.min(options.max_context).min(model.max_positions).max(2);
+    let info = ModelInfo {
+        path,
+        name,
+        arch,
+        context_length,
+        prompts: PromptBuilder::new(template, tokenizer, bos),
+        end_of_turn,
+        device: format!("{device:?}"),
+    };
+    tracing::info!(model = %info.path.display(), arch = arch.name(), context = context_length, device = %info.device, "model loaded");
+    Ok((model, info))
+}
+
+fn generate(
+    model: &mut Model,
+    info: &ModelInfo,
+    job: &Job,
+    options: &EngineOptions,
+    stats: &EngineStats,
+    queued: std::time::Duration,
+) -> candle_core::Result<Event> {
+    let req = &job.request;
+    let events = &job.events;
+    model.reset();
+    let mut tokens = req.prompt.clone();
+    let started = Instant::now();
+    let mut logits = None;
+    for (i, chunk) in req.prompt.chunks(PREFILL_CHUNK).enumerate() {
+        if events.is_closed() {
+            break;
+        }
+        logits = Some(model.forward(chunk, i * PREFILL_CHUNK)?);
+    }
+    let prefill = started.elapsed();
+    let decode_start = Instant::now();
+    let mut sampler = Sampler::new(&req.sampling);
+    let mut detok = Detokenizer::new(&info.prompts.tokenizer);
+    let mut stops = StopMatcher::new(&req.stop);
+    let mut completion = 0usize;
+    let mut hit_stop_string = false;
+    let finish = loop {
+        let Some(current) = logits.take() else { break FinishReason::Cancelled };
+        if events.is_closed() {
+            break FinishReason::Cancelled;
+        }
+        if completion >= req.max_tokens {
+            break FinishReason::Length;
+        }
+        if tokens.len() >= info.context_length {
+            break FinishReason::Length;
+        }
+        let next = sampler.sample(&current, &tokens)?;
+        tokens.push(next);
+        completion += 1;
+        stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
+        if !req.ignore_eos && info.end_of_turn.contains(&next) {
+            break FinishReason::Stop;
+        }
+        if let Some(piece) = detok.push(next) {
+            match stops.push(&piece) {
+                StopOutcome::Continue(text) => send_text(events, text),
+                StopOutcome::Stopped(text) => {
+                    send_text(events, text);
+                    hit_stop_string = true;
+                    break FinishReason::Stop;
+                }
+            }
+        }
+        if !options.token_delay.is_zero() {
+            std::thread::sleep(options.token_delay);
+        }
+        if completion < req.max_tokens && tokens.len() < info.context_length {
+            logits = Some(model.forward(&[next], tokens.len() - 1)?);
+        } else {
+            logits = Some(current);
+        }
+    };
+    if !hit_stop_string {
+        // Release what was held back: an incomplete last character, a possible stop-string start.
+        let tail = detok.flush().unwrap_or_default();
+        let tail = match stops.push(&tail) {
+            StopOutcome::Continue(t) => t + &stops.finish(),
+            StopOutcome::Stopped(t) => t,
+        };
+        send_text(events, tail);
+    }
+    let usage = Usage { prompt_tokens: req.prompt.len(), completion_tokens: completion };
+    Ok(Event::Done { finish_reason: finish, usage, timings: Timings { queued, prefill, decode: decode_start.elapsed() } })
+}
+
+fn send_text(events: &mpsc::UnboundedSender<Event>, text: String) {
+    if !text.is_empty() {
+        let _ = events.send(Event::Text(text));
+    }
+}

@@ -1,0 +1,79 @@
+//! The `moss` binary itself: tokenize, chat and bench on a tiny model, and one-line errors.
+
+mod common;
+
+use std::process::Command;
+
+use common::tiny_model;
+use moss::engine::Arch;
+
+fn moss() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_moss"));
+    c.env_remove("RUST_LOG").env("MOSS_ENGINE__DEVICE", "cpu");
+    c
+}
+
+#[test]
+fn tokenize_prints_a_json_array() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Qwen2);
+    let out = moss().args(["tokenize", "--model"]).arg(&model).arg("hello world").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ids: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
+    // "hello" and " world" are single tokens of the tiny vocabulary
+    assert_eq!(ids.len(), 2, "{ids:?}");
+}
+
+#[test]
+fn chat_prompt_streams_an_answer_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Llama);
+    let out = moss()
+        .args(["chat", "--temperature", "0", "--max-tokens", "8", "--prompt", "hello", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).trim().chars().count() >= 2);
+}
+
+#[test]
+fn bench_json_reports_every_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Qwen2);
+    let out = moss()
+        .args(["bench", "--json", "--prompt-tokens", "32", "--gen-tokens", "8", "--concurrency", "2", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["prefill_tok_s", "decode_tok_s", "ttft_ms", "aggregate_tok_s"] {
+        let v = r[key].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    assert_eq!(r["concurrency"], 2);
+    assert_eq!(r["prompt_tokens"], 32);
+}
+
+#[test]
+fn bad_model_is_a_one_line_error_with_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00").unwrap();
+    let out = moss().args(["chat", "--prompt", "hi", "--model"]).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("bad.gguf"), "{err}");
+}
+
+#[test]
+fn unknown_config_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("moss.toml");
+    std::fs::write(&cfg, "[engine]\ndevise = \"cpu\"\n").unwrap();
+    let out = moss().arg("--config").arg(&cfg).args(["tokenize", "x"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("devise"));
+}

@@ -1,0 +1,59 @@
+//! Shared test helpers: tiny models written by the real GGUF writer, engines on them, and the
+//! location of the real models (present when scripts/fetch-model has run, as in CI).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use moss::engine::tiny::{write_tiny_model, TinySpec};
+use moss::engine::{Arch, EngineHandle, EngineOptions, Event, FinishReason, GenerateRequest, SamplingParams, Usage};
+
+/// Writes a tiny model of `arch` into `dir` and returns its path.
+pub fn tiny_model(dir: &Path, arch: Arch) -> PathBuf {
+    let path = dir.join(format!("tiny-{}.gguf", arch.name()));
+    write_tiny_model(&path, &TinySpec::new(arch)).expect("write tiny model");
+    path
+}
+
+pub fn start(model: &Path, token_delay: Duration) -> EngineHandle {
+    let mut opts = EngineOptions::new(model);
+    opts.device = "cpu".into();
+    opts.token_delay = token_delay;
+    EngineHandle::start(opts).expect("engine starts")
+}
+
+pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest { prompt, sampling: SamplingParams::greedy(), max_tokens, stop: vec![], ignore_eos: false }
+}
+
+/// Runs a request to the end and returns (text pieces, finish reason, usage).
+pub fn collect(engine: &EngineHandle, req: GenerateRequest) -> (Vec<String>, FinishReason, Usage) {
+    let mut rx = engine.generate(req).expect("submitted");
+    let mut pieces = Vec::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Text(t) => pieces.push(t),
+            Event::Done { finish_reason, usage, .. } => return (pieces, finish_reason, usage),
+            Event::Error(e) => panic!("generation failed: {e}"),
+            Event::Started => {}
+        }
+    }
+    panic!("stream ended without Done");
+}
+
+/// The real model at `file` in the model cache, if fetched. With MOSS_REQUIRE_MODELS=1 (CI) a
+/// missing model fails the test instead of skipping it.
+pub fn real_model(file: &str) -> Option<PathBuf> {
+    let path = moss::models::cache_dir().join(file);
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var("MOSS_REQUIRE_MODELS").as_deref() == Ok("1") {
+        panic!("{} is missing; run scripts/fetch-model", path.display());
+    }
+    eprintln!("skipping: {} not present (run scripts/fetch-model)", path.display());
+    None
+}
+
+pub const QWEN_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+pub const GEMMA_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
