@@ -38,25 +38,39 @@ fn raw_candle(path: &std::path::Path, prompt: &[u32], gen: usize) -> anyhow::Res
             next = sampler.sample(&logits)?;
         }
         let decode = t.elapsed().as_secs_f64();
-        Ok(Figures { prefill_tok_s: prompt.len() as f64 / prefill, decode_tok_s: (n - 1) as f64 / decode })
+        Ok(Figures {
+            prefill_tok_s: prompt.len() as f64 / prefill,
+            decode_tok_s: (n - 1) as f64 / decode,
+        })
     };
     run(&mut model, 4)?; // warm-up
     run(&mut model, gen)
 }
 
 fn arg_value(args: &[String], name: &str, default: usize) -> usize {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let prompt_tokens = arg_value(&args, "--prompt-tokens", 128);
     let gen = arg_value(&args, "--gen-tokens", 64);
     let model = match args.iter().find(|a| a.ends_with(".gguf")) {
         Some(p) => p.into(),
         None => moss::models::default_model_path(),
     };
-    anyhow::ensure!(model.is_file(), "{} not found: run scripts/fetch-model", model.display());
+    anyhow::ensure!(
+        model.is_file(),
+        "{} not found: run scripts/fetch-model",
+        model.display()
+    );
 
     let mut opts = EngineOptions::new(&model);
     opts.device = "cpu".into();
@@ -75,10 +89,24 @@ fn main() -> anyhow::Result<()> {
     let best_ref_prefill = rows.iter().map(|r| r.0.prefill_tok_s).fold(0.0, f64::max);
     let best_decode = rows.iter().map(|r| r.1.decode_tok_s).fold(0.0, f64::max);
     let best_prefill = rows.iter().map(|r| r.1.prefill_tok_s).fold(0.0, f64::max);
-    println!("model: {} ({prompt_tokens} prompt tokens, {gen} generated, best of 2)", model.display());
+    println!(
+        "model: {} ({prompt_tokens} prompt tokens, {gen} generated, best of 2)",
+        model.display()
+    );
     println!("{:<28}{:>14}{:>14}", "", "prefill tok/s", "decode tok/s");
-    println!("{:<28}{:>14.1}{:>14.1}", "candle quantized_qwen2", best_ref_prefill, best_ref_decode);
-    println!("{:<28}{:>14.1}{:>14.1}", "moss engine", best_prefill, best_decode);
-    println!("{:<28}{:>13.2}x{:>13.2}x", "ratio moss / candle", best_prefill / best_ref_prefill, best_decode / best_ref_decode);
+    println!(
+        "{:<28}{:>14.1}{:>14.1}",
+        "candle quantized_qwen2", best_ref_prefill, best_ref_decode
+    );
+    println!(
+        "{:<28}{:>14.1}{:>14.1}",
+        "moss engine", best_prefill, best_decode
+    );
+    println!(
+        "{:<28}{:>13.2}x{:>13.2}x",
+        "ratio moss / candle",
+        best_prefill / best_ref_prefill,
+        best_decode / best_ref_decode
+    );
     Ok(())
 }

@@ -68,21 +68,42 @@ impl Config {
         }
         // Only nested keys (`MOSS_SECTION__KEY`) are configuration; plain `MOSS_*` variables such as
         // MOSS_MODEL_DIR belong to scripts and tests.
-        fig = fig.merge(Env::prefixed("MOSS_").split("__").filter(|k| k.as_str().contains('.')));
-        let cfg: Config = fig.extract().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        fig = fig.merge(
+            Env::prefixed("MOSS_")
+                .split("__")
+                .filter(|k| k.as_str().contains('.')),
+        );
+        let cfg: Config = fig
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     fn validate(&self) -> anyhow::Result<()> {
         let e = &self.engine;
-        anyhow::ensure!(e.max_context >= 16, "engine.max_context must be at least 16");
-        anyhow::ensure!(e.queue_capacity >= 1, "engine.queue_capacity must be at least 1");
+        anyhow::ensure!(
+            e.max_context >= 16,
+            "engine.max_context must be at least 16"
+        );
+        anyhow::ensure!(
+            e.queue_capacity >= 1,
+            "engine.queue_capacity must be at least 1"
+        );
         anyhow::ensure!(e.max_tokens >= 1, "engine.max_tokens must be at least 1");
         let s = &e.sampling;
-        anyhow::ensure!((0.0..=5.0).contains(&s.temperature), "engine.sampling.temperature must be in 0..=5");
-        anyhow::ensure!((0.0..=1.0).contains(&s.top_p), "engine.sampling.top_p must be in 0..=1");
-        anyhow::ensure!(s.repetition_penalty > 0.0, "engine.sampling.repetition_penalty must be positive");
+        anyhow::ensure!(
+            (0.0..=5.0).contains(&s.temperature),
+            "engine.sampling.temperature must be in 0..=5"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&s.top_p),
+            "engine.sampling.top_p must be in 0..=1"
+        );
+        anyhow::ensure!(
+            s.repetition_penalty > 0.0,
+            "engine.sampling.repetition_penalty must be positive"
+        );
         Ok(())
     }
 
@@ -106,7 +127,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let fig = Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string("[engine]\nmodle = 'x'\n"));
+        let fig = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Toml::string("[engine]\nmodle = 'x'\n"));
         assert!(fig.extract::<Config>().is_err());
     }
 }

@@ -34,14 +34,27 @@ pub fn ensure_default_model() -> anyhow::Result<PathBuf> {
     if path.is_file() {
         return Ok(path);
     }
-    eprintln!("moss: the default model is not in {}; fetching it (about 490 MB) ...", cache_dir().display());
+    eprintln!(
+        "moss: the default model is not in {}; fetching it (about 490 MB) ...",
+        cache_dir().display()
+    );
     let script = std::env::temp_dir().join(format!("moss-fetch-model-{}.py", std::process::id()));
     std::fs::write(&script, FETCH_SCRIPT)?;
-    let status = Command::new("python3").arg(&script).arg("--model").arg("qwen").arg("--dir").arg(cache_dir()).status();
+    let status = Command::new("python3")
+        .arg(&script)
+        .arg("--model")
+        .arg("qwen")
+        .arg("--dir")
+        .arg(cache_dir())
+        .status();
     let _ = std::fs::remove_file(&script);
     match status {
         Ok(s) if s.success() && path.is_file() => Ok(path),
-        Ok(_) => anyhow::bail!("fetching the default model failed (see above); pass --model FILE.gguf to use another"),
-        Err(e) => anyhow::bail!("cannot run python3 to fetch the default model ({e}); pass --model FILE.gguf"),
+        Ok(_) => anyhow::bail!(
+            "fetching the default model failed (see above); pass --model FILE.gguf to use another"
+        ),
+        Err(e) => anyhow::bail!(
+            "cannot run python3 to fetch the default model ({e}); pass --model FILE.gguf"
+        ),
     }
 }

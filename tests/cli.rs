@@ -17,8 +17,17 @@ fn moss() -> Command {
 fn tokenize_prints_a_json_array() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), Arch::Qwen2);
-    let out = moss().args(["tokenize", "--model"]).arg(&model).arg("hello world").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = moss()
+        .args(["tokenize", "--model"])
+        .arg(&model)
+        .arg("hello world")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ids: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
     // "hello" and " world" are single tokens of the tiny vocabulary
     assert_eq!(ids.len(), 2, "{ids:?}");
@@ -29,11 +38,24 @@ fn chat_prompt_streams_an_answer_and_exits() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), Arch::Llama);
     let out = moss()
-        .args(["chat", "--temperature", "0", "--max-tokens", "8", "--prompt", "hello", "--model"])
+        .args([
+            "chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+            "--prompt",
+            "hello",
+            "--model",
+        ])
         .arg(&model)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).trim().chars().count() >= 2);
 }
 
@@ -42,13 +64,32 @@ fn bench_json_reports_every_figure() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), Arch::Qwen2);
     let out = moss()
-        .args(["bench", "--json", "--prompt-tokens", "32", "--gen-tokens", "8", "--concurrency", "2", "--model"])
+        .args([
+            "bench",
+            "--json",
+            "--prompt-tokens",
+            "32",
+            "--gen-tokens",
+            "8",
+            "--concurrency",
+            "2",
+            "--model",
+        ])
         .arg(&model)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for key in ["prefill_tok_s", "decode_tok_s", "ttft_ms", "aggregate_tok_s"] {
+    for key in [
+        "prefill_tok_s",
+        "decode_tok_s",
+        "ttft_ms",
+        "aggregate_tok_s",
+    ] {
         let v = r[key].as_f64().unwrap_or(f64::NAN);
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");
     }
@@ -61,7 +102,11 @@ fn bad_model_is_a_one_line_error_with_nonzero_exit() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.gguf");
     std::fs::write(&bad, b"GGUF\x03\x00").unwrap();
-    let out = moss().args(["chat", "--prompt", "hi", "--model"]).arg(&bad).output().unwrap();
+    let out = moss()
+        .args(["chat", "--prompt", "hi", "--model"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -73,7 +118,12 @@ fn unknown_config_key_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("moss.toml");
     std::fs::write(&cfg, "[engine]\ndevise = \"cpu\"\n").unwrap();
-    let out = moss().arg("--config").arg(&cfg).args(["tokenize", "x"]).output().unwrap();
+    let out = moss()
+        .arg("--config")
+        .arg(&cfg)
+        .args(["tokenize", "x"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("devise"));
 }

@@ -31,7 +31,10 @@ fn non_gguf_file_is_rejected() {
     std::fs::write(&path, b"this is a text file, not a model\n").unwrap();
     let e = load(&path);
     assert!(matches!(e, LoadError::NotGguf { .. }), "{e:?}");
-    assert!(e.to_string().contains("notes.gguf") && e.to_string().contains("not a GGUF"), "{e}");
+    assert!(
+        e.to_string().contains("notes.gguf") && e.to_string().contains("not a GGUF"),
+        "{e}"
+    );
     std::fs::write(&path, b"").unwrap();
     assert!(matches!(load(&path), LoadError::NotGguf { .. }));
 }
@@ -44,7 +47,10 @@ fn truncated_files_are_rejected_at_any_cut() {
     for cut in [5, 24, 100, full.len() / 4, full.len() / 2, full.len() - 1] {
         std::fs::write(&path, &full[..cut]).unwrap();
         let e = load(&path);
-        assert!(matches!(e, LoadError::BadHeader { .. } | LoadError::Truncated { .. }), "cut at {cut}: {e:?}");
+        assert!(
+            matches!(e, LoadError::BadHeader { .. } | LoadError::Truncated { .. }),
+            "cut at {cut}: {e:?}"
+        );
         assert!(e.to_string().contains("cut.gguf"), "{e}");
     }
 }
@@ -59,7 +65,10 @@ fn unknown_architecture_is_named() {
     f.flush().unwrap();
     let e = load(&path);
     assert!(matches!(e, LoadError::UnsupportedArch { .. }), "{e:?}");
-    assert!(e.to_string().contains("`mamba`") && e.to_string().contains("mamba.gguf"), "{e}");
+    assert!(
+        e.to_string().contains("`mamba`") && e.to_string().contains("mamba.gguf"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -71,7 +80,10 @@ fn gguf_without_weights_is_a_model_error() {
     gguf_file::write(&mut f, &[("general.architecture", &arch)], &[]).unwrap();
     f.flush().unwrap();
     let e = load(&path);
-    assert!(matches!(e, LoadError::Tokenizer { .. } | LoadError::Model { .. }), "{e:?}");
+    assert!(
+        matches!(e, LoadError::Tokenizer { .. } | LoadError::Model { .. }),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("empty-qwen.gguf"), "{e}");
 }
 
@@ -87,5 +99,9 @@ fn cuda_without_the_feature_is_a_clear_error() {
     assert!(e.to_string().contains("cuda"), "{e}");
     let mut opts = EngineOptions::new(dir.path().join("tiny-qwen2.gguf"));
     opts.device = "tpu".into();
-    assert!(EngineHandle::start(opts).err().unwrap().to_string().contains("bad device"));
+    assert!(EngineHandle::start(opts)
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("bad device"));
 }

@@ -9,7 +9,8 @@ use moss::engine::gguf::ModelFile;
 use moss::engine::Arch;
 
 fn vectors() -> serde_json::Value {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tokenizer-vectors.json");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tokenizer-vectors.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -27,7 +28,12 @@ fn check_vectors(key: &str, file: &str) {
     assert!(cases.len() >= 5);
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let got = tok.encode(text, false).unwrap().get_ids().to_vec();
         assert_eq!(got, want, "{key}: {text:?}");
         // and back: decoding the reference ids gives the text again
@@ -53,7 +59,10 @@ fn assert_streams_whole(tok: &tokenizers::Tokenizer, text: &str) {
     let mut pieces = 0;
     for id in ids {
         if let Some(p) = d.push(id) {
-            assert!(!p.contains('\u{FFFD}'), "broken character in piece {p:?} of {text:?}");
+            assert!(
+                !p.contains('\u{FFFD}'),
+                "broken character in piece {p:?} of {text:?}"
+            );
             out.push_str(&p);
             pieces += 1;
         }
@@ -68,12 +77,19 @@ fn multibyte_text_streams_whole_characters() {
     let dir = tempfile::tempdir().unwrap();
     for arch in [Arch::Qwen2, Arch::Gemma3] {
         let tok = tokenizer_of(&tiny_model(dir.path(), arch));
-        for text in ["你好，世界！北京是首都。", "emoji 🤖🚀 and ünïcödé", "mixed 中文 and English 😀"] {
+        for text in [
+            "你好，世界！北京是首都。",
+            "emoji 🤖🚀 and ünïcödé",
+            "mixed 中文 and English 😀",
+        ] {
             assert_streams_whole(&tok, text);
         }
     }
     if let Some(path) = real_model(QWEN_FILE) {
         let tok = tokenizer_of(&path);
-        assert_streams_whole(&tok, "emoji 🤖🚀 and ünïcödé; 复旦大学自然语言处理实验室发布了MOSS。");
+        assert_streams_whole(
+            &tok,
+            "emoji 🤖🚀 and ünïcödé; 复旦大学自然语言处理实验室发布了MOSS。",
+        );
     }
 }

@@ -55,11 +55,24 @@ pub fn synthetic_prompt(engine: &EngineHandle, n: usize) -> anyhow::Result<Vec<u
 }
 
 /// Runs `concurrency` greedy generations of `gen` tokens on a prompt of `prompt` tokens.
-pub fn measure(engine: &EngineHandle, prompt: usize, gen: usize, concurrency: usize) -> anyhow::Result<BenchReport> {
+pub fn measure(
+    engine: &EngineHandle,
+    prompt: usize,
+    gen: usize,
+    concurrency: usize,
+) -> anyhow::Result<BenchReport> {
     let ids = synthetic_prompt(engine, prompt)?;
-    let request = GenerateRequest { prompt: ids, sampling: SamplingParams::greedy(), max_tokens: gen, stop: vec![], ignore_eos: true };
+    let request = GenerateRequest {
+        prompt: ids,
+        sampling: SamplingParams::greedy(),
+        max_tokens: gen,
+        stop: vec![],
+        ignore_eos: true,
+    };
     let start = Instant::now();
-    let streams = (0..concurrency.max(1)).map(|_| engine.generate(request.clone())).collect::<Result<Vec<_>, _>>()?;
+    let streams = (0..concurrency.max(1))
+        .map(|_| engine.generate(request.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
     let handles: Vec<_> = streams
         .into_iter()
         .map(|mut rx| {
@@ -67,8 +80,12 @@ pub fn measure(engine: &EngineHandle, prompt: usize, gen: usize, concurrency: us
                 let mut first: Option<f64> = None;
                 while let Some(ev) = rx.blocking_recv() {
                     match ev {
-                        Event::Text(_) if first.is_none() => first = Some(start.elapsed().as_secs_f64()),
-                        Event::Done { usage, timings, .. } => return Ok((first.unwrap_or(f64::NAN), usage, timings)),
+                        Event::Text(_) if first.is_none() => {
+                            first = Some(start.elapsed().as_secs_f64())
+                        }
+                        Event::Done { usage, timings, .. } => {
+                            return Ok((first.unwrap_or(f64::NAN), usage, timings))
+                        }
                         Event::Error(e) => return Err(anyhow::anyhow!(e)),
                         _ => {}
                     }
@@ -79,11 +96,16 @@ pub fn measure(engine: &EngineHandle, prompt: usize, gen: usize, concurrency: us
         .collect();
     let mut results = Vec::new();
     for h in handles {
-        results.push(h.join().map_err(|_| anyhow::anyhow!("bench thread panicked"))??);
+        results.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("bench thread panicked"))??,
+        );
     }
     let wall = start.elapsed().as_secs_f64();
     let n = results.len() as f64;
-    let mean = |f: &dyn Fn(&(f64, crate::engine::Usage, crate::engine::Timings)) -> f64| results.iter().map(f).sum::<f64>() / n;
+    let mean = |f: &dyn Fn(&(f64, crate::engine::Usage, crate::engine::Timings)) -> f64| {
+        results.iter().map(f).sum::<f64>() / n
+    };
     let completion: usize = results.iter().map(|r| r.1.completion_tokens).sum();
     Ok(BenchReport {
         model: engine.info.name.clone(),
@@ -92,7 +114,9 @@ pub fn measure(engine: &EngineHandle, prompt: usize, gen: usize, concurrency: us
         gen_tokens: gen,
         concurrency: results.len(),
         prefill_tok_s: mean(&|r| r.1.prompt_tokens as f64 / r.2.prefill.as_secs_f64()),
-        decode_tok_s: mean(&|r| (r.1.completion_tokens.saturating_sub(1)) as f64 / r.2.decode.as_secs_f64()),
+        decode_tok_s: mean(&|r| {
+            (r.1.completion_tokens.saturating_sub(1)) as f64 / r.2.decode.as_secs_f64()
+        }),
         ttft_ms: mean(&|r| r.0 * 1000.0),
         aggregate_tok_s: completion as f64 / wall,
     })
@@ -102,12 +126,20 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.gen_tokens >= 2, "--gen-tokens must be at least 2");
     let engine = start_engine(config, &args.model)?;
     measure(&engine, 8, 4, 1)?; // warm-up: first-touch allocations, caches
-    let report = measure(&engine, args.prompt_tokens, args.gen_tokens, args.concurrency)?;
+    let report = measure(
+        &engine,
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.concurrency,
+    )?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("model            {} on {}", report.model, report.device);
-        println!("prompt / gen     {} / {} tokens, {} stream(s)", report.prompt_tokens, report.gen_tokens, report.concurrency);
+        println!(
+            "prompt / gen     {} / {} tokens, {} stream(s)",
+            report.prompt_tokens, report.gen_tokens, report.concurrency
+        );
         println!("prefill          {:.1} tok/s", report.prefill_tok_s);
         println!("decode           {:.1} tok/s", report.decode_tok_s);
         println!("first token      {:.0} ms", report.ttft_ms);

@@ -37,7 +37,10 @@ pub fn run(config: &Config, args: ChatArgs) -> anyhow::Result<()> {
         answer(config, &args, &engine, &history)?;
         return Ok(());
     }
-    eprintln!("moss chat with {} — an empty line or Ctrl-D ends, /reset forgets the conversation", engine.info.name);
+    eprintln!(
+        "moss chat with {} — an empty line or Ctrl-D ends, /reset forgets the conversation",
+        engine.info.name
+    );
     let stdin = std::io::stdin();
     loop {
         eprint!("> ");
@@ -56,9 +59,17 @@ pub fn run(config: &Config, args: ChatArgs) -> anyhow::Result<()> {
 }
 
 /// Streams one answer to stdout and returns its text.
-fn answer(config: &Config, args: &ChatArgs, engine: &EngineHandle, history: &[ChatMessage]) -> anyhow::Result<String> {
+fn answer(
+    config: &Config,
+    args: &ChatArgs,
+    engine: &EngineHandle,
+    history: &[ChatMessage],
+) -> anyhow::Result<String> {
     let max_tokens = args.max_tokens.unwrap_or(config.engine.max_tokens);
-    let system = args.system.as_deref().unwrap_or(&config.engine.system_prompt);
+    let system = args
+        .system
+        .as_deref()
+        .unwrap_or(&config.engine.system_prompt);
     let prompt = engine.prompt(Some(system), history, max_tokens)?;
     let mut sampling = config.engine.sampling.params();
     if let Some(t) = args.temperature {
@@ -85,9 +96,18 @@ fn answer(config: &Config, args: &ChatArgs, engine: &EngineHandle, history: &[Ch
                 out.flush()?;
                 text.push_str(&piece);
             }
-            Event::Done { finish_reason, usage, .. } => {
+            Event::Done {
+                finish_reason,
+                usage,
+                ..
+            } => {
                 writeln!(out)?;
-                tracing::info!(finish = finish_reason.as_str(), prompt = usage.prompt_tokens, completion = usage.completion_tokens, "answer done");
+                tracing::info!(
+                    finish = finish_reason.as_str(),
+                    prompt = usage.prompt_tokens,
+                    completion = usage.completion_tokens,
+                    "answer done"
+                );
                 return Ok(text);
             }
             Event::Error(e) => anyhow::bail!("generation failed: {e}"),

@@ -12,7 +12,11 @@ use crate::config::Config;
 use crate::engine::{EngineHandle, EngineOptions};
 
 #[derive(Debug, Parser)]
-#[command(name = "moss", version, about = "A self-hostable chat service in front of one language model")]
+#[command(
+    name = "moss",
+    version,
+    about = "A self-hostable chat service in front of one language model"
+)]
 pub struct Cli {
     /// Configuration file (defaults are built in; MOSS_* environment variables override both).
     #[arg(long, global = true)]
@@ -75,7 +79,10 @@ pub fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Runs one command.
@@ -122,11 +129,17 @@ fn tokenize(config: &Config, args: TokenizeArgs) -> anyhow::Result<()> {
     // Only the tokenizer is needed: read the header, not the weights.
     let opts = engine_options(config, &args.model)?;
     let file = crate::engine::gguf::ModelFile::open(&opts.model)?;
-    let tok = crate::engine::tokenizer::load(&file.path, &file.content)
-        .map_err(|source| crate::engine::LoadError::Tokenizer { path: file.path.clone(), source })?;
+    let tok = crate::engine::tokenizer::load(&file.path, &file.content).map_err(|source| {
+        crate::engine::LoadError::Tokenizer {
+            path: file.path.clone(),
+            source,
+        }
+    })?;
     let mut plain = tok;
     plain.set_encode_special_tokens(true);
-    let enc = plain.encode(args.text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?;
+    let enc = plain
+        .encode(args.text.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?;
     println!("{}", serde_json::to_string(enc.get_ids())?);
     Ok(())
 }

@@ -14,7 +14,12 @@ pub struct Detokenizer<'a> {
 
 impl<'a> Detokenizer<'a> {
     pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        Self { tokenizer, tokens: Vec::new(), prefix_offset: 0, read_offset: 0 }
+        Self {
+            tokenizer,
+            tokens: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
     }
 
     fn decode(&self, ids: &[u32]) -> String {
@@ -26,7 +31,10 @@ impl<'a> Detokenizer<'a> {
         self.tokens.push(id);
         let prefix = self.decode(&self.tokens[self.prefix_offset..self.read_offset]);
         let full = self.decode(&self.tokens[self.prefix_offset..]);
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             let piece = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.tokens.len();
@@ -42,7 +50,8 @@ impl<'a> Detokenizer<'a> {
         let full = self.decode(&self.tokens[self.prefix_offset..]);
         self.prefix_offset = self.tokens.len();
         self.read_offset = self.tokens.len();
-        (full.len() > prefix.len() && full.is_char_boundary(prefix.len())).then(|| full[prefix.len()..].to_string())
+        (full.len() > prefix.len() && full.is_char_boundary(prefix.len()))
+            .then(|| full[prefix.len()..].to_string())
     }
 }
 
@@ -64,12 +73,19 @@ pub enum StopOutcome {
 
 impl StopMatcher {
     pub fn new(stops: &[String]) -> Self {
-        Self { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() }
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: String::new(),
+        }
     }
 
     pub fn push(&mut self, piece: &str) -> StopOutcome {
         self.pending.push_str(piece);
-        let first_stop = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min();
+        let first_stop = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
         if let Some(at) = first_stop {
             let out = self.pending[..at].to_string();
             self.pending.clear();

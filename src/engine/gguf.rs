@@ -29,13 +29,21 @@ impl Arch {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{path}: cannot read model file: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a GGUF file (the first bytes are not `GGUF`)")]
     NotGguf { path: PathBuf },
     #[error("{path}: corrupt or truncated GGUF header: {reason}")]
     BadHeader { path: PathBuf, reason: String },
     #[error("{path}: file is truncated: tensor `{tensor}` needs bytes up to {needed}, the file has {size}")]
-    Truncated { path: PathBuf, tensor: String, needed: u64, size: u64 },
+    Truncated {
+        path: PathBuf,
+        tensor: String,
+        needed: u64,
+        size: u64,
+    },
     #[error("{path}: no `general.architecture` in the metadata")]
     NoArchitecture { path: PathBuf },
     #[error("{path}: unsupported architecture `{arch}` (supported: qwen2, llama, gemma3)")]
@@ -43,7 +51,10 @@ pub enum LoadError {
     #[error("{path}: cannot build the model: {reason}")]
     Model { path: PathBuf, reason: String },
     #[error("{path}: cannot build the tokenizer: {source}")]
-    Tokenizer { path: PathBuf, source: super::tokenizer::TokenizerError },
+    Tokenizer {
+        path: PathBuf,
+        source: super::tokenizer::TokenizerError,
+    },
     #[error("device: {0}")]
     Device(String),
 }
@@ -59,34 +70,63 @@ pub struct ModelFile {
 impl ModelFile {
     /// Opens and checks `path`.
     pub fn open(path: &Path) -> Result<Self, LoadError> {
-        let io = |source| LoadError::Io { path: path.to_path_buf(), source };
+        let io = |source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = File::open(path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
         let mut reader = BufReader::new(file);
         let mut magic = [0u8; 4];
         if size < 4 || reader.read_exact(&mut magic).is_err() || &magic != b"GGUF" {
-            return Err(LoadError::NotGguf { path: path.to_path_buf() });
+            return Err(LoadError::NotGguf {
+                path: path.to_path_buf(),
+            });
         }
         reader.seek(SeekFrom::Start(0)).map_err(io)?;
-        let content = Content::read(&mut reader)
-            .map_err(|e| LoadError::BadHeader { path: path.to_path_buf(), reason: e.to_string() })?;
+        let content = Content::read(&mut reader).map_err(|e| LoadError::BadHeader {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         check_tensor_bounds(path, &content, size)?;
-        let arch = match content.metadata.get("general.architecture").map(Value::to_string) {
+        let arch = match content
+            .metadata
+            .get("general.architecture")
+            .map(Value::to_string)
+        {
             Some(Ok(a)) => a.clone(),
-            _ => return Err(LoadError::NoArchitecture { path: path.to_path_buf() }),
+            _ => {
+                return Err(LoadError::NoArchitecture {
+                    path: path.to_path_buf(),
+                })
+            }
         };
         let arch = match arch.as_str() {
             "qwen2" => Arch::Qwen2,
             "llama" => Arch::Llama,
             "gemma3" => Arch::Gemma3,
-            _ => return Err(LoadError::UnsupportedArch { path: path.to_path_buf(), arch }),
+            _ => {
+                return Err(LoadError::UnsupportedArch {
+                    path: path.to_path_buf(),
+                    arch,
+                })
+            }
         };
-        Ok(Self { path: path.to_path_buf(), content, arch, reader })
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            arch,
+            reader,
+        })
     }
 
     /// A metadata value under the architecture's prefix, e.g. `context_length`.
     pub fn arch_u32(&self, key: &str) -> Option<u32> {
-        self.content.metadata.get(&format!("{}.{key}", self.arch.name()))?.to_u32().ok()
+        self.content
+            .metadata
+            .get(&format!("{}.{key}", self.arch.name()))?
+            .to_u32()
+            .ok()
     }
 
     pub fn md_u32(&self, key: &str) -> Option<u32> {
@@ -98,7 +138,12 @@ impl ModelFile {
     }
 
     pub fn md_str(&self, key: &str) -> Option<&str> {
-        self.content.metadata.get(key)?.to_string().ok().map(String::as_str)
+        self.content
+            .metadata
+            .get(key)?
+            .to_string()
+            .ok()
+            .map(String::as_str)
     }
 }
 
@@ -107,9 +152,17 @@ fn check_tensor_bounds(path: &Path, content: &Content, size: u64) -> Result<(), 
         let elems = info.shape.elem_count() as u64;
         let block = info.ggml_dtype.block_size() as u64;
         let bytes = elems / block.max(1) * info.ggml_dtype.type_size() as u64;
-        let needed = content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
+        let needed = content
+            .tensor_data_offset
+            .saturating_add(info.offset)
+            .saturating_add(bytes);
         if elems % block.max(1) != 0 || needed > size {
-            return Err(LoadError::Truncated { path: path.to_path_buf(), tensor: name.clone(), needed, size });
+            return Err(LoadError::Truncated {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                needed,
+                size,
+            });
         }
     }
     Ok(())

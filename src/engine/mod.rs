@@ -41,7 +41,13 @@ pub struct EngineOptions {
 
 impl EngineOptions {
     pub fn new(model: impl Into<PathBuf>) -> Self {
-        Self { model: model.into(), device: "auto".into(), max_context: 8192, queue_capacity: 64, token_delay: Duration::ZERO }
+        Self {
+            model: model.into(),
+            device: "auto".into(),
+            max_context: 8192,
+            queue_capacity: 64,
+            token_delay: Duration::ZERO,
+        }
     }
 }
 
@@ -96,7 +102,11 @@ pub enum Event {
     /// The next piece of the answer (whole characters only).
     Text(String),
     /// The answer is complete.
-    Done { finish_reason: FinishReason, usage: Usage, timings: Timings },
+    Done {
+        finish_reason: FinishReason,
+        usage: Usage,
+        timings: Timings,
+    },
     /// Generation failed; nothing more follows.
     Error(String),
 }
@@ -117,7 +127,11 @@ pub enum SubmitError {
     #[error("the engine has stopped")]
     Stopped,
     #[error("the prompt has {prompt} tokens and {max_tokens} more were asked for, but the context holds {context}")]
-    TooLong { prompt: usize, max_tokens: usize, context: usize },
+    TooLong {
+        prompt: usize,
+        max_tokens: usize,
+        context: usize,
+    },
     #[error("the prompt is empty")]
     EmptyPrompt,
 }
@@ -170,8 +184,14 @@ impl EngineHandle {
             .name("moss-engine".into())
             .spawn(move || worker::run(options, jobs_rx, ready_tx, thread_stats))
             .map_err(|e| LoadError::Device(format!("cannot start the engine thread: {e}")))?;
-        let info = ready_rx.recv().map_err(|_| LoadError::Device("the engine thread died while loading".into()))??;
-        Ok(Self { jobs: jobs_tx, info, stats })
+        let info = ready_rx
+            .recv()
+            .map_err(|_| LoadError::Device("the engine thread died while loading".into()))??;
+        Ok(Self {
+            jobs: jobs_tx,
+            info,
+            stats,
+        })
     }
 
     /// Queues a request without waiting; the stream yields its events.
@@ -181,10 +201,18 @@ impl EngineHandle {
         }
         let context = self.info.context_length;
         if request.prompt.len() + request.max_tokens.min(1) > context {
-            return Err(SubmitError::TooLong { prompt: request.prompt.len(), max_tokens: request.max_tokens, context });
+            return Err(SubmitError::TooLong {
+                prompt: request.prompt.len(),
+                max_tokens: request.max_tokens,
+                context,
+            });
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let job = Job { request, events: tx, submitted: std::time::Instant::now() };
+        let job = Job {
+            request,
+            events: tx,
+            submitted: std::time::Instant::now(),
+        };
         self.jobs.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
@@ -193,8 +221,16 @@ impl EngineHandle {
     }
 
     /// Builds a prompt for a conversation that leaves room for `max_tokens` of answer.
-    pub fn prompt(&self, system: Option<&str>, history: &[ChatMessage], max_tokens: usize) -> Result<Prompt, PromptError> {
-        let limit = self.info.context_length.saturating_sub(max_tokens.min(self.info.context_length / 2));
+    pub fn prompt(
+        &self,
+        system: Option<&str>,
+        history: &[ChatMessage],
+        max_tokens: usize,
+    ) -> Result<Prompt, PromptError> {
+        let limit = self
+            .info
+            .context_length
+            .saturating_sub(max_tokens.min(self.info.context_length / 2));
         self.info.prompts.build(system, history, limit)
     }
 
@@ -221,8 +257,14 @@ pub fn select_device(spec: &str) -> Result<Device, LoadError> {
                 Some(rest) => rest
                     .strip_prefix(':')
                     .and_then(|n| n.parse::<usize>().ok())
-                    .ok_or_else(|| LoadError::Device(format!("bad device `{spec}` (use auto, cpu or cuda:N)")))?,
-                None => return Err(LoadError::Device(format!("bad device `{spec}` (use auto, cpu or cuda:N)"))),
+                    .ok_or_else(|| {
+                        LoadError::Device(format!("bad device `{spec}` (use auto, cpu or cuda:N)"))
+                    })?,
+                None => {
+                    return Err(LoadError::Device(format!(
+                        "bad device `{spec}` (use auto, cpu or cuda:N)"
+                    )))
+                }
             };
             if !candle_core::utils::cuda_is_available() {
                 return Err(LoadError::Device(format!(

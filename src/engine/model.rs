@@ -11,7 +11,10 @@ enum Weights {
     Llama(quantized_llama::ModelWeights),
     /// Gemma 3 has no way to clear its KV cache, so a pristine copy (tensors are shared,
     /// only the empty caches are copied) replaces the live one between sequences.
-    Gemma3 { pristine: quantized_gemma3::ModelWeights, live: quantized_gemma3::ModelWeights },
+    Gemma3 {
+        pristine: quantized_gemma3::ModelWeights,
+        live: quantized_gemma3::ModelWeights,
+    },
 }
 
 /// A loaded model holding one sequence's KV cache.
@@ -25,8 +28,16 @@ pub struct Model {
 impl Model {
     /// Reads every weight of `file` onto `device` (consuming the file's header).
     pub fn load(file: ModelFile, device: &Device) -> Result<Self, LoadError> {
-        let ModelFile { path, content, arch, mut reader } = file;
-        let err = |reason: String| LoadError::Model { path: path.clone(), reason };
+        let ModelFile {
+            path,
+            content,
+            arch,
+            mut reader,
+        } = file;
+        let err = |reason: String| LoadError::Model {
+            path: path.clone(),
+            reason,
+        };
         // A hand-made file can have tensor shapes that make the implementation panic;
         // that must be an error naming the file, not a crash.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -37,7 +48,11 @@ impl Model {
             Ok(Err(e)) => return Err(err(e.to_string())),
             Err(_) => return Err(err("the model's tensors do not fit its architecture".into())),
         };
-        Ok(Self { weights, device: device.clone(), max_positions })
+        Ok(Self {
+            weights,
+            device: device.clone(),
+            max_positions,
+        })
     }
 
     /// Forgets the current sequence (empties the KV cache).
@@ -74,15 +89,28 @@ fn load_weights(
                 .get("qwen2.context_length")
                 .and_then(|v| v.to_u32().ok())
                 .unwrap_or(4096) as usize;
-            (Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(content, reader, device)?), ctx)
+            (
+                Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(
+                    content, reader, device,
+                )?),
+                ctx,
+            )
         }
         Arch::Llama => (
-            Weights::Llama(quantized_llama::ModelWeights::from_gguf(content, reader, device)?),
+            Weights::Llama(quantized_llama::ModelWeights::from_gguf(
+                content, reader, device,
+            )?),
             quantized_llama::MAX_SEQ_LEN,
         ),
         Arch::Gemma3 => {
             let m = quantized_gemma3::ModelWeights::from_gguf(content, reader, device)?;
-            (Weights::Gemma3 { pristine: m.clone(), live: m }, quantized_gemma3::MAX_SEQ_LEN)
+            (
+                Weights::Gemma3 {
+                    pristine: m.clone(),
+                    live: m,
+                },
+                quantized_gemma3::MAX_SEQ_LEN,
+            )
         }
     })
 }

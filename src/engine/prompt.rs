@@ -44,7 +44,12 @@ impl PromptBuilder {
     pub fn new(template: ChatTemplate, tokenizer: Tokenizer, bos: Option<u32>) -> Self {
         let mut plain = tokenizer.clone();
         plain.set_encode_special_tokens(true);
-        Self { template, tokenizer, plain, bos }
+        Self {
+            template,
+            tokenizer,
+            plain,
+            bos,
+        }
     }
 
     /// Token ids of `text` with special-token markup taken literally (no BOS).
@@ -60,24 +65,35 @@ impl PromptBuilder {
             .enumerate()
             .map(|(i, m)| ChatMessage::new(m.role, format!("{MARK_OPEN}{i}{MARK_CLOSE}")))
             .collect();
-        let rendered = self.template.render(&marked, true).map_err(|e| PromptError::Template(e.to_string()))?;
+        let rendered = self
+            .template
+            .render(&marked, true)
+            .map_err(|e| PromptError::Template(e.to_string()))?;
         let mut ids: Vec<u32> = self.bos.into_iter().collect();
         let mut rest = rendered.as_str();
         let mut next = 0usize;
         while let Some(open) = rest.find(MARK_OPEN) {
             ids.extend(encode(&self.tokenizer, &rest[..open])?);
             let after = &rest[open + MARK_OPEN.len_utf8()..];
-            let close = after.find(MARK_CLOSE).ok_or_else(|| PromptError::Template("unbalanced marker".into()))?;
-            let index: usize = after[..close].parse().map_err(|_| PromptError::Template("bad marker".into()))?;
+            let close = after
+                .find(MARK_CLOSE)
+                .ok_or_else(|| PromptError::Template("unbalanced marker".into()))?;
+            let index: usize = after[..close]
+                .parse()
+                .map_err(|_| PromptError::Template("bad marker".into()))?;
             if index != next || index >= messages.len() {
-                return Err(PromptError::Template("the template reorders or repeats messages".into()));
+                return Err(PromptError::Template(
+                    "the template reorders or repeats messages".into(),
+                ));
             }
             ids.extend(encode(&self.plain, &messages[index].content)?);
             next += 1;
             rest = &after[close + MARK_CLOSE.len_utf8()..];
         }
         if next != messages.len() {
-            return Err(PromptError::Template("the template dropped a message".into()));
+            return Err(PromptError::Template(
+                "the template dropped a message".into(),
+            ));
         }
         ids.extend(encode(&self.tokenizer, rest)?);
         // Templates often start with the BOS text themselves; never send it twice.
@@ -91,7 +107,12 @@ impl PromptBuilder {
 
     /// Builds the prompt for `system` + `history`, keeping at most `limit` tokens: the oldest turns
     /// go first; the system prompt and the newest message are never dropped.
-    pub fn build(&self, system: Option<&str>, history: &[ChatMessage], limit: usize) -> Result<Prompt, PromptError> {
+    pub fn build(
+        &self,
+        system: Option<&str>,
+        history: &[ChatMessage],
+        limit: usize,
+    ) -> Result<Prompt, PromptError> {
         if history.is_empty() {
             return Err(PromptError::Empty);
         }
@@ -105,12 +126,18 @@ impl PromptBuilder {
         };
         let full = with(0)?;
         if full.len() <= limit {
-            return Ok(Prompt { ids: full, dropped_messages: 0 });
+            return Ok(Prompt {
+                ids: full,
+                dropped_messages: 0,
+            });
         }
         let last = history.len() - 1;
         let newest_only = with(last)?;
         if newest_only.len() > limit {
-            return Err(PromptError::TooLong { needed: newest_only.len(), limit });
+            return Err(PromptError::TooLong {
+                needed: newest_only.len(),
+                limit,
+            });
         }
         // Binary search for the earliest start that fits (length shrinks as start grows).
         let (mut lo, mut hi) = (1usize, last);
@@ -127,7 +154,10 @@ impl PromptBuilder {
         while start < last && history[start].role != Role::User {
             start += 1;
         }
-        Ok(Prompt { ids: with(start)?, dropped_messages: start })
+        Ok(Prompt {
+            ids: with(start)?,
+            dropped_messages: start,
+        })
     }
 }
 

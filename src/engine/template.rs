@@ -28,7 +28,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self { role, content: content.into() }
+        Self {
+            role,
+            content: content.into(),
+        }
     }
 }
 
@@ -43,7 +46,9 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("is_native", &self.is_native).finish()
+        f.debug_struct("ChatTemplate")
+            .field("is_native", &self.is_native)
+            .finish()
     }
 }
 
@@ -71,12 +76,22 @@ impl ChatTemplate {
             }
         });
         let is_native = native.is_some();
-        let env = native.unwrap_or_else(|| environment(CHATML.to_string()).expect("ChatML compiles"));
-        Self { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string(), is_native }
+        let env =
+            native.unwrap_or_else(|| environment(CHATML.to_string()).expect("ChatML compiles"));
+        Self {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+            is_native,
+        }
     }
 
     /// Renders `messages`, ending with the assistant's turn opener when `add_generation_prompt`.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, Error> {
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, Error> {
         let tmpl = self.env.get_template("chat")?;
         tmpl.render(minijinja::context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
@@ -95,7 +110,13 @@ mod tests {
     fn chatml_renders_roles_in_order() {
         let t = ChatTemplate::new(None, "", "<|im_end|>");
         let out = t
-            .render(&[ChatMessage::new(Role::System, "S"), ChatMessage::new(Role::User, "你好")], true)
+            .render(
+                &[
+                    ChatMessage::new(Role::System, "S"),
+                    ChatMessage::new(Role::User, "你好"),
+                ],
+                true,
+            )
             .unwrap();
         assert_eq!(out, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n");
         assert!(!t.is_native);
@@ -106,8 +127,14 @@ mod tests {
         let src = "{% for m in messages %}{{ m.content.strip().upper() }}{% if m.role == 'assistant' %}{{ raise_exception('no') }}{% endif %}{% endfor %}";
         let t = ChatTemplate::new(Some(src), "", "");
         assert!(t.is_native);
-        assert_eq!(t.render(&[ChatMessage::new(Role::User, "  hi ")], false).unwrap(), "HI");
-        let err = t.render(&[ChatMessage::new(Role::Assistant, "x")], false).unwrap_err();
+        assert_eq!(
+            t.render(&[ChatMessage::new(Role::User, "  hi ")], false)
+                .unwrap(),
+            "HI"
+        );
+        let err = t
+            .render(&[ChatMessage::new(Role::Assistant, "x")], false)
+            .unwrap_err();
         assert!(err.to_string().contains("no"), "{err}");
     }
 

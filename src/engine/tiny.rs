@@ -12,8 +12,8 @@ use super::gguf::Arch;
 
 /// Words whose BPE merges the tiny vocabulary contains, so common text makes multi-byte tokens.
 const WORDS: &[&str] = &[
-    "hello", "world", "the", "capital", "of", "france", "paris", "what", "is", "and", "you", "moss",
-    "你好", "世界", "北京", "是", "的",
+    "hello", "world", "the", "capital", "of", "france", "paris", "what", "is", "and", "you",
+    "moss", "你好", "世界", "北京", "是", "的",
 ];
 
 /// Sizes of a tiny model. Matrix dimensions are multiples of 32 so they can be Q8_0.
@@ -31,7 +31,16 @@ pub struct TinySpec {
 
 impl TinySpec {
     pub fn new(arch: Arch) -> Self {
-        Self { arch, hidden: 64, heads: 4, kv_heads: 2, ffn: 128, layers: 2, context: 512, seed: 42 }
+        Self {
+            arch,
+            hidden: 64,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 128,
+            layers: 2,
+            context: 512,
+            seed: 42,
+        }
     }
 }
 
@@ -48,7 +57,12 @@ impl Rng {
         (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
     }
 
-    fn tensor(&mut self, dims: &[usize], scale: f32, dtype: GgmlDType) -> candle_core::Result<QTensor> {
+    fn tensor(
+        &mut self,
+        dims: &[usize],
+        scale: f32,
+        dtype: GgmlDType,
+    ) -> candle_core::Result<QTensor> {
         let n: usize = dims.iter().product();
         let data: Vec<f32> = (0..n).map(|_| self.next_f32() * scale).collect();
         QTensor::quantize(&Tensor::from_vec(data, dims, &Device::Cpu)?, dtype)
@@ -95,27 +109,40 @@ impl TinyVocab {
     }
 
     fn id(&self, t: &str) -> u32 {
-        self.tokens.iter().position(|x| x == t).expect("token present") as u32
+        self.tokens
+            .iter()
+            .position(|x| x == t)
+            .expect("token present") as u32
     }
 }
 
 fn byte_level_vocab() -> TinyVocab {
     let table = byte_to_char();
-    let mut v = TinyVocab { tokens: vec![], types: vec![], scores: vec![], merges: vec![] };
+    let mut v = TinyVocab {
+        tokens: vec![],
+        types: vec![],
+        scores: vec![],
+        merges: vec![],
+    };
     for c in &table {
         v.push(c.to_string(), 1);
     }
-    for word in WORDS.iter().flat_map(|w| [w.to_string(), format!(" {w}")]) {
-        let chars: Vec<String> = word.bytes().map(|b| table[b as usize].to_string()).collect();
+    for word in WORDS {
+        // The word's own merges first, then the leading space joins the whole word, so that
+        // " word" becomes one token like "word" does (merges apply in rank order).
+        let chars: Vec<String> = word
+            .bytes()
+            .map(|b| table[b as usize].to_string())
+            .collect();
         let mut acc = chars[0].clone();
         for c in &chars[1..] {
-            let merge = format!("{acc} {c}");
-            if !v.merges.contains(&merge) {
-                v.merges.push(merge);
-            }
+            v.merges.push(format!("{acc} {c}"));
             acc.push_str(c);
             v.push(acc.clone(), 1);
         }
+        let space = table[b' ' as usize];
+        v.merges.push(format!("{space} {acc}"));
+        v.push(format!("{space}{acc}"), 1);
     }
     for special in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
         v.push(special.to_string(), 3);
@@ -124,7 +151,12 @@ fn byte_level_vocab() -> TinyVocab {
 }
 
 fn sentencepiece_vocab() -> TinyVocab {
-    let mut v = TinyVocab { tokens: vec![], types: vec![], scores: vec![], merges: vec![] };
+    let mut v = TinyVocab {
+        tokens: vec![],
+        types: vec![],
+        scores: vec![],
+        merges: vec![],
+    };
     for (t, ty) in [("<pad>", 3), ("<eos>", 3), ("<bos>", 3), ("<unk>", 2)] {
         v.push(t.to_string(), ty);
     }
@@ -171,18 +203,36 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> anyhow::Result<()> {
         (format!("{arch}.block_count"), u32v(spec.layers)),
         (format!("{arch}.feed_forward_length"), u32v(spec.ffn)),
         (format!("{arch}.attention.head_count"), u32v(spec.heads)),
-        (format!("{arch}.attention.head_count_kv"), u32v(spec.kv_heads)),
-        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-6)),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            u32v(spec.kv_heads),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-6),
+        ),
         (format!("{arch}.rope.freq_base"), Value::F32(10000.0)),
         ("tokenizer.ggml.tokens".into(), strs(&vocab.tokens)),
-        ("tokenizer.ggml.token_type".into(), Value::Array(vocab.types.iter().map(|t| Value::I32(*t)).collect())),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(vocab.types.iter().map(|t| Value::I32(*t)).collect()),
+        ),
     ];
     match spec.arch {
         Arch::Gemma3 => {
             md.push(("tokenizer.ggml.model".into(), Value::String("llama".into())));
-            md.push(("tokenizer.ggml.scores".into(), Value::Array(vocab.scores.iter().map(|s| Value::F32(*s)).collect())));
-            md.push(("tokenizer.ggml.bos_token_id".into(), u32v(vocab.id("<bos>") as usize)));
-            md.push(("tokenizer.ggml.eos_token_id".into(), u32v(vocab.id("<eos>") as usize)));
+            md.push((
+                "tokenizer.ggml.scores".into(),
+                Value::Array(vocab.scores.iter().map(|s| Value::F32(*s)).collect()),
+            ));
+            md.push((
+                "tokenizer.ggml.bos_token_id".into(),
+                u32v(vocab.id("<bos>") as usize),
+            ));
+            md.push((
+                "tokenizer.ggml.eos_token_id".into(),
+                u32v(vocab.id("<eos>") as usize),
+            ));
             md.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)));
             md.push((format!("{arch}.attention.key_length"), u32v(head_dim)));
             md.push((format!("{arch}.attention.value_length"), u32v(head_dim)));
@@ -192,10 +242,19 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> anyhow::Result<()> {
             md.push(("tokenizer.ggml.model".into(), Value::String("gpt2".into())));
             md.push(("tokenizer.ggml.pre".into(), Value::String("qwen2".into())));
             md.push(("tokenizer.ggml.merges".into(), strs(&vocab.merges)));
-            md.push(("tokenizer.ggml.bos_token_id".into(), u32v(vocab.id("<|endoftext|>") as usize)));
-            md.push(("tokenizer.ggml.eos_token_id".into(), u32v(vocab.id("<|im_end|>") as usize)));
+            md.push((
+                "tokenizer.ggml.bos_token_id".into(),
+                u32v(vocab.id("<|endoftext|>") as usize),
+            ));
+            md.push((
+                "tokenizer.ggml.eos_token_id".into(),
+                u32v(vocab.id("<|im_end|>") as usize),
+            ));
             md.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)));
-            md.push(("tokenizer.chat_template".into(), Value::String(TINY_TEMPLATE.into())));
+            md.push((
+                "tokenizer.chat_template".into(),
+                Value::String(TINY_TEMPLATE.into()),
+            ));
             if spec.arch == Arch::Llama {
                 md.push((format!("{arch}.rope.dimension_count"), u32v(head_dim)));
             }
@@ -206,26 +265,53 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> anyhow::Result<()> {
     let n_vocab = vocab.tokens.len();
     let q_dim = head_dim * spec.heads;
     let mut tensors: Vec<(String, QTensor)> = vec![
-        ("token_embd.weight".into(), rng.tensor(&[n_vocab, h], 1.0, q8)?),
+        (
+            "token_embd.weight".into(),
+            rng.tensor(&[n_vocab, h], 1.0, q8)?,
+        ),
         ("output_norm.weight".into(), rng.ones(h)?),
         ("output.weight".into(), output_weights(&mut rng, &vocab, h)?),
     ];
     for l in 0..spec.layers {
         let p = format!("blk.{l}");
         let s = 0.5 / (h as f32).sqrt();
-        tensors.push((format!("{p}.attn_q.weight"), rng.tensor(&[q_dim, h], s, q8)?));
-        tensors.push((format!("{p}.attn_k.weight"), rng.tensor(&[kv_dim, h], s, q8)?));
-        tensors.push((format!("{p}.attn_v.weight"), rng.tensor(&[kv_dim, h], s, q8)?));
-        tensors.push((format!("{p}.attn_output.weight"), rng.tensor(&[h, q_dim], s, q8)?));
-        tensors.push((format!("{p}.ffn_gate.weight"), rng.tensor(&[spec.ffn, h], s, q8)?));
-        tensors.push((format!("{p}.ffn_up.weight"), rng.tensor(&[spec.ffn, h], s, q8)?));
-        tensors.push((format!("{p}.ffn_down.weight"), rng.tensor(&[h, spec.ffn], s, q8)?));
+        tensors.push((
+            format!("{p}.attn_q.weight"),
+            rng.tensor(&[q_dim, h], s, q8)?,
+        ));
+        tensors.push((
+            format!("{p}.attn_k.weight"),
+            rng.tensor(&[kv_dim, h], s, q8)?,
+        ));
+        tensors.push((
+            format!("{p}.attn_v.weight"),
+            rng.tensor(&[kv_dim, h], s, q8)?,
+        ));
+        tensors.push((
+            format!("{p}.attn_output.weight"),
+            rng.tensor(&[h, q_dim], s, q8)?,
+        ));
+        tensors.push((
+            format!("{p}.ffn_gate.weight"),
+            rng.tensor(&[spec.ffn, h], s, q8)?,
+        ));
+        tensors.push((
+            format!("{p}.ffn_up.weight"),
+            rng.tensor(&[spec.ffn, h], s, q8)?,
+        ));
+        tensors.push((
+            format!("{p}.ffn_down.weight"),
+            rng.tensor(&[h, spec.ffn], s, q8)?,
+        ));
         tensors.push((format!("{p}.attn_norm.weight"), rng.ones(h)?));
         tensors.push((format!("{p}.ffn_norm.weight"), rng.ones(h)?));
         match spec.arch {
             Arch::Qwen2 => {
                 for (name, n) in [("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)] {
-                    tensors.push((format!("{p}.{name}.bias"), rng.tensor(&[n], 0.1, GgmlDType::F32)?));
+                    tensors.push((
+                        format!("{p}.{name}.bias"),
+                        rng.tensor(&[n], 0.1, GgmlDType::F32)?,
+                    ));
                 }
             }
             Arch::Gemma3 => {
@@ -259,5 +345,8 @@ fn output_weights(rng: &mut Rng, vocab: &TinyVocab, h: usize) -> candle_core::Re
             data.push(if *ty == 3 { 0.0 } else { x });
         }
     }
-    QTensor::quantize(&Tensor::from_vec(data, (vocab.tokens.len(), h), &Device::Cpu)?, GgmlDType::Q8_0)
+    QTensor::quantize(
+        &Tensor::from_vec(data, (vocab.tokens.len(), h), &Device::Cpu)?,
+        GgmlDType::Q8_0,
+    )
 }

@@ -58,30 +58,53 @@ struct Vocab {
     scores: Vec<f32>,
 }
 
-fn string_array(md: &HashMap<String, Value>, key: &'static str) -> Result<Vec<String>, TokenizerError> {
-    let arr = md.get(key).and_then(|v| v.to_vec().ok()).ok_or(TokenizerError::Metadata(key))?;
+fn string_array(
+    md: &HashMap<String, Value>,
+    key: &'static str,
+) -> Result<Vec<String>, TokenizerError> {
+    let arr = md
+        .get(key)
+        .and_then(|v| v.to_vec().ok())
+        .ok_or(TokenizerError::Metadata(key))?;
     arr.iter()
-        .map(|v| v.to_string().cloned().map_err(|_| TokenizerError::Metadata(key)))
+        .map(|v| {
+            v.to_string()
+                .cloned()
+                .map_err(|_| TokenizerError::Metadata(key))
+        })
         .collect()
 }
 
 fn read_vocab(md: &HashMap<String, Value>) -> Result<Vocab, TokenizerError> {
     let tokens = string_array(md, "tokenizer.ggml.tokens")?;
-    let types = match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
+    let types = match md
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.to_vec().ok())
+    {
         Some(arr) => arr
             .iter()
-            .map(|v| v.to_i32().map_err(|_| TokenizerError::Metadata("tokenizer.ggml.token_type")))
+            .map(|v| {
+                v.to_i32()
+                    .map_err(|_| TokenizerError::Metadata("tokenizer.ggml.token_type"))
+            })
             .collect::<Result<Vec<_>, _>>()?,
         None => vec![TYPE_NORMAL; tokens.len()],
     };
-    let scores = match md.get("tokenizer.ggml.scores").and_then(|v| v.to_vec().ok()) {
+    let scores = match md
+        .get("tokenizer.ggml.scores")
+        .and_then(|v| v.to_vec().ok())
+    {
         Some(arr) => arr.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
         None => vec![0.0; tokens.len()],
     };
     if types.len() != tokens.len() || scores.len() != tokens.len() {
         return Err(TokenizerError::Metadata("tokenizer.ggml.token_type"));
     }
-    Ok(Vocab { tokens, types, scores })
+    Ok(Vocab {
+        tokens,
+        types,
+        scores,
+    })
 }
 
 /// Builds the tokenizer for a model: `tokenizer.json` next to the GGUF wins, else the metadata.
@@ -119,7 +142,9 @@ fn vocab_map(vocab: &Vocab) -> BpeVocab {
 }
 
 fn pre_pattern(md: &HashMap<String, Value>) -> Result<&'static str, TokenizerError> {
-    let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok());
+    let pre = md
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok());
     match pre.map(String::as_str) {
         Some("qwen2") => Ok(QWEN2_PATTERN),
         Some("llama-bpe" | "llama3" | "smaug-bpe") => Ok(LLAMA3_PATTERN),
@@ -179,14 +204,21 @@ fn sentencepiece_bpe(vocab: &Vocab) -> Result<Tokenizer, TokenizerError> {
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     let merges = ranked
         .into_iter()
-        .map(|(_, l, r)| (vocab.tokens[l as usize].clone(), vocab.tokens[r as usize].clone()))
+        .map(|(_, l, r)| {
+            (
+                vocab.tokens[l as usize].clone(),
+                vocab.tokens[r as usize].clone(),
+            )
+        })
         .collect::<Vec<_>>();
     let unk = vocab
         .tokens
         .iter()
         .position(|t| t == "<unk>")
         .map(|i| vocab.tokens[i].clone());
-    let mut builder = BPE::builder().vocab_and_merges(map, merges).byte_fallback(true);
+    let mut builder = BPE::builder()
+        .vocab_and_merges(map, merges)
+        .byte_fallback(true);
     if let Some(unk) = unk {
         builder = builder.unk_token(unk);
     }

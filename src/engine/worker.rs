@@ -49,7 +49,13 @@ pub(super) fn run(
         let outcome = generate(&mut model, &info, &job, &options, &stats, queued);
         match outcome {
             Ok(done) => {
-                if matches!(done, Event::Done { finish_reason: FinishReason::Cancelled, .. }) {
+                if matches!(
+                    done,
+                    Event::Done {
+                        finish_reason: FinishReason::Cancelled,
+                        ..
+                    }
+                ) {
                     stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
                 }
                 let _ = job.events.send(done);
@@ -66,33 +72,59 @@ pub(super) fn run(
 pub(super) fn load(options: &EngineOptions) -> Result<(Model, ModelInfo), LoadError> {
     let device = select_device(&options.device)?;
     let file = ModelFile::open(&options.model)?;
-    let tokenizer = super::tokenizer::load(&file.path, &file.content)
-        .map_err(|source| LoadError::Tokenizer { path: file.path.clone(), source })?;
-    let token_text = |key: &str| {
-        file.md_u32(key).and_then(|id| tokenizer.id_to_token(id))
-    };
+    let tokenizer = super::tokenizer::load(&file.path, &file.content).map_err(|source| {
+        LoadError::Tokenizer {
+            path: file.path.clone(),
+            source,
+        }
+    })?;
+    let token_text = |key: &str| file.md_u32(key).and_then(|id| tokenizer.id_to_token(id));
     let bos_text = token_text("tokenizer.ggml.bos_token_id").unwrap_or_default();
     let eos_text = token_text("tokenizer.ggml.eos_token_id").unwrap_or_default();
     let template = ChatTemplate::new(file.md_str("tokenizer.chat_template"), &bos_text, &eos_text);
-    let add_bos = file.md_bool("tokenizer.ggml.add_bos_token").unwrap_or(false);
-    let bos = add_bos.then(|| file.md_u32("tokenizer.ggml.bos_token_id")).flatten();
-    let mut end_of_turn: Vec<u32> = file.md_u32("tokenizer.ggml.eos_token_id").into_iter().collect();
-    for text in ["<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "</s>"] {
+    let add_bos = file
+        .md_bool("tokenizer.ggml.add_bos_token")
+        .unwrap_or(false);
+    let bos = add_bos
+        .then(|| file.md_u32("tokenizer.ggml.bos_token_id"))
+        .flatten();
+    let mut end_of_turn: Vec<u32> = file
+        .md_u32("tokenizer.ggml.eos_token_id")
+        .into_iter()
+        .collect();
+    for text in [
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<end_of_turn>",
+        "<|eot_id|>",
+        "<|end|>",
+        "</s>",
+    ] {
         if let Some(id) = tokenizer.token_to_id(text) {
             if !end_of_turn.contains(&id) {
                 end_of_turn.push(id);
             }
         }
     }
-    let model_ctx = file.arch_u32("context_length").map(|c| c as usize).unwrap_or(options.max_context);
+    let model_ctx = file
+        .arch_u32("context_length")
+        .map(|c| c as usize)
+        .unwrap_or(options.max_context);
     let name = file
         .md_str("general.name")
         .map(str::to_string)
-        .or_else(|| file.path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .or_else(|| {
+            file.path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+        })
         .unwrap_or_else(|| "model".into());
     let (path, arch) = (file.path.clone(), file.arch);
     let model = Model::load(file, &device)?;
-    let context_length = model_ctx.min(options.max_context).min(model.max_positions).max(2);
+    let context_length = model_ctx
+        .min(options.max_context)
+        .min(model.max_positions)
+        .max(2);
     let info = ModelInfo {
         path,
         name,
@@ -134,7 +166,9 @@ fn generate(
     let mut completion = 0usize;
     let mut hit_stop_string = false;
     let finish = loop {
-        let Some(current) = logits.take() else { break FinishReason::Cancelled };
+        let Some(current) = logits.take() else {
+            break FinishReason::Cancelled;
+        };
         if events.is_closed() {
             break FinishReason::Cancelled;
         }
@@ -179,8 +213,19 @@ fn generate(
         };
         send_text(events, tail);
     }
-    let usage = Usage { prompt_tokens: req.prompt.len(), completion_tokens: completion };
-    Ok(Event::Done { finish_reason: finish, usage, timings: Timings { queued, prefill, decode: decode_start.elapsed() } })
+    let usage = Usage {
+        prompt_tokens: req.prompt.len(),
+        completion_tokens: completion,
+    };
+    Ok(Event::Done {
+        finish_reason: finish,
+        usage,
+        timings: Timings {
+            queued,
+            prefill,
+            decode: decode_start.elapsed(),
+        },
+    })
 }
 
 fn send_text(events: &mpsc::UnboundedSender<Event>, text: String) {

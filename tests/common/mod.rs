@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use moss::engine::tiny::{write_tiny_model, TinySpec};
-use moss::engine::{Arch, EngineHandle, EngineOptions, Event, FinishReason, GenerateRequest, SamplingParams, Usage};
+use moss::engine::{
+    Arch, EngineHandle, EngineOptions, Event, FinishReason, GenerateRequest, SamplingParams, Usage,
+};
 
 /// Writes a tiny model of `arch` into `dir` and returns its path.
 pub fn tiny_model(dir: &Path, arch: Arch) -> PathBuf {
@@ -23,7 +25,13 @@ pub fn start(model: &Path, token_delay: Duration) -> EngineHandle {
 }
 
 pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest { prompt, sampling: SamplingParams::greedy(), max_tokens, stop: vec![], ignore_eos: false }
+    GenerateRequest {
+        prompt,
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        stop: vec![],
+        ignore_eos: false,
+    }
 }
 
 /// Runs a request to the end and returns (text pieces, finish reason, usage).
@@ -33,7 +41,11 @@ pub fn collect(engine: &EngineHandle, req: GenerateRequest) -> (Vec<String>, Fin
     while let Some(ev) = rx.blocking_recv() {
         match ev {
             Event::Text(t) => pieces.push(t),
-            Event::Done { finish_reason, usage, .. } => return (pieces, finish_reason, usage),
+            Event::Done {
+                finish_reason,
+                usage,
+                ..
+            } => return (pieces, finish_reason, usage),
             Event::Error(e) => panic!("generation failed: {e}"),
             Event::Started => {}
         }
@@ -51,7 +63,10 @@ pub fn real_model(file: &str) -> Option<PathBuf> {
     if std::env::var("MOSS_REQUIRE_MODELS").as_deref() == Ok("1") {
         panic!("{} is missing; run scripts/fetch-model", path.display());
     }
-    eprintln!("skipping: {} not present (run scripts/fetch-model)", path.display());
+    eprintln!(
+        "skipping: {} not present (run scripts/fetch-model)",
+        path.display()
+    );
     None
 }
 
