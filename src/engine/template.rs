@@ -10,6 +10,19 @@ use serde::Serialize;
 /// ChatML, used when the GGUF carries no chat template (or one minijinja cannot compile).
 pub const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
+/// Gemma's turn format, for Gemma vocabularies without a template (no system role: it is
+/// folded into the first user turn, as Gemma's own template does).
+pub const GEMMA: &str = "{% for message in messages %}{% if message.role != 'system' %}<start_of_turn>{{ 'model' if message.role == 'assistant' else 'user' }}\n{% if loop.index0 == 1 and messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}{{ message.content }}<end_of_turn>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+
+/// The template to use when a model has none: the turn format its vocabulary was trained on.
+pub fn fallback_for(has_token: impl Fn(&str) -> bool) -> &'static str {
+    if has_token("<start_of_turn>") && !has_token("<|im_start|>") {
+        GEMMA
+    } else {
+        CHATML
+    }
+}
+
 /// Who said a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -66,18 +79,21 @@ fn environment(source: String) -> Result<Environment<'static>, Error> {
 }
 
 impl ChatTemplate {
-    /// Compiles `source`, falling back to ChatML (with a warning) when it is absent or invalid.
-    pub fn new(source: Option<&str>, bos_token: &str, eos_token: &str) -> Self {
+    /// Compiles `source`, falling back to `fallback` (with a warning) when it is absent or invalid.
+    pub fn new(source: Option<&str>, fallback: &str, bos_token: &str, eos_token: &str) -> Self {
         let native = source.and_then(|src| match environment(src.to_string()) {
             Ok(env) => Some(env),
             Err(e) => {
-                tracing::warn!("the model's chat template does not compile ({e}); using ChatML");
+                tracing::warn!(
+                    "the model's chat template does not compile ({e}); using a built-in one"
+                );
                 None
             }
         });
         let is_native = native.is_some();
-        let env =
-            native.unwrap_or_else(|| environment(CHATML.to_string()).expect("ChatML compiles"));
+        let env = native.unwrap_or_else(|| {
+            environment(fallback.to_string()).expect("built-in templates compile")
+        });
         Self {
             env,
             bos_token: bos_token.to_string(),
@@ -108,7 +124,7 @@ mod tests {
 
     #[test]
     fn chatml_renders_roles_in_order() {
-        let t = ChatTemplate::new(None, "", "<|im_end|>");
+        let t = ChatTemplate::new(None, CHATML, "", "<|im_end|>");
         let out = t
             .render(
                 &[
@@ -125,7 +141,7 @@ mod tests {
     #[test]
     fn python_methods_and_raise_exception_work() {
         let src = "{% for m in messages %}{{ m.content.strip().upper() }}{% if m.role == 'assistant' %}{{ raise_exception('no') }}{% endif %}{% endfor %}";
-        let t = ChatTemplate::new(Some(src), "", "");
+        let t = ChatTemplate::new(Some(src), CHATML, "", "");
         assert!(t.is_native);
         assert_eq!(
             t.render(&[ChatMessage::new(Role::User, "  hi ")], false)
@@ -139,8 +155,28 @@ mod tests {
     }
 
     #[test]
+    fn gemma_vocabularies_get_gemma_turns_with_the_system_prompt_folded_in() {
+        let t = ChatTemplate::new(
+            None,
+            fallback_for(|t| t == "<start_of_turn>"),
+            "<bos>",
+            "<eos>",
+        );
+        let msgs = [
+            ChatMessage::new(Role::System, "S"),
+            ChatMessage::new(Role::User, "Q"),
+            ChatMessage::new(Role::Assistant, "A"),
+            ChatMessage::new(Role::User, "Q2"),
+        ];
+        assert_eq!(
+            t.render(&msgs, true).unwrap(),
+            "<start_of_turn>user\nS\n\nQ<end_of_turn>\n<start_of_turn>model\nA<end_of_turn>\n<start_of_turn>user\nQ2<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
+
+    #[test]
     fn broken_template_falls_back_to_chatml() {
-        let t = ChatTemplate::new(Some("{% for %}"), "", "");
+        let t = ChatTemplate::new(Some("{% for %}"), CHATML, "", "");
         assert!(!t.is_native);
     }
 }

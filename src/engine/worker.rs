@@ -81,7 +81,13 @@ pub(super) fn load(options: &EngineOptions) -> Result<(Model, ModelInfo), LoadEr
     let token_text = |key: &str| file.md_u32(key).and_then(|id| tokenizer.id_to_token(id));
     let bos_text = token_text("tokenizer.ggml.bos_token_id").unwrap_or_default();
     let eos_text = token_text("tokenizer.ggml.eos_token_id").unwrap_or_default();
-    let template = ChatTemplate::new(file.md_str("tokenizer.chat_template"), &bos_text, &eos_text);
+    let fallback = super::template::fallback_for(|t| tokenizer.token_to_id(t).is_some());
+    let template = ChatTemplate::new(
+        file.md_str("tokenizer.chat_template"),
+        fallback,
+        &bos_text,
+        &eos_text,
+    );
     let add_bos = file
         .md_bool("tokenizer.ggml.add_bos_token")
         .unwrap_or(false);
