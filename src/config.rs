@@ -16,6 +16,111 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub engine: EngineConfig,
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub accounts: AccountsConfig,
+    pub invites: InvitesConfig,
+    pub waitlist: WaitlistConfig,
+    pub smtp: SmtpConfig,
+    pub consent: ConsentConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub addr: String,
+    pub public_url: String,
+    pub max_body_bytes: usize,
+    pub request_timeout_secs: u64,
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub max_connections: u32,
+    pub acquire_timeout_secs: u64,
+    pub statement_timeout_secs: u64,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("DatabaseConfig").field("url", &redact_url(&self.url)).field("data_dir", &self.data_dir).finish()
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsConfig {
+    pub session_idle_hours: u64,
+    pub session_absolute_days: u64,
+    pub min_password_chars: usize,
+    pub free_login_failures: i64,
+    pub max_login_block_secs: i64,
+    pub reset_link_minutes: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvitesConfig {
+    pub default_uses: i64,
+    pub waitlist_code_days: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitlistConfig {
+    pub resend_confirmation_minutes: i64,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub security: String,
+    pub username: String,
+    pub password: String,
+    pub from: String,
+    pub poll_secs: u64,
+    pub retry_secs: i64,
+    pub max_attempts: i64,
+}
+
+impl SmtpConfig {
+    pub fn enabled(&self) -> bool {
+        !self.host.is_empty()
+    }
+}
+
+impl std::fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("security", &self.security)
+            .field("username", &self.username)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentConfig {
+    pub text_version: String,
+    pub text_en: String,
+    pub text_zh: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +196,12 @@ impl Config {
             "engine.queue_capacity must be at least 1"
         );
         anyhow::ensure!(e.max_tokens >= 1, "engine.max_tokens must be at least 1");
+        anyhow::ensure!(
+            matches!(self.smtp.security.as_str(), "starttls" | "tls" | "none"),
+            "smtp.security must be starttls, tls or none"
+        );
+        anyhow::ensure!(self.accounts.min_password_chars >= 8, "accounts.min_password_chars must be at least 8");
+        anyhow::ensure!(self.server.max_body_bytes >= 1024, "server.max_body_bytes must be at least 1024");
         let s = &e.sampling;
         anyhow::ensure!(
             (0.0..=5.0).contains(&s.temperature),
@@ -105,6 +216,25 @@ impl Config {
             "engine.sampling.repetition_penalty must be positive"
         );
         Ok(())
+    }
+
+    /// The database URL: the configured one, else SQLite in `data_dir` (created if needed).
+    pub fn database_url(&self) -> anyhow::Result<String> {
+        if !self.database.url.is_empty() {
+            return Ok(self.database.url.clone());
+        }
+        let dir = &self.database.data_dir;
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        Ok(format!("sqlite://{}?mode=rwc", dir.join("moss.db").display()))
+    }
+
+    /// The public base URL without a trailing slash.
+    pub fn public_url(&self) -> String {
+        if self.server.public_url.is_empty() {
+            format!("http://{}", self.server.addr)
+        } else {
+            self.server.public_url.trim_end_matches('/').to_string()
+        }
     }
 
     /// The model file: the configured path, else the default model in the cache.
@@ -123,6 +253,16 @@ mod tests {
         cfg.validate().unwrap();
         assert_eq!(cfg.engine.device, "auto");
         assert!(cfg.engine.system_prompt.contains("language"));
+        assert!(!cfg.smtp.enabled());
+    }
+
+    #[test]
+    fn secrets_are_hidden_in_debug() {
+        let mut cfg: Config = Figment::from(Toml::string(DEFAULT_TOML)).extract().unwrap();
+        cfg.smtp.password = "hunter2".into();
+        cfg.database.url = "postgres://moss:s3cret@db/moss".into();
+        let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("hunter2") && !dbg.contains("s3cret"), "{dbg}");
     }
 
     #[test]

@@ -1,6 +1,13 @@
 //! moss: a self-hostable web chat service in front of one language model.
 
+pub mod admin;
+pub mod app;
 pub mod cli;
 pub mod config;
+pub mod db;
 pub mod engine;
+pub mod http;
+pub mod mail;
 pub mod models;
+pub mod render;
+pub mod secrets;

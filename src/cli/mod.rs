@@ -1,7 +1,9 @@
 //! The command line: global options and one subcommand per CONTRACT.md command.
 
+mod admin;
 pub mod bench;
 mod chat;
+pub mod serve;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,6 +23,9 @@ pub struct Cli {
     /// Configuration file (defaults are built in; MOSS_* environment variables override both).
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
+    /// Database URL (sqlite://FILE or postgres://…), overriding database.url.
+    #[arg(long, global = true)]
+    pub database_url: Option<String>,
     /// More log output (repeat for more).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -30,6 +35,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the web service.
+    Serve(serve::ServeArgs),
+    /// Operator commands (invites, waitlist, users, feedback export).
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Chat in the terminal (one answer with --prompt, a REPL otherwise).
     Chat(chat::ChatArgs),
     /// Measure prefill and decode speed.
@@ -87,8 +97,13 @@ pub fn init_tracing(verbose: u8) {
 
 /// Runs one command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::load(cli.config.as_deref())?;
+    let mut config = Config::load(cli.config.as_deref())?;
+    if let Some(url) = cli.database_url {
+        config.database.url = url;
+    }
     match cli.command {
+        Command::Serve(args) => serve::run(config, args),
+        Command::Admin(cmd) => admin::run(config, cmd),
         Command::Chat(args) => chat::run(&config, args),
         Command::Bench(args) => bench::run(&config, args),
         Command::Tokenize(args) => tokenize(&config, args),

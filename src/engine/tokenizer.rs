@@ -178,7 +178,7 @@ fn byte_level_bpe(md: &HashMap<String, Value>, vocab: &Vocab) -> Result<Tokenize
     ]);
     tok.with_pre_tokenizer(Some(pre));
     tok.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
-    add_special(&mut tok, vocab, &[TYPE_CONTROL, TYPE_USER_DEFINED]);
+    add_special(&mut tok, vocab, &[TYPE_CONTROL, TYPE_USER_DEFINED])?;
     Ok(tok)
 }
 
@@ -223,7 +223,7 @@ fn sentencepiece_bpe(vocab: &Vocab) -> Result<Tokenizer, TokenizerError> {
         builder = builder.unk_token(unk);
     }
     let mut tok = Tokenizer::new(builder.build().map_err(build_err)?);
-    tok.with_normalizer(Some(Replace::new(" ", "▁").map_err(build_err)?));
+    tok.with_normalizer(Some(Replace::new(" ", "▁").map_err(build_err)?)).map_err(build_err)?;
     tok.with_decoder(Some(DecoderSequence::new(vec![
         DecoderWrapper::Replace(Replace::new("▁", " ").map_err(build_err)?),
         DecoderWrapper::ByteFallback(ByteFallback::new()),
@@ -232,8 +232,8 @@ fn sentencepiece_bpe(vocab: &Vocab) -> Result<Tokenizer, TokenizerError> {
     let user: Vec<AddedToken> = added_of_type(vocab, TYPE_USER_DEFINED)
         .map(|t| AddedToken::from(t, false).normalized(true))
         .collect();
-    tok.add_tokens(&user);
-    add_special(&mut tok, vocab, &[TYPE_CONTROL]);
+    tok.add_tokens(user).map_err(build_err)?;
+    add_special(&mut tok, vocab, &[TYPE_CONTROL])?;
     Ok(tok)
 }
 
@@ -246,11 +246,12 @@ fn added_of_type(vocab: &Vocab, kind: i32) -> impl Iterator<Item = String> + '_ 
         .map(|(t, _)| t.clone())
 }
 
-fn add_special(tok: &mut Tokenizer, vocab: &Vocab, kinds: &[i32]) {
+fn add_special(tok: &mut Tokenizer, vocab: &Vocab, kinds: &[i32]) -> Result<(), TokenizerError> {
     let special: Vec<AddedToken> = kinds
         .iter()
         .flat_map(|k| added_of_type(vocab, *k))
         .map(|t| AddedToken::from(t, true))
         .collect();
-    tok.add_special_tokens(&special);
+    tok.add_special_tokens(special).map_err(build_err)?;
+    Ok(())
 }

@@ -1,0 +1,146 @@
+//! `build_router(state)` and `serve(listener, …)`: every layer is added here.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::http::error::error_body;
+use crate::http::{self, AppState};
+
+/// The whole application.
+pub fn build_router(state: AppState) -> Router {
+    let max_body = state.config.server.max_body_bytes;
+    Router::new()
+        .merge(http::accounts::router())
+        .merge(http::waitlist::router())
+        .merge(http::conversations::router())
+        .merge(http::keys::router())
+        .merge(http::admin::router())
+        .merge(http::ops::router())
+        .merge(http::pages::router())
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), http::auth::refuse_cross_site))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(RequestBodyLimitLayer::new(max_body))
+        .layer(middleware::from_fn(contract_errors))
+        .layer(middleware::from_fn(security_headers))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> Response {
+    if wants_json(req.uri().path()) {
+        http::AppError::NotFound.into_response()
+    } else {
+        http::pages::page(
+            StatusCode::NOT_FOUND,
+            "message.html",
+            minijinja::context! { title => "Not found", title_zh => "页面不存在", text => "There is no page here.", text_zh => "这里没有页面。" },
+        )
+    }
+}
+
+fn wants_json(path: &str) -> bool {
+    path.starts_with("/api/") || path.starts_with("/v1/")
+}
+
+/// Answers made by layers or by axum itself (405, 413, a failed extractor) speak the contract's
+/// JSON error format on API paths too.
+async fn contract_errors(req: Request, next: Next) -> Response {
+    let api = wants_json(req.uri().path());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !api || status.as_u16() < 400 || is_json {
+        return resp;
+    }
+    let (code, message, message_zh) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "This method is not allowed here.", "此路径不支持该请求方法。"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "The request is too large.", "请求内容过大。"),
+        StatusCode::NOT_FOUND => ("not_found", "Not found.", "未找到。"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "Send JSON with Content-Type: application/json.", "请以 application/json 格式发送。"),
+        s if s.is_server_error() => ("internal", "Something went wrong on our side.", "服务器内部错误。"),
+        _ => ("bad_request", "The request is not valid.", "请求无效。"),
+    };
+    let mut fixed = error_body(status, code, message, message_zh);
+    for (k, v) in resp.headers() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            fixed.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    fixed
+}
+
+/// SECURITY.md 9: a strict CSP (no inline script, no foreign images), nosniff, no referrer (links
+/// carry private tokens), no framing, and no caching of anything but static files.
+async fn security_headers(req: Request, next: Next) -> Response {
+    let is_static = req.uri().path().starts_with("/static/");
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    let csp = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; \
+               object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'";
+    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(csp));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if !is_static {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    resp
+}
+
+/// Serves until `shutdown` resolves, then gives open requests `grace` to finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = tx.send(());
+        });
+    let server = tokio::spawn(async move { server.await });
+    // Wait for the server; once shutdown has begun, wait at most `grace` more.
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => return Ok(r??),
+        _ = async { let _ = rx.await; } => {}
+    }
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(r) => Ok(r??),
+        Err(_) => {
+            tracing::warn!("grace period over; closing open connections");
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,78 @@
+//! `moss serve`: open the database (migrating it), load the model, start the mail sender, listen.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::ModelArgs;
+use crate::config::Config;
+use crate::db::invites::{self, InviteSpec};
+use crate::db::{accounts, Db, PoolSettings};
+use crate::http::AppState;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on (default: server.addr from config).
+    #[arg(long)]
+    pub addr: Option<String>,
+}
+
+/// Connects to the configured database and applies migrations.
+pub async fn open_db(config: &Config) -> anyhow::Result<Db> {
+    let d = &config.database;
+    let settings = PoolSettings {
+        max_connections: d.max_connections,
+        acquire_timeout: Duration::from_secs(d.acquire_timeout_secs),
+        statement_timeout: Duration::from_secs(d.statement_timeout_secs),
+    };
+    let db = Db::connect(&config.database_url()?, &settings).await?;
+    db.migrate().await?;
+    Ok(db)
+}
+
+/// On an empty database, mints one admin invite and returns its registration URL.
+pub async fn first_admin_invite(db: &Db, config: &Config) -> anyhow::Result<Option<String>> {
+    if accounts::count_users(db).await? > 0 {
+        return Ok(None);
+    }
+    let spec = InviteSpec { note: "first admin (printed by moss serve)".into(), role: "admin", expires_in_ms: Some(7 * 86_400_000), ..InviteSpec::default() };
+    let code = invites::mint_many(db, 1, &spec).await?.remove(0);
+    Ok(Some(format!("{}/register?code={code}", config.public_url())))
+}
+
+pub fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(addr) = args.addr {
+        config.server.addr = addr;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let db = open_db(&config).await?;
+        let engine = super::start_engine(&config, &args.model)?;
+        let listener = tokio::net::TcpListener::bind(&config.server.addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.addr))?;
+        let local = listener.local_addr()?;
+        if config.server.public_url.is_empty() {
+            config.server.addr = local.to_string();
+        }
+        let invite = first_admin_invite(&db, &config).await?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        if config.smtp.enabled() {
+            tokio::spawn(crate::mail::run_sender(db.clone(), config.smtp.clone(), stop_rx));
+        }
+        let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+        let config = Arc::new(config);
+        println!("moss is listening on {}", config.public_url());
+        if let Some(url) = invite {
+            println!("First admin invite (register with it to become the administrator): {url}");
+        }
+        let state = AppState { db, config, engine };
+        let router = crate::app::build_router(state);
+        crate::app::serve(listener, router, crate::app::shutdown_signal(), grace).await?;
+        let _ = stop_tx.send(true);
+        Ok(())
+    })
+}

@@ -1,0 +1,243 @@
+//! Users, sessions, password resets and per-account login throttling.
+
+use super::{now_ms, Db, DbError, DbResult};
+use crate::secrets::sha256_hex;
+
+/// A user as the rest of the program sees it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct User {
+    pub id: i64,
+    pub email: String,
+    pub display_name: String,
+    pub role: String,
+    #[serde(skip)]
+    pub pseudonym: String,
+    pub locale: String,
+    pub created_at: i64,
+}
+
+impl User {
+    pub fn is_admin(&self) -> bool {
+        self.role == "admin"
+    }
+}
+
+const USER_COLS: &str = "id, email, display_name, role, pseudonym, locale, created_at";
+
+/// What a new account is made of.
+pub struct NewUser<'a> {
+    pub email: &'a str,
+    pub password_hash: &'a str,
+    pub display_name: &'a str,
+    pub role: &'a str,
+    pub locale: &'a str,
+    pub invite_id: Option<i64>,
+}
+
+/// Inserts a user inside `tx`; `DbError::Conflict` when the e-mail is taken.
+pub async fn insert_user(tx: &mut sqlx::AnyConnection, u: &NewUser<'_>) -> DbResult<User> {
+    let row = sqlx::query_as::<_, User>(
+        "INSERT INTO users (email, password_hash, display_name, role, pseudonym, locale, invite_id, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         RETURNING id, email, display_name, role, pseudonym, locale, created_at",
+    )
+    .bind(u.email)
+    .bind(u.password_hash)
+    .bind(u.display_name)
+    .bind(u.role)
+    .bind(crate::secrets::token())
+    .bind(u.locale)
+    .bind(u.invite_id)
+    .bind(now_ms())
+    .fetch_one(tx)
+    .await?;
+    Ok(row)
+}
+
+pub async fn user_by_email(db: &Db, email: &str) -> DbResult<Option<User>> {
+    let sql = format!("SELECT {USER_COLS} FROM users WHERE email = $1");
+    Ok(sqlx::query_as::<_, User>(&sql).bind(email).fetch_optional(&db.pool).await?)
+}
+
+pub async fn list_users(db: &Db) -> DbResult<Vec<User>> {
+    let sql = format!("SELECT {USER_COLS} FROM users ORDER BY id");
+    Ok(sqlx::query_as::<_, User>(&sql).fetch_all(&db.pool).await?)
+}
+
+pub async fn count_users(db: &Db) -> DbResult<i64> {
+    Ok(sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM users").fetch_one(&db.pool).await?)
+}
+
+/// Sets a user's role; false when no such user.
+pub async fn set_role(db: &Db, email: &str, role: &str) -> DbResult<bool> {
+    let r = sqlx::query("UPDATE users SET role = $1 WHERE email = $2").bind(role).bind(email).execute(&db.pool).await?;
+    Ok(r.rows_affected() > 0)
+}
+
+/// Credentials and throttle state for a login attempt.
+#[derive(Debug, sqlx::FromRow)]
+pub struct LoginRecord {
+    pub id: i64,
+    pub password_hash: String,
+    pub failed_logins: i64,
+    pub login_blocked_until: i64,
+}
+
+pub async fn login_record(db: &Db, email: &str) -> DbResult<Option<LoginRecord>> {
+    Ok(sqlx::query_as::<_, LoginRecord>(
+        "SELECT id, password_hash, failed_logins, login_blocked_until FROM users WHERE email = $1",
+    )
+    .bind(email)
+    .fetch_optional(&db.pool)
+    .await?)
+}
+
+/// Counts a failed login; after `free` failures each further one blocks the account for a
+/// doubling delay (capped), so guessing is slow but the owner is never locked out for long.
+pub async fn record_failed_login(db: &Db, user_id: i64, free: i64, max_block_ms: i64) -> DbResult<()> {
+    let failures: i64 = sqlx::query_scalar(
+        "UPDATE users SET failed_logins = failed_logins + 1 WHERE id = $1 RETURNING failed_logins",
+    )
+    .bind(user_id)
+    .fetch_one(&db.pool)
+    .await?;
+    if failures > free {
+        let exp = (failures - free - 1).min(20) as u32;
+        let block = (1000i64 << exp).min(max_block_ms);
+        sqlx::query("UPDATE users SET login_blocked_until = $1 WHERE id = $2")
+            .bind(now_ms() + block)
+            .bind(user_id)
+            .execute(&db.pool)
+            .await?;
+    }
+    Ok(())
+}
+
+pub async fn reset_failed_logins(db: &Db, user_id: i64) -> DbResult<()> {
+    sqlx::query("UPDATE users SET failed_logins = 0, login_blocked_until = 0 WHERE id = $1")
+        .bind(user_id)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+/// Creates a session and returns the cookie value (only its hash is stored).
+pub async fn create_session(db: &Db, user_id: i64, absolute_ms: i64) -> DbResult<String> {
+    let token = crate::secrets::token();
+    let now = now_ms();
+    sqlx::query("INSERT INTO sessions (id_hash, user_id, created_at, last_seen_at, expires_at) VALUES ($1, $2, $3, $3, $4)")
+        .bind(sha256_hex(&token))
+        .bind(user_id)
+        .bind(now)
+        .bind(now + absolute_ms)
+        .execute(&db.pool)
+        .await?;
+    Ok(token)
+}
+
+/// The user of a live session, refreshing its idle timer; expired sessions are deleted.
+pub async fn session_user(db: &Db, token: &str, idle_ms: i64) -> DbResult<Option<User>> {
+    let now = now_ms();
+    let hash = sha256_hex(token);
+    let sql = format!(
+        "SELECT {} FROM sessions s JOIN users u ON u.id = s.user_id \
+         WHERE s.id_hash = $1 AND s.expires_at > $2 AND s.last_seen_at > $3",
+        USER_COLS.split(", ").map(|c| format!("u.{c}")).collect::<Vec<_>>().join(", ")
+    );
+    let user = sqlx::query_as::<_, User>(&sql)
+        .bind(&hash)
+        .bind(now)
+        .bind(now - idle_ms)
+        .fetch_optional(&db.pool)
+        .await?;
+    match &user {
+        // Touch at most once a minute: a page load should not be a write every time.
+        Some(_) => {
+            sqlx::query("UPDATE sessions SET last_seen_at = $1 WHERE id_hash = $2 AND last_seen_at < $3")
+                .bind(now)
+                .bind(&hash)
+                .bind(now - 60_000)
+                .execute(&db.pool)
+                .await?;
+        }
+        None => {
+            sqlx::query("DELETE FROM sessions WHERE id_hash = $1").bind(&hash).execute(&db.pool).await?;
+        }
+    }
+    Ok(user)
+}
+
+pub async fn delete_session(db: &Db, token: &str) -> DbResult<()> {
+    sqlx::query("DELETE FROM sessions WHERE id_hash = $1").bind(sha256_hex(token)).execute(&db.pool).await?;
+    Ok(())
+}
+
+/// Removes sessions past their expiry (run periodically).
+pub async fn purge_sessions(db: &Db, idle_ms: i64) -> DbResult<u64> {
+    let now = now_ms();
+    let r = sqlx::query("DELETE FROM sessions WHERE expires_at <= $1 OR last_seen_at <= $2")
+        .bind(now)
+        .bind(now - idle_ms)
+        .execute(&db.pool)
+        .await?;
+    Ok(r.rows_affected())
+}
+
+/// Stores a password-reset token for `user_id`; returns the token for the e-mail.
+pub async fn create_reset(db: &Db, user_id: i64, ttl_ms: i64) -> DbResult<String> {
+    let token = crate::secrets::token();
+    let now = now_ms();
+    sqlx::query("INSERT INTO password_resets (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
+        .bind(sha256_hex(&token))
+        .bind(user_id)
+        .bind(now)
+        .bind(now + ttl_ms)
+        .execute(&db.pool)
+        .await?;
+    Ok(token)
+}
+
+/// Uses a reset token (once, before expiry): sets the password and ends every session of the
+/// account, in one transaction. False when the token is unknown, used or expired.
+pub async fn reset_password(db: &Db, token: &str, password_hash: &str) -> DbResult<bool> {
+    let mut tx = db.begin().await?;
+    let now = now_ms();
+    let user_id: Option<i64> = sqlx::query_scalar(
+        "UPDATE password_resets SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL AND expires_at > $1 \
+         RETURNING user_id",
+    )
+    .bind(now)
+    .bind(sha256_hex(token))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(user_id) = user_id else { return Ok(false) };
+    sqlx::query("UPDATE users SET password_hash = $1, failed_logins = 0, login_blocked_until = 0 WHERE id = $2")
+        .bind(password_hash)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM sessions WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+    sqlx::query("UPDATE password_resets SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Deletes an account and everything it owns (cascades), and its waitlist entry. Consent records
+/// stay: they name only the pseudonym, which nothing links to a person once the user row is gone.
+pub async fn delete_user(db: &Db, email: &str) -> DbResult<bool> {
+    let mut tx = db.begin().await?;
+    let r = sqlx::query("DELETE FROM users WHERE email = $1").bind(email).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM waitlist WHERE email = $1").bind(email).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(r.rows_affected() > 0)
+}
+
+impl DbError {
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, DbError::Conflict)
+    }
+}

@@ -1,0 +1,220 @@
+//! Conversations, their messages, and feedback on answers. Every lookup is scoped to the owner
+//! in the SQL itself: someone else's id simply finds nothing.
+
+use super::{now_ms, Db, DbResult};
+
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct Conversation {
+    pub id: i64,
+    pub title: String,
+    pub exclude_from_training: i64,
+    pub source: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct Message {
+    pub id: i64,
+    pub conversation_id: i64,
+    pub role: String,
+    pub content: String,
+    pub finish_reason: Option<String>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub created_at: i64,
+}
+
+const CONV_COLS: &str = "id, title, exclude_from_training, source, created_at, updated_at";
+const MSG_COLS: &str = "id, conversation_id, role, content, finish_reason, prompt_tokens, completion_tokens, created_at";
+
+pub async fn create_conversation(db: &Db, user_id: i64, title: &str, source: &str) -> DbResult<Conversation> {
+    let now = now_ms();
+    let sql = format!(
+        "INSERT INTO conversations (user_id, title, source, created_at, updated_at) VALUES ($1, $2, $3, $4, $4) RETURNING {CONV_COLS}"
+    );
+    Ok(sqlx::query_as::<_, Conversation>(&sql).bind(user_id).bind(title).bind(source).bind(now).fetch_one(&db.pool).await?)
+}
+
+/// The user's conversations from the browser, newest first.
+pub async fn list_conversations(db: &Db, user_id: i64) -> DbResult<Vec<Conversation>> {
+    let sql = format!(
+        "SELECT {CONV_COLS} FROM conversations WHERE user_id = $1 AND source = 'web' ORDER BY updated_at DESC, id DESC"
+    );
+    Ok(sqlx::query_as::<_, Conversation>(&sql).bind(user_id).fetch_all(&db.pool).await?)
+}
+
+pub async fn conversation(db: &Db, user_id: i64, id: i64) -> DbResult<Option<Conversation>> {
+    let sql = format!("SELECT {CONV_COLS} FROM conversations WHERE id = $1 AND user_id = $2");
+    Ok(sqlx::query_as::<_, Conversation>(&sql).bind(id).bind(user_id).fetch_optional(&db.pool).await?)
+}
+
+pub async fn messages(db: &Db, user_id: i64, conversation_id: i64) -> DbResult<Vec<Message>> {
+    let sql = format!(
+        "SELECT {} FROM messages m JOIN conversations c ON c.id = m.conversation_id \
+         WHERE m.conversation_id = $1 AND c.user_id = $2 ORDER BY m.id",
+        MSG_COLS.split(", ").map(|c| format!("m.{c}")).collect::<Vec<_>>().join(", ")
+    );
+    Ok(sqlx::query_as::<_, Message>(&sql).bind(conversation_id).bind(user_id).fetch_all(&db.pool).await?)
+}
+
+/// Changes title and/or the training opt-out; false when the conversation is not the user's.
+pub async fn update_conversation(
+    db: &Db,
+    user_id: i64,
+    id: i64,
+    title: Option<&str>,
+    exclude_from_training: Option<bool>,
+) -> DbResult<bool> {
+    let r = sqlx::query(
+        "UPDATE conversations SET title = COALESCE($1, title), \
+         exclude_from_training = COALESCE($2, exclude_from_training), updated_at = $3 \
+         WHERE id = $4 AND user_id = $5",
+    )
+    .bind(title)
+    .bind(exclude_from_training.map(i64::from))
+    .bind(now_ms())
+    .bind(id)
+    .bind(user_id)
+    .execute(&db.pool)
+    .await?;
+    Ok(r.rows_affected() > 0)
+}
+
+pub async fn delete_conversation(db: &Db, user_id: i64, id: i64) -> DbResult<bool> {
+    let r = sqlx::query("DELETE FROM conversations WHERE id = $1 AND user_id = $2").bind(id).bind(user_id).execute(&db.pool).await?;
+    Ok(r.rows_affected() > 0)
+}
+
+/// What a new message is made of.
+pub struct NewMessage<'a> {
+    pub role: &'a str,
+    pub content: &'a str,
+    pub finish_reason: Option<&'a str>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
+/// Appends a message to the user's conversation (None when it is not theirs) and bumps its time.
+pub async fn add_message(db: &Db, user_id: i64, conversation_id: i64, m: &NewMessage<'_>) -> DbResult<Option<Message>> {
+    let mut tx = db.begin().await?;
+    let now = now_ms();
+    let owned = sqlx::query("UPDATE conversations SET updated_at = $1 WHERE id = $2 AND user_id = $3")
+        .bind(now)
+        .bind(conversation_id)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    if owned.rows_affected() == 0 {
+        return Ok(None);
+    }
+    let sql = format!(
+        "INSERT INTO messages (conversation_id, role, content, finish_reason, prompt_tokens, completion_tokens, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {MSG_COLS}"
+    );
+    let msg = sqlx::query_as::<_, Message>(&sql)
+        .bind(conversation_id)
+        .bind(m.role)
+        .bind(m.content)
+        .bind(m.finish_reason)
+        .bind(m.prompt_tokens)
+        .bind(m.completion_tokens)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some(msg))
+}
+
+/// Rates an answer of the user's own conversations (one rating per user and answer; a second
+/// call replaces it). `consented` records whether consent was granted at this moment.
+/// Returns false when the message is not the user's or not an answer.
+pub async fn rate(db: &Db, user_id: i64, message_id: i64, rating: i64, comment: &str, consented: bool) -> DbResult<bool> {
+    let mut tx = db.begin().await?;
+    let owned: Option<i64> = sqlx::query_scalar(
+        "SELECT m.id FROM messages m JOIN conversations c ON c.id = m.conversation_id \
+         WHERE m.id = $1 AND c.user_id = $2 AND m.role = 'assistant'",
+    )
+    .bind(message_id)
+    .bind(user_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if owned.is_none() {
+        return Ok(false);
+    }
+    sqlx::query(
+        "INSERT INTO feedback (message_id, user_id, rating, comment, consented, created_at) VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (message_id, user_id) DO UPDATE SET rating = excluded.rating, comment = excluded.comment, \
+         consented = excluded.consented, created_at = excluded.created_at",
+    )
+    .bind(message_id)
+    .bind(user_id)
+    .bind(rating)
+    .bind(comment)
+    .bind(consented as i64)
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// One exported rating.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportRecord {
+    pub message_id: i64,
+    /// Pseudonymous: the consent subject, never the e-mail.
+    pub subject: String,
+    pub prompt: String,
+    pub answer: String,
+    pub rating: i64,
+    pub comment: String,
+    pub rated_at: i64,
+    pub consent_text_version: String,
+}
+
+/// Ratings that may be used for model improvement: consent was granted when the rating was given,
+/// the latest consent record is still a grant, and the conversation is not excluded.
+pub async fn export_feedback(db: &Db) -> DbResult<Vec<ExportRecord>> {
+    type Row = (i64, String, Option<String>, String, i64, String, i64, String);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT f.message_id, u.pseudonym, \
+           (SELECT p.content FROM messages p WHERE p.conversation_id = m.conversation_id AND p.id < m.id \
+            AND p.role = 'user' ORDER BY p.id DESC LIMIT 1), \
+           m.content, f.rating, f.comment, f.created_at, cr.text_version \
+         FROM feedback f \
+         JOIN users u ON u.id = f.user_id \
+         JOIN messages m ON m.id = f.message_id \
+         JOIN conversations c ON c.id = m.conversation_id \
+         JOIN consent_records cr ON cr.id = (SELECT MAX(id) FROM consent_records \
+           WHERE subject = u.pseudonym AND purpose = 'model_improvement') \
+         WHERE f.consented = 1 AND cr.granted = 1 AND c.exclude_from_training = 0 \
+         ORDER BY f.id",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(message_id, subject, prompt, answer, rating, comment, rated_at, version)| ExportRecord {
+            message_id,
+            subject,
+            prompt: prompt.unwrap_or_default(),
+            answer,
+            rating,
+            comment,
+            rated_at,
+            consent_text_version: version,
+        })
+        .collect())
+}
+
+/// Rating counts for the admin page: (thumbs up, thumbs down).
+pub async fn rating_counts(db: &Db) -> DbResult<(i64, i64)> {
+    let (up, down): (Option<i64>, Option<i64>) = sqlx::query_as(
+        "SELECT CAST(SUM(CASE WHEN rating = 1 THEN 1 ELSE 0 END) AS BIGINT), \
+         CAST(SUM(CASE WHEN rating = -1 THEN 1 ELSE 0 END) AS BIGINT) FROM feedback",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    Ok((up.unwrap_or(0), down.unwrap_or(0)))
+}

@@ -1,0 +1,183 @@
+//! The waitlist: one row per address (stored exactly once), double opt-in, position in line,
+//! and admission in batches that mints a code and queues the invitation in one transaction.
+
+use super::outbox::{enqueue, NewMail};
+use super::{now_ms, Backend, Db, DbResult};
+use crate::db::invites::{mint, InviteSpec};
+use crate::secrets::sha256_hex;
+
+/// What the status page shows.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Status {
+    pub state: &'static str,
+    /// 1-based place among confirmed entries still waiting (null unless waiting).
+    pub position: Option<i64>,
+    pub ahead: Option<i64>,
+    pub joined_at: i64,
+}
+
+/// A waitlist row for the admin list.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct Entry {
+    pub id: i64,
+    pub email: String,
+    pub locale: String,
+    pub confirmed_at: Option<i64>,
+    pub invited_at: Option<i64>,
+    pub registered_at: Option<i64>,
+    pub created_at: i64,
+}
+
+impl Entry {
+    pub fn state(&self) -> &'static str {
+        if self.registered_at.is_some() {
+            "registered"
+        } else if self.invited_at.is_some() {
+            "invited"
+        } else if self.confirmed_at.is_some() {
+            "waiting"
+        } else {
+            "unconfirmed"
+        }
+    }
+}
+
+/// Adds `email` once. Returns a fresh status token when a confirmation e-mail should go out
+/// (a new entry, or an unconfirmed one whose last e-mail is older than `resend_after_ms`).
+/// With `confirmed` (no e-mail configured) the entry waits at once.
+pub async fn signup(db: &Db, email: &str, locale: &str, confirmed: bool, resend_after_ms: i64) -> DbResult<Option<String>> {
+    let token = crate::secrets::token();
+    let now = now_ms();
+    let inserted: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO waitlist (email, locale, token_hash, confirmed_at, confirm_sent_at, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (email) DO NOTHING RETURNING id",
+    )
+    .bind(email)
+    .bind(locale)
+    .bind(sha256_hex(&token))
+    .bind(confirmed.then_some(now))
+    .bind(now)
+    .fetch_optional(&db.pool)
+    .await?;
+    if inserted.is_some() {
+        return Ok((!confirmed).then_some(token));
+    }
+    if confirmed {
+        return Ok(None);
+    }
+    // Already there: a new link only for an unconfirmed entry, and not more than once per period.
+    let resent = sqlx::query(
+        "UPDATE waitlist SET token_hash = $1, confirm_sent_at = $2 \
+         WHERE email = $3 AND confirmed_at IS NULL AND confirm_sent_at < $4",
+    )
+    .bind(sha256_hex(&token))
+    .bind(now)
+    .bind(email)
+    .bind(now - resend_after_ms)
+    .execute(&db.pool)
+    .await?;
+    Ok((resent.rows_affected() > 0).then_some(token))
+}
+
+/// Confirms the address behind `token`. False when the token is unknown.
+pub async fn confirm(db: &Db, token: &str) -> DbResult<bool> {
+    let hash = sha256_hex(token);
+    sqlx::query("UPDATE waitlist SET confirmed_at = $1 WHERE token_hash = $2 AND confirmed_at IS NULL")
+        .bind(now_ms())
+        .bind(&hash)
+        .execute(&db.pool)
+        .await?;
+    let exists: Option<i64> =
+        sqlx::query_scalar("SELECT id FROM waitlist WHERE token_hash = $1").bind(&hash).fetch_optional(&db.pool).await?;
+    Ok(exists.is_some())
+}
+
+/// The status behind `token`, or None when the token is unknown.
+pub async fn status(db: &Db, token: &str) -> DbResult<Option<Status>> {
+    let entry = sqlx::query_as::<_, Entry>(
+        "SELECT id, email, locale, confirmed_at, invited_at, registered_at, created_at FROM waitlist WHERE token_hash = $1",
+    )
+    .bind(sha256_hex(token))
+    .fetch_optional(&db.pool)
+    .await?;
+    let Some(entry) = entry else { return Ok(None) };
+    let state = entry.state();
+    let ahead = if state == "waiting" {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM waitlist WHERE confirmed_at IS NOT NULL AND invited_at IS NULL AND id < $1",
+        )
+        .bind(entry.id)
+        .fetch_one(&db.pool)
+        .await?;
+        Some(n)
+    } else {
+        None
+    };
+    Ok(Some(Status { state, position: ahead.map(|a| a + 1), ahead, joined_at: entry.created_at }))
+}
+
+pub async fn list(db: &Db) -> DbResult<Vec<Entry>> {
+    Ok(sqlx::query_as::<_, Entry>(
+        "SELECT id, email, locale, confirmed_at, invited_at, registered_at, created_at FROM waitlist ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await?)
+}
+
+/// Counts of entries by state (for the admin page).
+pub async fn waiting_count(db: &Db) -> DbResult<i64> {
+    Ok(sqlx::query_scalar("SELECT COUNT(*) FROM waitlist WHERE confirmed_at IS NOT NULL AND invited_at IS NULL")
+        .fetch_one(&db.pool)
+        .await?)
+}
+
+/// One admitted entry.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub email: String,
+    pub locale: String,
+    pub code: String,
+}
+
+/// Admits the `count` oldest confirmed entries: for each, mints a single-use code, marks the entry
+/// invited and queues the invitation made by `mail` — all in one transaction, so a code is never
+/// minted without its e-mail or the other way round. Safe with several replicas (rows are locked).
+pub async fn admit(
+    db: &Db,
+    count: i64,
+    spec: &InviteSpec,
+    mail: impl Fn(&str, &str, &str) -> Option<NewMail>,
+) -> DbResult<Vec<Admitted>> {
+    let mut tx = db.begin().await?;
+    let lock = if db.backend == Backend::Postgres { " FOR UPDATE SKIP LOCKED" } else { "" };
+    let sql = format!(
+        "SELECT id, email, locale FROM waitlist WHERE confirmed_at IS NOT NULL AND invited_at IS NULL ORDER BY id LIMIT $1{lock}"
+    );
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(&sql).bind(count).fetch_all(&mut *tx).await?;
+    let mut admitted = Vec::with_capacity(rows.len());
+    for (id, email, locale) in rows {
+        let (invite_id, code) = mint(&mut tx, spec).await?;
+        sqlx::query("UPDATE waitlist SET invited_at = $1, invite_id = $2 WHERE id = $3")
+            .bind(now_ms())
+            .bind(invite_id)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(m) = mail(&email, &locale, &code) {
+            enqueue(&mut tx, &m).await?;
+        }
+        admitted.push(Admitted { email, locale, code });
+    }
+    tx.commit().await?;
+    Ok(admitted)
+}
+
+/// Marks the entry of `email` registered (inside the registration transaction).
+pub async fn mark_registered(conn: &mut sqlx::AnyConnection, email: &str) -> DbResult<()> {
+    sqlx::query("UPDATE waitlist SET registered_at = $1 WHERE email = $2 AND registered_at IS NULL")
+        .bind(now_ms())
+        .bind(email)
+        .execute(conn)
+        .await?;
+    Ok(())
+}

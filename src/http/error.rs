@@ -1,0 +1,207 @@
+//! One error type for every handler. Its variants say what the client should hear; the body is
+//! CONTRACT.md's `{"error": {"code", "message", "message_zh"}}`. 5xx are logged, never detailed.
+
+use axum::extract::rejection::JsonRejection;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::db::DbError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("unauthenticated")]
+    Unauthenticated,
+    #[error("forbidden")]
+    Forbidden,
+    #[error("cross-site request refused")]
+    CrossSite,
+    #[error("not found")]
+    NotFound,
+    #[error("invalid email")]
+    InvalidEmail,
+    #[error("invalid invite")]
+    InvalidInvite,
+    #[error("email taken")]
+    EmailTaken,
+    #[error("weak password")]
+    WeakPassword { min: usize },
+    #[error("password too long")]
+    PasswordTooLong,
+    #[error("invalid credentials")]
+    InvalidCredentials,
+    #[error("invalid token")]
+    InvalidToken,
+    /// A field has the wrong shape (422), with English and Chinese texts.
+    #[error("invalid {field}")]
+    Invalid { field: &'static str, message: String, message_zh: String },
+    /// The body is not the JSON this path takes (400).
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    #[error("payload too large")]
+    PayloadTooLarge,
+    /// The database did not answer in time (503).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl From<DbError> for AppError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Unavailable(m) => AppError::Unavailable(m),
+            other => AppError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<anyhow::Error> for AppError {
+    fn from(e: anyhow::Error) -> Self {
+        AppError::Internal(format!("{e:#}"))
+    }
+}
+
+impl From<JsonRejection> for AppError {
+    fn from(r: JsonRejection) -> Self {
+        match r {
+            JsonRejection::MissingJsonContentType(_) => AppError::UnsupportedMediaType,
+            r if r.status() == StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge,
+            JsonRejection::JsonDataError(e) => AppError::Invalid {
+                field: "body",
+                message: e.body_text(),
+                message_zh: "请求内容的字段缺失或类型不对。".into(),
+            },
+            other => AppError::BadRequest(other.body_text()),
+        }
+    }
+}
+
+impl AppError {
+    pub fn invalid(field: &'static str, message: impl Into<String>, message_zh: impl Into<String>) -> Self {
+        AppError::Invalid { field, message: message.into(), message_zh: message_zh.into() }
+    }
+
+    fn parts(&self) -> (StatusCode, &'static str, String, String) {
+        use AppError::*;
+        let s = |x: &str| x.to_string();
+        match self {
+            Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated", s("Please sign in."), s("请先登录。")),
+            Forbidden => (StatusCode::FORBIDDEN, "forbidden", s("You may not do this."), s("你没有权限执行此操作。")),
+            CrossSite => (
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                s("Cross-site requests are not accepted."),
+                s("不接受跨站请求。"),
+            ),
+            NotFound => (StatusCode::NOT_FOUND, "not_found", s("Not found."), s("未找到。")),
+            InvalidEmail => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_email",
+                s("Please enter a valid e-mail address."),
+                s("请输入有效的电子邮件地址。"),
+            ),
+            InvalidInvite => (
+                StatusCode::BAD_REQUEST,
+                "invalid_invite",
+                s("This invite code is not valid (unknown, used up, expired or revoked)."),
+                s("此邀请码无效（不存在、已用完、已过期或已撤销）。"),
+            ),
+            EmailTaken => (
+                StatusCode::CONFLICT,
+                "email_taken",
+                s("An account with this e-mail address already exists."),
+                s("该电子邮件地址已注册。"),
+            ),
+            WeakPassword { min } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "weak_password",
+                format!("The password needs at least {min} characters."),
+                format!("密码至少需要 {min} 个字符。"),
+            ),
+            PasswordTooLong => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "password_too_long",
+                s("The password may have at most 1024 characters."),
+                s("密码最多 1024 个字符。"),
+            ),
+            InvalidCredentials => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+                s("Wrong e-mail or password, or too many failed attempts: check them, or wait a few minutes."),
+                s("邮箱或密码错误，或失败次数过多：请检查后重试，或等几分钟。"),
+            ),
+            InvalidToken => (
+                StatusCode::BAD_REQUEST,
+                "invalid_token",
+                s("This link is not valid any more (unknown, used or expired)."),
+                s("此链接已失效（不存在、已使用或已过期）。"),
+            ),
+            Invalid { field, message, message_zh } => {
+                let code = match *field {
+                    "body" => "invalid_body",
+                    "title" => "invalid_title",
+                    "rating" => "invalid_rating",
+                    "comment" => "invalid_comment",
+                    "count" => "invalid_count",
+                    "name" => "invalid_name",
+                    "display_name" => "invalid_display_name",
+                    "locale" => "invalid_locale",
+                    _ => "invalid_request",
+                };
+                (StatusCode::UNPROCESSABLE_ENTITY, code, message.clone(), message_zh.clone())
+            }
+            BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone(), s("请求格式错误。")),
+            UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                s("Send JSON with Content-Type: application/json."),
+                s("请以 application/json 格式发送。"),
+            ),
+            PayloadTooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                s("The request is too large."),
+                s("请求内容过大。"),
+            ),
+            Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                s("The service is temporarily unavailable, please try again shortly."),
+                s("服务暂时不可用，请稍后重试。"),
+            ),
+            Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                s("Something went wrong on our side."),
+                s("服务器内部错误。"),
+            ),
+        }
+    }
+}
+
+/// The contract's error body.
+pub fn error_body(status: StatusCode, code: &str, message: &str, message_zh: &str) -> Response {
+    let body = json!({"error": {"code": code, "message": message, "message_zh": message_zh}});
+    (status, axum::Json(body)).into_response()
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let (status, code, message, message_zh) = self.parts();
+        match &self {
+            AppError::Internal(detail) => tracing::error!(%detail, "internal error"),
+            AppError::Unavailable(detail) => tracing::warn!(%detail, "database unavailable"),
+            _ => {}
+        }
+        let mut resp = error_body(status, code, &message, &message_zh);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        resp
+    }
+}
+
+pub type AppResult<T> = Result<T, AppError>;

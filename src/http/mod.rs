@@ -1,0 +1,131 @@
+//! The HTTP layer: one module per resource, each with its own `router()`. Handlers are thin:
+//! extract, call into `db` / `engine`, map to a response.
+
+pub mod accounts;
+pub mod admin;
+pub mod auth;
+pub mod conversations;
+pub mod error;
+pub mod keys;
+pub mod ops;
+pub mod pages;
+pub mod waitlist;
+
+use std::sync::Arc;
+
+use axum::extract::FromRequest;
+use serde::Deserialize;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::engine::EngineHandle;
+pub use error::{AppError, AppResult};
+
+/// Everything a handler may need: cheap handles only.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub config: Arc<Config>,
+    pub engine: EngineHandle,
+}
+
+impl AppState {
+    pub fn secure_cookies(&self) -> bool {
+        self.config.public_url().starts_with("https://")
+    }
+
+    pub fn session_idle_ms(&self) -> i64 {
+        self.config.accounts.session_idle_hours as i64 * 3_600_000
+    }
+
+    pub fn mail_enabled(&self) -> bool {
+        self.config.smtp.enabled()
+    }
+}
+
+/// A JSON request body whose rejections speak the contract's error format.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(AppError))]
+pub struct JsonBody<T>(pub T);
+
+/// A JSON body that may be absent (an empty body means `T::default()`).
+pub struct OptionalJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> FromRequest<S> for OptionalJson<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, AppError> {
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::PayloadTooLarge
+            } else {
+                AppError::BadRequest(r.body_text())
+            }
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
+        }
+        serde_json::from_slice(&bytes)
+            .map(OptionalJson)
+            .map_err(|e| AppError::invalid("body", format!("invalid JSON body: {e}"), "请求内容不是有效的 JSON。"))
+    }
+}
+
+/// Trims and lower-cases an e-mail address and checks it; `invalid_email` otherwise.
+pub fn normalize_email(input: &str) -> AppResult<String> {
+    let email = input.trim().to_lowercase();
+    if email.len() > 254 || !email_address::EmailAddress::is_valid(&email) || !email.contains('.') {
+        return Err(AppError::InvalidEmail);
+    }
+    Ok(email)
+}
+
+/// `zh` for any Chinese locale, else `en`.
+pub fn normalize_locale(input: Option<&str>) -> &'static str {
+    match input {
+        Some(l) if l.trim().to_lowercase().starts_with("zh") => "zh",
+        _ => "en",
+    }
+}
+
+/// Checks a new password's length (in characters).
+pub fn check_password(state: &AppState, password: &str) -> AppResult<()> {
+    let n = password.chars().count();
+    let min = state.config.accounts.min_password_chars;
+    if n < min {
+        return Err(AppError::WeakPassword { min });
+    }
+    if n > 1024 {
+        return Err(AppError::PasswordTooLong);
+    }
+    Ok(())
+}
+
+/// Runs argon2 off the async runtime.
+pub async fn hash_password(password: String) -> AppResult<String> {
+    tokio::task::spawn_blocking(move || crate::secrets::hash_password(&password))
+        .await
+        .map_err(|e| AppError::Internal(e.to_string()))?
+        .map_err(AppError::from)
+}
+
+pub async fn verify_password(password: String, hash: String) -> AppResult<bool> {
+    tokio::task::spawn_blocking(move || crate::secrets::verify_password(&password, &hash))
+        .await
+        .map_err(|e| AppError::Internal(e.to_string()))
+}
+
+/// `{"email": …}` bodies.
+#[derive(Debug, Deserialize)]
+pub struct EmailBody {
+    pub email: String,
+}
+
+/// A text field of at most `max` characters after trimming.
+pub fn bounded_text(field: &'static str, value: &str, max: usize) -> AppResult<String> {
+    let v = value.trim();
+    if v.chars().count() > max {
+        return Err(AppError::invalid(field, format!("{field} may have at most {max} characters"), format!("{field} 最多 {max} 个字符")));
+    }
+    Ok(v.to_string())
+}

@@ -1,0 +1,45 @@
+//! Waitlist signup (same answer for new and known addresses), confirmation, and status.
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{normalize_email, normalize_locale, AppError, AppResult, AppState, JsonBody};
+use crate::db::waitlist;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/waitlist", post(signup)).route("/api/waitlist/status", get(status))
+}
+
+#[derive(Deserialize)]
+struct SignupBody {
+    email: String,
+    locale: Option<String>,
+}
+
+async fn signup(State(state): State<AppState>, JsonBody(b): JsonBody<SignupBody>) -> AppResult<impl IntoResponse> {
+    let email = normalize_email(&b.email)?;
+    let locale = normalize_locale(b.locale.as_deref());
+    let mail = state.mail_enabled();
+    let resend = state.config.waitlist.resend_confirmation_minutes * 60_000;
+    // Without e-mail there is no way to confirm: the entry waits at once.
+    if let Some(token) = waitlist::signup(&state.db, &email, locale, !mail, resend).await? {
+        let m = crate::mail::confirm_mail(&state.config, &email, locale, &token);
+        crate::db::outbox::enqueue_now(&state.db, &m).await?;
+    }
+    Ok((StatusCode::ACCEPTED, Json(json!({"status": "accepted"}))))
+}
+
+#[derive(Deserialize)]
+pub struct TokenQuery {
+    pub token: Option<String>,
+}
+
+async fn status(State(state): State<AppState>, Query(q): Query<TokenQuery>) -> AppResult<Json<waitlist::Status>> {
+    let token = q.token.filter(|t| t.len() <= 128).ok_or(AppError::NotFound)?;
+    waitlist::status(&state.db, &token).await?.map(Json).ok_or(AppError::NotFound)
+}

@@ -1,0 +1,112 @@
+// moss pages: language choice and the forms on the landing, reset and admin pages.
+// No inline script anywhere (the Content-Security-Policy forbids it).
+(function () {
+  "use strict";
+  var root = document.documentElement;
+  function setLang(lang) {
+    root.setAttribute("data-lang", lang);
+    root.setAttribute("lang", lang === "zh" ? "zh-CN" : "en");
+    try { localStorage.setItem("moss.lang", lang); } catch (e) {}
+  }
+  var saved = null;
+  try { saved = localStorage.getItem("moss.lang"); } catch (e) {}
+  setLang(saved || ((navigator.language || "en").toLowerCase().indexOf("zh") === 0 ? "zh" : "en"));
+  function lang() { return root.getAttribute("data-lang"); }
+
+  document.addEventListener("click", function (ev) {
+    var t = ev.target.closest("[data-action=toggle-lang]");
+    if (t) setLang(lang() === "zh" ? "en" : "zh");
+  });
+
+  function say(form, text, isError) {
+    var out = form.querySelector(".result");
+    if (!out) return;
+    out.textContent = text;
+    out.classList.toggle("error", !!isError);
+  }
+  function errorText(body) {
+    var e = body && body.error;
+    if (!e) return lang() === "zh" ? "出错了，请重试。" : "Something went wrong, please try again.";
+    return lang() === "zh" ? e.message_zh : e.message;
+  }
+  function send(method, url, data) {
+    return fetch(url, {
+      method: method,
+      headers: { "Content-Type": "application/json" },
+      credentials: "same-origin",
+      body: data === undefined ? undefined : JSON.stringify(data)
+    }).then(function (r) {
+      return r.text().then(function (t) {
+        var body = null;
+        try { body = t ? JSON.parse(t) : null; } catch (e) {}
+        return { ok: r.ok, status: r.status, body: body };
+      });
+    });
+  }
+  function fields(form) {
+    var o = {};
+    new FormData(form).forEach(function (v, k) { o[k] = v; });
+    return o;
+  }
+  var params = new URLSearchParams(location.search);
+
+  var handlers = {
+    waitlist: function (form, f) {
+      return send("POST", "/api/waitlist", { email: f.email, locale: lang() }).then(function (r) {
+        if (r.ok) say(form, lang() === "zh" ? "已收到！请查看邮箱确认。" : "Thank you! Check your inbox to confirm.");
+        else say(form, errorText(r.body), true);
+      });
+    },
+    register: function (form, f) {
+      f.locale = lang();
+      return send("POST", "/api/register", f).then(function (r) {
+        if (r.ok) location.href = "/";
+        else say(form, errorText(r.body), true);
+      });
+    },
+    login: function (form, f) {
+      return send("POST", "/api/login", f).then(function (r) {
+        if (r.ok) location.href = "/";
+        else say(form, errorText(r.body), true);
+      });
+    },
+    forgot: function (form, f) {
+      return send("POST", "/api/password/forgot", f).then(function () {
+        say(form, lang() === "zh" ? "如果该邮箱已注册，重置链接已发出。" : "If this address has an account, a reset link is on its way.");
+      });
+    },
+    reset: function (form, f) {
+      return send("POST", "/api/password/reset", { token: params.get("token") || "", password: f.password }).then(function (r) {
+        if (r.ok) say(form, lang() === "zh" ? "密码已更新，请重新登录。" : "Password changed. Please sign in again.");
+        else say(form, errorText(r.body), true);
+      });
+    },
+    logout: function () {
+      return send("POST", "/api/logout").then(function () { location.href = "/"; });
+    },
+    admit: function (form, f) {
+      return send("POST", "/api/admin/waitlist/admit", { count: Number(f.count) }).then(function (r) {
+        if (!r.ok) return say(form, errorText(r.body), true);
+        var lines = r.body.admitted.map(function (a) { return a.code ? a.email + "  " + a.code : a.email; });
+        say(form, (lang() === "zh" ? "已放行 " : "Admitted ") + lines.length + (lines.length ? ": " + lines.join(", ") : ""));
+      });
+    }
+  };
+
+  document.addEventListener("submit", function (ev) {
+    var form = ev.target;
+    var name = form.getAttribute("data-form");
+    if (!handlers[name]) return;
+    ev.preventDefault();
+    handlers[name](form, fields(form)).catch(function () {
+      say(form, lang() === "zh" ? "网络错误，请重试。" : "Network error, please try again.", true);
+    });
+  });
+
+  var code = params.get("code");
+  var codeInput = document.querySelector("[data-form=register] [name=invite_code]");
+  if (code && codeInput) {
+    codeInput.value = code;
+    document.getElementById("register").scrollIntoView();
+  }
+})();
