@@ -1,0 +1,271 @@
+//! A real moss server for HTTP tests: the real router on a real socket (port 0), a tiny GGUF
+//! model, and a fresh database — a SQLite file, or a new PostgreSQL database when
+//! MOSS_TEST_POSTGRES_URL is set — plus, on request, a real SMTP sink.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moss::config::Config;
+use moss::db::Db;
+use moss::engine::Arch;
+use moss::http::AppState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// An SMTP server (Python's aiosmtpd) that writes each message to a directory.
+pub struct SmtpSink {
+    child: std::process::Child,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl SmtpSink {
+    pub fn start(dir: PathBuf) -> Self {
+        use std::io::BufRead;
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/smtp_sink.py");
+        let mut child = std::process::Command::new("python3")
+            .arg(script)
+            .arg(&dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with aiosmtpd (pip install aiosmtpd)");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().parse().unwrap_or_else(|_| panic!("smtp sink did not start: {line:?}"));
+        Self { child, port, dir }
+    }
+
+    /// Every message delivered so far (raw text), oldest first.
+    pub fn messages(&self) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(&self.dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+            .collect();
+        names.sort();
+        names.iter().map(|p| std::fs::read_to_string(p).unwrap()).collect()
+    }
+
+    /// Waits (up to 20 s) until a message to `to` containing `needle` arrives; returns it decoded.
+    pub async fn wait_for(&self, to: &str, needle: &str) -> String {
+        for _ in 0..200 {
+            for m in self.messages() {
+                let decoded = decode_mail(&m);
+                if m.lines().next().is_some_and(|l| l.contains(to)) && decoded.contains(needle) {
+                    return decoded;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no mail to {to} containing {needle:?}; got {:?}", self.messages());
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Undoes quoted-printable / base64 bodies well enough to find links and codes in them.
+pub fn decode_mail(raw: &str) -> String {
+    let (head, body) = raw.split_once("\r\n\r\n").or_else(|| raw.split_once("\n\n")).unwrap_or((raw, ""));
+    let lower = head.to_lowercase();
+    let body = if lower.contains("content-transfer-encoding: base64") {
+        let compact: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+        String::from_utf8_lossy(&base64_decode(&compact)).into_owned()
+    } else if lower.contains("quoted-printable") {
+        quoted_printable(body)
+    } else {
+        body.to_string()
+    };
+    format!("{head}\n\n{body}")
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let table = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let mut buf = 0u32;
+    let mut bits = 0;
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let Some(v) = table.iter().position(|t| *t == c) else { continue };
+        buf = (buf << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+        }
+    }
+    out
+}
+
+fn quoted_printable(s: &str) -> String {
+    let joined = s.replace("=\r\n", "").replace("=\n", "");
+    let bytes = joined.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'=' && i + 2 < bytes.len() {
+            if let Ok(v) = u8::from_str_radix(&joined[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A running server and what a test needs to talk to it.
+pub struct TestApp {
+    pub base: String,
+    pub db: Db,
+    pub config: Arc<Config>,
+    pub backend: Backend,
+    pub smtp: Option<SmtpSink>,
+    pub dir: tempfile::TempDir,
+    pub database_url: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    _stop_mail: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Options for `TestApp::start`.
+#[derive(Default, Clone, Copy)]
+pub struct Options {
+    pub smtp: bool,
+}
+
+fn postgres_admin_url() -> Option<String> {
+    std::env::var("MOSS_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty())
+}
+
+/// A fresh, empty PostgreSQL database; returns its URL.
+async fn fresh_postgres(admin_url: &str) -> String {
+    use sqlx::Connection;
+    let name = format!("moss_t_{}", &moss::secrets::token()[..16]);
+    let mut conn = sqlx::PgConnection::connect(admin_url).await.expect("connect to MOSS_TEST_POSTGRES_URL");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create test database");
+    let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin_url);
+    format!("{base}/{name}")
+}
+
+impl TestApp {
+    /// Starts a server on `backend`; None for PostgreSQL when MOSS_TEST_POSTGRES_URL is unset
+    /// (CI sets it, and with MOSS_REQUIRE_POSTGRES=1 a missing URL fails instead).
+    pub async fn start(backend: Backend, opts: Options) -> Option<TestApp> {
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = match backend {
+            Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("moss.db").display()),
+            Backend::Postgres => match postgres_admin_url() {
+                Some(url) => fresh_postgres(&url).await,
+                None => {
+                    assert!(std::env::var("MOSS_REQUIRE_POSTGRES").as_deref() != Ok("1"), "MOSS_TEST_POSTGRES_URL is not set");
+                    eprintln!("skipping PostgreSQL: MOSS_TEST_POSTGRES_URL is not set");
+                    return None;
+                }
+            },
+        };
+        let smtp = opts.smtp.then(|| SmtpSink::start(dir.path().join("mail")));
+        let mut config = Config::load(None).unwrap();
+        config.database.url = database_url.clone();
+        if let Some(s) = &smtp {
+            config.smtp.host = "127.0.0.1".into();
+            config.smtp.port = s.port;
+            config.smtp.security = "none".into();
+            config.smtp.poll_secs = 1;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        config.server.addr = addr.to_string();
+        let db = moss::cli::serve::open_db(&config).await.expect("database opens and migrates");
+        let model = super::tiny_model(dir.path(), Arch::Qwen2);
+        let engine = super::start(&model, Duration::ZERO);
+        let config = Arc::new(config);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (stop_mail, stop_rx) = tokio::sync::watch::channel(false);
+        if config.smtp.enabled() {
+            tokio::spawn(moss::mail::run_sender(db.clone(), config.smtp.clone(), stop_rx));
+        }
+        let state = AppState { db: db.clone(), config: config.clone(), engine };
+        let router = moss::app::build_router(state);
+        tokio::spawn(moss::app::serve(listener, router, async { let _ = rx.await; }, Duration::from_secs(1)));
+        Some(TestApp { base: format!("http://{addr}"), db, config, backend, smtp, dir, database_url, shutdown: Some(tx), _stop_mail: stop_mail })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// A client with its own cookie jar (one browser).
+    pub fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder().cookie_store(true).build().unwrap()
+    }
+
+    /// Mints invite codes straight in the database.
+    pub async fn invite(&self, spec: moss::db::invites::InviteSpec) -> String {
+        moss::db::invites::mint_many(&self.db, 1, &spec).await.unwrap().remove(0)
+    }
+
+    /// Registers a new account with a fresh code; returns its signed-in client.
+    pub async fn user(&self, email: &str) -> reqwest::Client {
+        self.user_with_role(email, "user").await
+    }
+
+    pub async fn admin(&self, email: &str) -> reqwest::Client {
+        self.user_with_role(email, "admin").await
+    }
+
+    async fn user_with_role(&self, email: &str, role: &'static str) -> reqwest::Client {
+        let code = self.invite(moss::db::invites::InviteSpec { role, ..Default::default() }).await;
+        let c = self.client();
+        let r = c
+            .post(self.url("/api/register"))
+            .json(&serde_json::json!({"invite_code": code, "email": email, "password": "a good long password"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        c
+    }
+}
+
+/// Defines `mod NAME { sqlite(), postgres() }` tests that run `NAME(app)` on each backend.
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident) => {
+        both_backends!($name, common::server::Options::default());
+    };
+    ($name:ident, $opts:expr) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let app = common::server::TestApp::start(common::server::Backend::Sqlite, $opts).await.unwrap();
+                super::$name(app).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(app) = common::server::TestApp::start(common::server::Backend::Postgres, $opts).await {
+                    super::$name(app).await;
+                }
+            }
+        }
+    };
+}
