@@ -29,6 +29,7 @@ pub fn build_router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), http::auth::refuse_cross_site))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(RequestBodyLimitLayer::new(max_body))
+        .layer(middleware::from_fn_with_state(max_body, refuse_oversized))
         .layer(middleware::from_fn(contract_errors))
         .layer(middleware::from_fn(security_headers))
         .layer(TraceLayer::new_for_http())
@@ -76,6 +77,23 @@ async fn contract_errors(req: Request, next: Next) -> Response {
         }
     }
     fixed
+}
+
+/// Bodies announced larger than the limit are read and thrown away (up to a bound) before the 413
+/// goes out: closing a socket with unread data makes the client see a reset instead of the answer.
+async fn refuse_oversized(axum::extract::State(max): axum::extract::State<usize>, req: Request, next: Next) -> Response {
+    const DRAIN_CAP: usize = 8 << 20;
+    let announced = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    match announced {
+        Some(n) if n > max => {
+            if n <= DRAIN_CAP {
+                let body = req.into_body();
+                let _ = tokio::time::timeout(Duration::from_secs(5), axum::body::to_bytes(body, DRAIN_CAP)).await;
+            }
+            http::AppError::PayloadTooLarge.into_response()
+        }
+        _ => next.run(req).await,
+    }
 }
 
 /// SECURITY.md 9: a strict CSP (no inline script, no foreign images), nosniff, no referrer (links

@@ -4,6 +4,7 @@
 Usage: smtp_sink.py DIR   (prints the port it listens on, then serves until killed)
 """
 import os
+import socket
 import sys
 import time
 
@@ -29,9 +30,13 @@ class Store:
 def main():
     directory = sys.argv[1]
     os.makedirs(directory, exist_ok=True)
-    controller = Controller(Store(directory), hostname="127.0.0.1", port=0)
+    # aiosmtpd cannot listen on port 0 (it connects to itself to check), so pick a free port first.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    controller = Controller(Store(directory), hostname="127.0.0.1", port=port)
     controller.start()
-    print(controller.server.sockets[0].getsockname()[1], flush=True)
+    print(port, flush=True)
     try:
         while True:
             time.sleep(3600)
