@@ -80,11 +80,11 @@ pub enum DebugCommand {
     },
 }
 
-/// Starts logging to stderr (`RUST_LOG` wins over `-v`).
-pub fn init_tracing(verbose: u8) {
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
+/// Starts logging to stderr (`RUST_LOG` wins over `-v`); a server logs at info by default.
+pub fn init_tracing(verbose: u8, server: bool) {
+    let default = match (verbose, server) {
+        (0, false) => "warn",
+        (0, true) | (1, _) => "info,sqlx=warn",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
