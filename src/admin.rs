@@ -7,7 +7,12 @@ use crate::db::{Db, DbResult};
 
 /// Admits the `count` oldest confirmed waitlist entries: one single-use code each, and (when
 /// e-mail is configured) the invitation queued in the same transaction.
-pub async fn admit(db: &Db, config: &Config, count: i64, admin: Option<i64>) -> DbResult<Vec<Admitted>> {
+pub async fn admit(
+    db: &Db,
+    config: &Config,
+    count: i64,
+    admin: Option<i64>,
+) -> DbResult<Vec<Admitted>> {
     let days = config.invites.waitlist_code_days;
     let spec = InviteSpec {
         max_uses: 1,
@@ -17,5 +22,8 @@ pub async fn admit(db: &Db, config: &Config, count: i64, admin: Option<i64>) -> 
         created_by: admin,
     };
     let mail = config.smtp.enabled();
-    waitlist::admit(db, count, &spec, |email, locale, code| mail.then(|| crate::mail::invite_mail(config, email, locale, code))).await
+    waitlist::admit(db, count, &spec, |email, locale, code| {
+        mail.then(|| crate::mail::invite_mail(config, email, locale, code))
+    })
+    .await
 }

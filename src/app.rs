@@ -21,12 +21,16 @@ pub fn build_router(state: AppState) -> Router {
         .merge(http::accounts::router())
         .merge(http::waitlist::router())
         .merge(http::conversations::router())
+        .merge(http::chat::router())
         .merge(http::keys::router())
         .merge(http::admin::router())
         .merge(http::ops::router())
         .merge(http::pages::router())
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), http::auth::refuse_cross_site))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            http::auth::refuse_cross_site,
+        ))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(RequestBodyLimitLayer::new(max_body))
         .layer(middleware::from_fn_with_state(max_body, refuse_oversized))
@@ -58,16 +62,35 @@ async fn contract_errors(req: Request, next: Next) -> Response {
     let api = wants_json(req.uri().path());
     let resp = next.run(req).await;
     let status = resp.status();
-    let is_json = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     if !api || status.as_u16() < 400 || is_json {
         return resp;
     }
     let (code, message, message_zh) = match status {
-        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "This method is not allowed here.", "此路径不支持该请求方法。"),
-        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "The request is too large.", "请求内容过大。"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "This method is not allowed here.",
+            "此路径不支持该请求方法。",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "payload_too_large",
+            "The request is too large.",
+            "请求内容过大。",
+        ),
         StatusCode::NOT_FOUND => ("not_found", "Not found.", "未找到。"),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "Send JSON with Content-Type: application/json.", "请以 application/json 格式发送。"),
-        s if s.is_server_error() => ("internal", "Something went wrong on our side.", "服务器内部错误。"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            "unsupported_media_type",
+            "Send JSON with Content-Type: application/json.",
+            "请以 application/json 格式发送。",
+        ),
+        s if s.is_server_error() => (
+            "internal",
+            "Something went wrong on our side.",
+            "服务器内部错误。",
+        ),
         _ => ("bad_request", "The request is not valid.", "请求无效。"),
     };
     let mut fixed = error_body(status, code, message, message_zh);
@@ -81,14 +104,25 @@ async fn contract_errors(req: Request, next: Next) -> Response {
 
 /// Bodies announced larger than the limit are read and thrown away (up to a bound) before the 413
 /// goes out: closing a socket with unread data makes the client see a reset instead of the answer.
-async fn refuse_oversized(axum::extract::State(max): axum::extract::State<usize>, req: Request, next: Next) -> Response {
+async fn refuse_oversized(
+    axum::extract::State(max): axum::extract::State<usize>,
+    req: Request,
+    next: Next,
+) -> Response {
     const DRAIN_CAP: usize = 8 << 20;
-    let announced = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     match announced {
         Some(n) if n > max => {
             if n <= DRAIN_CAP {
                 let body = req.into_body();
-                let _ = tokio::time::timeout(Duration::from_secs(5), axum::body::to_bytes(body, DRAIN_CAP)).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    axum::body::to_bytes(body, DRAIN_CAP),
+                )
+                .await;
             }
             http::AppError::PayloadTooLarge.into_response()
         }
@@ -104,9 +138,18 @@ async fn security_headers(req: Request, next: Next) -> Response {
     let h = resp.headers_mut();
     let csp = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; \
                object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'";
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(csp));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(csp),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     if !is_static {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -122,11 +165,14 @@ pub async fn serve(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = tx.send(());
-        });
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = tx.send(());
+    });
     let server = tokio::spawn(async move { server.await });
     // Wait for the server; once shutdown has begun, wait at most `grace` more.
     tokio::pin!(server);

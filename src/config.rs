@@ -23,6 +23,25 @@ pub struct Config {
     pub waitlist: WaitlistConfig,
     pub smtp: SmtpConfig,
     pub consent: ConsentConfig,
+    pub chat: ChatConfig,
+    pub refusals: RefusalsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatConfig {
+    pub max_message_chars: usize,
+    pub max_tokens_limit: usize,
+    pub title_chars: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefusalsConfig {
+    pub rules_file: String,
+    pub cooldown_after: i64,
+    pub window_minutes: i64,
+    pub cooldown_minutes: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -48,7 +67,10 @@ pub struct DatabaseConfig {
 impl std::fmt::Debug for DatabaseConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URL may carry a password.
-        f.debug_struct("DatabaseConfig").field("url", &redact_url(&self.url)).field("data_dir", &self.data_dir).finish()
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact_url(&self.url))
+            .field("data_dir", &self.data_dir)
+            .finish()
     }
 }
 
@@ -200,8 +222,14 @@ impl Config {
             matches!(self.smtp.security.as_str(), "starttls" | "tls" | "none"),
             "smtp.security must be starttls, tls or none"
         );
-        anyhow::ensure!(self.accounts.min_password_chars >= 8, "accounts.min_password_chars must be at least 8");
-        anyhow::ensure!(self.server.max_body_bytes >= 1024, "server.max_body_bytes must be at least 1024");
+        anyhow::ensure!(
+            self.accounts.min_password_chars >= 8,
+            "accounts.min_password_chars must be at least 8"
+        );
+        anyhow::ensure!(
+            self.server.max_body_bytes >= 1024,
+            "server.max_body_bytes must be at least 1024"
+        );
         let s = &e.sampling;
         anyhow::ensure!(
             (0.0..=5.0).contains(&s.temperature),
@@ -224,8 +252,12 @@ impl Config {
             return Ok(self.database.url.clone());
         }
         let dir = &self.database.data_dir;
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
-        Ok(format!("sqlite://{}?mode=rwc", dir.join("moss.db").display()))
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        Ok(format!(
+            "sqlite://{}?mode=rwc",
+            dir.join("moss.db").display()
+        ))
     }
 
     /// The public base URL without a trailing slash.

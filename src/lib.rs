@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod db;
@@ -9,5 +10,6 @@ pub mod engine;
 pub mod http;
 pub mod mail;
 pub mod models;
+pub mod policy;
 pub mod render;
 pub mod secrets;

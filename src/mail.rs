@@ -31,7 +31,12 @@ pub fn confirm_mail(cfg: &Config, to: &str, locale: &str, token: &str) -> NewMai
             format!("Hello!\n\nPlease confirm your e-mail address to join the waitlist:\n{confirm}\n\nYou can see your place in line at any time here:\n{status}\n\nIf you did not sign up, just ignore this e-mail.\n"),
         )
     };
-    NewMail { kind: "waitlist_confirm", to: to.to_string(), subject, body }
+    NewMail {
+        kind: "waitlist_confirm",
+        to: to.to_string(),
+        subject,
+        body,
+    }
 }
 
 /// The invitation: the code and a link that fills it in.
@@ -48,7 +53,12 @@ pub fn invite_mail(cfg: &Config, to: &str, locale: &str, code: &str) -> NewMail 
             format!("Hello!\n\nIt is your turn. Your single-use invite code is:\n\n    {code}\n\nRegister here (the code is filled in for you):\n{link}\n"),
         )
     };
-    NewMail { kind: "invite", to: to.to_string(), subject, body }
+    NewMail {
+        kind: "invite",
+        to: to.to_string(),
+        subject,
+        body,
+    }
 }
 
 /// The password-reset mail.
@@ -66,7 +76,12 @@ pub fn reset_mail(cfg: &Config, to: &str, locale: &str, token: &str) -> NewMail 
             format!("Hello!\n\nSet a new password here (the link works once, for {minutes} minutes):\n{link}\n\nSetting a new password signs you out everywhere. If you did not ask for this, ignore this e-mail.\n"),
         )
     };
-    NewMail { kind: "password_reset", to: to.to_string(), subject, body }
+    NewMail {
+        kind: "password_reset",
+        to: to.to_string(),
+        subject,
+        body,
+    }
 }
 
 fn transport(smtp: &SmtpConfig) -> anyhow::Result<AsyncSmtpTransport<Tokio1Executor>> {
@@ -75,14 +90,23 @@ fn transport(smtp: &SmtpConfig) -> anyhow::Result<AsyncSmtpTransport<Tokio1Execu
         "starttls" => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host)?,
         _ => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host),
     };
-    let mut builder = builder.port(smtp.port).timeout(Some(Duration::from_secs(20)));
+    let mut builder = builder
+        .port(smtp.port)
+        .timeout(Some(Duration::from_secs(20)));
     if !smtp.username.is_empty() {
-        builder = builder.credentials(Credentials::new(smtp.username.clone(), smtp.password.clone()));
+        builder = builder.credentials(Credentials::new(
+            smtp.username.clone(),
+            smtp.password.clone(),
+        ));
     }
     Ok(builder.build())
 }
 
-async fn send_one(t: &AsyncSmtpTransport<Tokio1Executor>, from: &str, m: &outbox::Mail) -> anyhow::Result<()> {
+async fn send_one(
+    t: &AsyncSmtpTransport<Tokio1Executor>,
+    from: &str,
+    m: &outbox::Mail,
+) -> anyhow::Result<()> {
     let message = Message::builder()
         .from(from.parse()?)
         .to(m.to_email.parse()?)
@@ -115,7 +139,11 @@ pub async fn deliver_due(db: &Db, smtp: &SmtpConfig) -> anyhow::Result<usize> {
 }
 
 /// Runs the sender until `shutdown` fires.
-pub async fn run_sender(db: Db, smtp: SmtpConfig, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn run_sender(
+    db: Db,
+    smtp: SmtpConfig,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let poll = Duration::from_secs(smtp.poll_secs.max(1));
     loop {
         if let Err(e) = deliver_due(&db, &smtp).await {

@@ -41,7 +41,10 @@ mod tests {
     fn tables_and_code_render() {
         let h = markdown("| a | b |\n|---|---|\n| 1 | 2 |\n\n```rust\nfn main() {}\n```\n");
         assert!(h.contains("<table>") && h.contains("<td>1</td>"), "{h}");
-        assert!(h.contains("<pre><code class=\"language-rust\">fn main() {}"), "{h}");
+        assert!(
+            h.contains("<pre><code class=\"language-rust\">fn main() {}"),
+            "{h}"
+        );
     }
 
     #[test]

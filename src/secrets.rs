@@ -25,14 +25,23 @@ pub fn token() -> String {
 /// A new invite code, e.g. `K7QMZ-P3XRT-9HWNE-4JCAB`.
 pub fn invite_code() -> String {
     let mut r = rng();
-    let symbols: Vec<char> =
-        (0..CODE_LEN).map(|_| CODE_ALPHABET[r.random_range(0..CODE_ALPHABET.len())] as char).collect();
-    symbols.chunks(5).map(|c| c.iter().collect::<String>()).collect::<Vec<_>>().join("-")
+    let symbols: Vec<char> = (0..CODE_LEN)
+        .map(|_| CODE_ALPHABET[r.random_range(0..CODE_ALPHABET.len())] as char)
+        .collect();
+    symbols
+        .chunks(5)
+        .map(|c| c.iter().collect::<String>())
+        .collect::<Vec<_>>()
+        .join("-")
 }
 
 /// Canonical form of a typed code: upper case, no spaces or dashes. `None` if it cannot be a code.
 pub fn normalize_code(input: &str) -> Option<String> {
-    let s: String = input.chars().filter(|c| !c.is_whitespace() && *c != '-').collect::<String>().to_uppercase();
+    let s: String = input
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '-')
+        .collect::<String>()
+        .to_uppercase();
     (s.len() == CODE_LEN && s.bytes().all(|b| CODE_ALPHABET.contains(&b))).then_some(s)
 }
 
@@ -56,13 +65,19 @@ fn argon2() -> Argon2<'static> {
 
 /// Hashes a password (slow on purpose: call it off the async runtime).
 pub fn hash_password(password: &str) -> anyhow::Result<String> {
-    let salt = SaltString::encode_b64(&rng().random::<[u8; 16]>()).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
-    Ok(argon2().hash_password(password.as_bytes(), &salt).map_err(|e| anyhow::anyhow!("argon2: {e}"))?.to_string())
+    let salt = SaltString::encode_b64(&rng().random::<[u8; 16]>())
+        .map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+    Ok(argon2()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| anyhow::anyhow!("argon2: {e}"))?
+        .to_string())
 }
 
 /// Checks a password against a stored hash (slow on purpose: call it off the async runtime).
 pub fn verify_password(password: &str, hash: &str) -> bool {
-    PasswordHash::new(hash).map(|h| argon2().verify_password(password.as_bytes(), &h).is_ok()).unwrap_or(false)
+    PasswordHash::new(hash)
+        .map(|h| argon2().verify_password(password.as_bytes(), &h).is_ok())
+        .unwrap_or(false)
 }
 
 /// A valid hash of a random password: unknown accounts are checked against it so that a login
@@ -102,6 +117,9 @@ mod tests {
         let k = api_key();
         assert!(k.starts_with("moss_") && k.len() == 53);
         assert_ne!(token(), token());
-        assert_eq!(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            sha256_hex("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

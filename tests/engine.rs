@@ -213,7 +213,8 @@ fn tokenizer_json_beside_the_model_wins() {
     let file = moss::engine::gguf::ModelFile::open(&path).unwrap();
     let mut tok = moss::engine::tokenizer::load(&path, &file.content).unwrap();
     assert!(tok.token_to_id("<|moss_marker|>").is_none());
-    tok.add_special_tokens([tokenizers::AddedToken::from("<|moss_marker|>", true)]).unwrap();
+    tok.add_special_tokens([tokenizers::AddedToken::from("<|moss_marker|>", true)])
+        .unwrap();
     tok.save(dir.path().join("tokenizer.json"), false).unwrap();
     let loaded = moss::engine::tokenizer::load(&path, &file.content).unwrap();
     assert!(loaded.token_to_id("<|moss_marker|>").is_some());

@@ -16,8 +16,18 @@ async fn expect_error(r: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(r.status().as_u16(), status, "{:?}", r.url().path());
     let b = body(r).await;
     assert_eq!(b["error"]["code"], code, "{b}");
-    assert!(b["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{b}");
-    assert!(b["error"]["message_zh"].as_str().is_some_and(|m| !m.is_empty()), "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{b}"
+    );
+    assert!(
+        b["error"]["message_zh"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{b}"
+    );
     b
 }
 
@@ -26,78 +36,242 @@ async fn register_and_sign_in(app: TestApp) {
     let c = app.client();
     let reg = |body: Value| c.post(app.url("/api/register")).json(&body).send();
     // weak password, bad e-mail, bad code: clear errors, and the code is not used up by them
-    expect_error(reg(json!({"invite_code": code, "email": "a@example.com", "password": "short"})).await.unwrap(), 422, "weak_password").await;
-    expect_error(reg(json!({"invite_code": code, "email": "not-an-email", "password": "long enough pw"})).await.unwrap(), 422, "invalid_email").await;
+    expect_error(
+        reg(json!({"invite_code": code, "email": "a@example.com", "password": "short"}))
+            .await
+            .unwrap(),
+        422,
+        "weak_password",
+    )
+    .await;
+    expect_error(
+        reg(json!({"invite_code": code, "email": "not-an-email", "password": "long enough pw"}))
+            .await
+            .unwrap(),
+        422,
+        "invalid_email",
+    )
+    .await;
     expect_error(reg(json!({"invite_code": "AAAAA-BBBBB-CCCCC-DDDDD", "email": "a@example.com", "password": "long enough pw"})).await.unwrap(), 400, "invalid_invite").await;
     let r = reg(json!({"invite_code": code.to_lowercase(), "email": " A@Example.com ", "password": "long enough pw", "display_name": "Ann"})).await.unwrap();
     assert_eq!(r.status(), 201);
-    let cookie = r.headers().get("set-cookie").unwrap().to_str().unwrap().to_string();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"), "{cookie}");
+    let cookie = r
+        .headers()
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
     let b = body(r).await;
     assert_eq!(b["user"]["email"], "a@example.com");
     assert_eq!(b["user"]["display_name"], "Ann");
     assert_eq!(b["user"]["role"], "user");
     // the code is single-use
-    let again = app.client().post(app.url("/api/register")).json(&json!({"invite_code": code, "email": "b@example.com", "password": "long enough pw"})).send().await.unwrap();
+    let again = app
+        .client()
+        .post(app.url("/api/register"))
+        .json(&json!({"invite_code": code, "email": "b@example.com", "password": "long enough pw"}))
+        .send()
+        .await
+        .unwrap();
     expect_error(again, 400, "invalid_invite").await;
     // signed in by registration
     let me = body(c.get(app.url("/api/me")).send().await.unwrap()).await;
     assert_eq!(me["user"]["email"], "a@example.com");
-    assert_eq!(me["consent"]["model_improvement"], false, "consent is off until the user turns it on");
-    assert_eq!(me["consent"]["text_version"], app.config.consent.text_version);
+    assert_eq!(
+        me["consent"]["model_improvement"], false,
+        "consent is off until the user turns it on"
+    );
+    assert_eq!(
+        me["consent"]["text_version"],
+        app.config.consent.text_version
+    );
     // logout ends the session server-side
-    assert_eq!(c.post(app.url("/api/logout")).send().await.unwrap().status(), 204);
-    expect_error(c.get(app.url("/api/me")).send().await.unwrap(), 401, "unauthenticated").await;
+    assert_eq!(
+        c.post(app.url("/api/logout"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    expect_error(
+        c.get(app.url("/api/me")).send().await.unwrap(),
+        401,
+        "unauthenticated",
+    )
+    .await;
     // login: wrong password and unknown account answer the same
-    let login = |email: &str, pw: &str| c.post(app.url("/api/login")).json(&json!({"email": email, "password": pw})).send();
-    let wrong = expect_error(login("a@example.com", "wrong password").await.unwrap(), 401, "invalid_credentials").await;
-    let unknown = expect_error(login("nobody@example.com", "wrong password").await.unwrap(), 401, "invalid_credentials").await;
+    let login = |email: &str, pw: &str| {
+        c.post(app.url("/api/login"))
+            .json(&json!({"email": email, "password": pw}))
+            .send()
+    };
+    let wrong = expect_error(
+        login("a@example.com", "wrong password").await.unwrap(),
+        401,
+        "invalid_credentials",
+    )
+    .await;
+    let unknown = expect_error(
+        login("nobody@example.com", "wrong password").await.unwrap(),
+        401,
+        "invalid_credentials",
+    )
+    .await;
     assert_eq!(wrong, unknown);
     let r = login("A@example.com", "long enough pw").await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(body(c.get(app.url("/api/me")).send().await.unwrap()).await["user"]["display_name"], "Ann");
+    assert_eq!(
+        body(c.get(app.url("/api/me")).send().await.unwrap()).await["user"]["display_name"],
+        "Ann"
+    );
 }
 both_backends!(register_and_sign_in);
 
 async fn invite_codes_that_are_used_up_expired_or_revoked_are_refused(app: TestApp) {
-    let expired = app.invite(InviteSpec { expires_in_ms: Some(-1000), ..Default::default() }).await;
+    let expired = app
+        .invite(InviteSpec {
+            expires_in_ms: Some(-1000),
+            ..Default::default()
+        })
+        .await;
     let revoked = app.invite(InviteSpec::default()).await;
     assert!(moss::db::invites::revoke(&app.db, &revoked).await.unwrap());
-    let multi = app.invite(InviteSpec { max_uses: 2, ..Default::default() }).await;
+    let multi = app
+        .invite(InviteSpec {
+            max_uses: 2,
+            ..Default::default()
+        })
+        .await;
     let c = app.client();
-    let reg = |code: &str, email: &str| c.post(app.url("/api/register")).json(&json!({"invite_code": code, "email": email, "password": "long enough pw"})).send();
-    let e1 = expect_error(reg(&expired, "x@example.com").await.unwrap(), 400, "invalid_invite").await;
-    let e2 = expect_error(reg(&revoked, "x@example.com").await.unwrap(), 400, "invalid_invite").await;
+    let reg = |code: &str, email: &str| {
+        c.post(app.url("/api/register"))
+            .json(&json!({"invite_code": code, "email": email, "password": "long enough pw"}))
+            .send()
+    };
+    let e1 = expect_error(
+        reg(&expired, "x@example.com").await.unwrap(),
+        400,
+        "invalid_invite",
+    )
+    .await;
+    let e2 = expect_error(
+        reg(&revoked, "x@example.com").await.unwrap(),
+        400,
+        "invalid_invite",
+    )
+    .await;
     assert_eq!(e1, e2, "no hint which way a code is invalid");
     assert_eq!(reg(&multi, "m1@example.com").await.unwrap().status(), 201);
     assert_eq!(reg(&multi, "m2@example.com").await.unwrap().status(), 201);
-    expect_error(reg(&multi, "m3@example.com").await.unwrap(), 400, "invalid_invite").await;
+    expect_error(
+        reg(&multi, "m3@example.com").await.unwrap(),
+        400,
+        "invalid_invite",
+    )
+    .await;
     // an e-mail that is taken does not consume a use
     let one = app.invite(InviteSpec::default()).await;
-    expect_error(reg(&one, "m1@example.com").await.unwrap(), 409, "email_taken").await;
+    expect_error(
+        reg(&one, "m1@example.com").await.unwrap(),
+        409,
+        "email_taken",
+    )
+    .await;
     assert_eq!(reg(&one, "m4@example.com").await.unwrap().status(), 201);
 }
 both_backends!(invite_codes_that_are_used_up_expired_or_revoked_are_refused);
 
 async fn sessions_expire_and_rotate(app: TestApp) {
     let c = app.user("s@example.com").await;
-    assert_eq!(c.get(app.url("/api/me")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(app.url("/api/me")).send().await.unwrap().status(),
+        200
+    );
     // idle expiry, enforced by the server
-    sqlx::query("UPDATE sessions SET last_seen_at = 0").execute(&app.db.pool).await.unwrap();
-    expect_error(c.get(app.url("/api/me")).send().await.unwrap(), 401, "unauthenticated").await;
+    sqlx::query("UPDATE sessions SET last_seen_at = 0")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    expect_error(
+        c.get(app.url("/api/me")).send().await.unwrap(),
+        401,
+        "unauthenticated",
+    )
+    .await;
     // a new session id at every login; the old one stops working
     let login = json!({"email": "s@example.com", "password": "a good long password"});
-    let r1 = c.post(app.url("/api/login")).json(&login).send().await.unwrap();
-    let s1 = r1.headers().get("set-cookie").unwrap().to_str().unwrap().split(';').next().unwrap().to_string();
-    let r2 = c.post(app.url("/api/login")).json(&login).send().await.unwrap();
-    let s2 = r2.headers().get("set-cookie").unwrap().to_str().unwrap().split(';').next().unwrap().to_string();
+    let r1 = c
+        .post(app.url("/api/login"))
+        .json(&login)
+        .send()
+        .await
+        .unwrap();
+    let s1 = r1
+        .headers()
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let r2 = c
+        .post(app.url("/api/login"))
+        .json(&login)
+        .send()
+        .await
+        .unwrap();
+    let s2 = r2
+        .headers()
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
     assert_ne!(s1, s2);
     let raw = reqwest::Client::new();
-    assert_eq!(raw.get(app.url("/api/me")).header("cookie", &s1).send().await.unwrap().status(), 401);
-    assert_eq!(raw.get(app.url("/api/me")).header("cookie", &s2).send().await.unwrap().status(), 200);
+    assert_eq!(
+        raw.get(app.url("/api/me"))
+            .header("cookie", &s1)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        raw.get(app.url("/api/me"))
+            .header("cookie", &s2)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     // absolute expiry
-    sqlx::query("UPDATE sessions SET expires_at = 1").execute(&app.db.pool).await.unwrap();
-    assert_eq!(raw.get(app.url("/api/me")).header("cookie", &s2).send().await.unwrap().status(), 401);
+    sqlx::query("UPDATE sessions SET expires_at = 1")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        raw.get(app.url("/api/me"))
+            .header("cookie", &s2)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
 }
 both_backends!(sessions_expire_and_rotate);
 
@@ -105,37 +279,82 @@ async fn failed_logins_are_throttled_per_account(app: TestApp) {
     let c = app.user("t@example.com").await;
     let free = app.config.accounts.free_login_failures;
     for _ in 0..=free {
-        let r = c.post(app.url("/api/login")).json(&json!({"email": "t@example.com", "password": "guess guess"})).send().await.unwrap();
+        let r = c
+            .post(app.url("/api/login"))
+            .json(&json!({"email": "t@example.com", "password": "guess guess"}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 401);
     }
     // blocked for a while: even the right password is refused, with the same answer as a wrong one
-    let r = c.post(app.url("/api/login")).json(&json!({"email": "t@example.com", "password": "a good long password"})).send().await.unwrap();
+    let r = c
+        .post(app.url("/api/login"))
+        .json(&json!({"email": "t@example.com", "password": "a good long password"}))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, 401, "invalid_credentials").await;
     // … but not forever
-    sqlx::query("UPDATE users SET login_blocked_until = 0").execute(&app.db.pool).await.unwrap();
-    let r = c.post(app.url("/api/login")).json(&json!({"email": "t@example.com", "password": "a good long password"})).send().await.unwrap();
+    sqlx::query("UPDATE users SET login_blocked_until = 0")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let r = c
+        .post(app.url("/api/login"))
+        .json(&json!({"email": "t@example.com", "password": "a good long password"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 }
 both_backends!(failed_logins_are_throttled_per_account);
 
 async fn waitlist_signup_is_idempotent_and_silent(app: TestApp) {
     let c = app.client();
-    let signup = |email: &str| c.post(app.url("/api/waitlist")).json(&json!({"email": email, "locale": "zh-CN"})).send();
+    let signup = |email: &str| {
+        c.post(app.url("/api/waitlist"))
+            .json(&json!({"email": email, "locale": "zh-CN"}))
+            .send()
+    };
     let r1 = signup("w@example.com").await.unwrap();
     assert_eq!(r1.status(), 202);
     let b1 = body(r1).await;
     let r2 = signup("  W@Example.COM ").await.unwrap();
     assert_eq!(r2.status(), 202);
     assert_eq!(b1, body(r2).await, "same answer for a known address");
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM waitlist").fetch_one(&app.db.pool).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM waitlist")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(n, 1);
-    let locale: String = sqlx::query_scalar("SELECT locale FROM waitlist").fetch_one(&app.db.pool).await.unwrap();
+    let locale: String = sqlx::query_scalar("SELECT locale FROM waitlist")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(locale, "zh");
     expect_error(signup("nope").await.unwrap(), 422, "invalid_email").await;
-    expect_error(c.get(app.url("/api/waitlist/status?token=abc")).send().await.unwrap(), 404, "not_found").await;
-    expect_error(c.get(app.url("/api/waitlist/status")).send().await.unwrap(), 404, "not_found").await;
+    expect_error(
+        c.get(app.url("/api/waitlist/status?token=abc"))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    expect_error(
+        c.get(app.url("/api/waitlist/status")).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
     // the pages behind e-mail links answer unknown tokens with a page, not an error body
-    let page = c.get(app.url("/waitlist/status?token=abc")).send().await.unwrap();
+    let page = c
+        .get(app.url("/waitlist/status?token=abc"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), 404);
     assert!(page.text().await.unwrap().contains("<html"));
 }
@@ -143,196 +362,573 @@ both_backends!(waitlist_signup_is_idempotent_and_silent);
 
 async fn consent_is_an_append_only_log(app: TestApp) {
     let c = app.user("c@example.com").await;
-    let put = |v: bool| c.put(app.url("/api/consent")).json(&json!({"model_improvement": v})).send();
+    let put = |v: bool| {
+        c.put(app.url("/api/consent"))
+            .json(&json!({"model_improvement": v}))
+            .send()
+    };
     let b = body(put(true).await.unwrap()).await;
-    assert_eq!(b, json!({"model_improvement": true, "text_version": app.config.consent.text_version}));
-    assert_eq!(body(c.get(app.url("/api/me")).send().await.unwrap()).await["consent"]["model_improvement"], true);
-    assert_eq!(body(put(false).await.unwrap()).await["model_improvement"], false);
+    assert_eq!(
+        b,
+        json!({"model_improvement": true, "text_version": app.config.consent.text_version})
+    );
+    assert_eq!(
+        body(c.get(app.url("/api/me")).send().await.unwrap()).await["consent"]["model_improvement"],
+        true
+    );
+    assert_eq!(
+        body(put(false).await.unwrap()).await["model_improvement"],
+        false
+    );
     let rows: Vec<(i64, String, String)> =
-        sqlx::query_as("SELECT granted, text_version, method FROM consent_records ORDER BY id").fetch_all(&app.db.pool).await.unwrap();
+        sqlx::query_as("SELECT granted, text_version, method FROM consent_records ORDER BY id")
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0].0, 1);
     assert_eq!(rows[1].0, 0);
     assert_eq!(rows[0].2, "settings");
     // the database itself refuses to rewrite history
-    assert!(sqlx::query("UPDATE consent_records SET granted = 1").execute(&app.db.pool).await.is_err());
-    assert!(sqlx::query("DELETE FROM consent_records").execute(&app.db.pool).await.is_err());
-    expect_error(c.put(app.url("/api/consent")).json(&json!({"model_improvement": "yes"})).send().await.unwrap(), 422, "invalid_body").await;
+    assert!(sqlx::query("UPDATE consent_records SET granted = 1")
+        .execute(&app.db.pool)
+        .await
+        .is_err());
+    assert!(sqlx::query("DELETE FROM consent_records")
+        .execute(&app.db.pool)
+        .await
+        .is_err());
+    expect_error(
+        c.put(app.url("/api/consent"))
+            .json(&json!({"model_improvement": "yes"}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid_body",
+    )
+    .await;
 }
 both_backends!(consent_is_an_append_only_log);
 
 /// An answer in a conversation, written the way the chat stream will write it.
 async fn seed_answer(app: &TestApp, email: &str, conversation: i64) -> i64 {
-    let user = moss::db::accounts::user_by_email(&app.db, email).await.unwrap().unwrap();
-    let m = |role, content| moss::db::chats::NewMessage { role, content, finish_reason: None, prompt_tokens: 0, completion_tokens: 0 };
-    moss::db::chats::add_message(&app.db, user.id, conversation, &m("user", "What is 2+2?")).await.unwrap().unwrap();
-    let mut answer = m("assistant", "| a | b |\n|---|---|\n| 4 | <script>alert(1)</script> |");
+    let user = moss::db::accounts::user_by_email(&app.db, email)
+        .await
+        .unwrap()
+        .unwrap();
+    let m = |role, content| moss::db::chats::NewMessage {
+        role,
+        content,
+        finish_reason: None,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    };
+    moss::db::chats::add_message(&app.db, user.id, conversation, &m("user", "What is 2+2?"))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut answer = m(
+        "assistant",
+        "| a | b |\n|---|---|\n| 4 | <script>alert(1)</script> |",
+    );
     answer.finish_reason = Some("stop");
-    moss::db::chats::add_message(&app.db, user.id, conversation, &answer).await.unwrap().unwrap().id
+    moss::db::chats::add_message(&app.db, user.id, conversation, &answer)
+        .await
+        .unwrap()
+        .unwrap()
+        .id
 }
 
 async fn conversations_and_feedback_belong_to_their_owner(app: TestApp) {
     let alice = app.user("alice@example.com").await;
     let bob = app.user("bob@example.com").await;
-    let r = alice.post(app.url("/api/conversations")).json(&json!({"title": "Maths"})).send().await.unwrap();
+    let r = alice
+        .post(app.url("/api/conversations"))
+        .json(&json!({"title": "Maths"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     let id = body(r).await["id"].as_i64().unwrap();
     // an empty body is fine too
-    assert_eq!(alice.post(app.url("/api/conversations")).send().await.unwrap().status(), 201);
+    assert_eq!(
+        alice
+            .post(app.url("/api/conversations"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
     let answer = seed_answer(&app, "alice@example.com", id).await;
-    let list = body(alice.get(app.url("/api/conversations")).send().await.unwrap()).await;
+    let list = body(
+        alice
+            .get(app.url("/api/conversations"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(list["conversations"].as_array().unwrap().len(), 2);
-    assert_eq!(list["conversations"][0]["id"], id, "newest first (just answered)");
-    let conv = body(alice.get(app.url(&format!("/api/conversations/{id}"))).send().await.unwrap()).await;
+    assert_eq!(
+        list["conversations"][0]["id"], id,
+        "newest first (just answered)"
+    );
+    let conv = body(
+        alice
+            .get(app.url(&format!("/api/conversations/{id}")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     let msgs = conv["messages"].as_array().unwrap();
     assert_eq!(msgs.len(), 2);
     assert_eq!(msgs[1]["role"], "assistant");
     assert_eq!(msgs[1]["finish_reason"], "stop");
     let html = msgs[1]["html"].as_str().unwrap();
-    assert!(html.contains("<table>") && !html.contains("<script"), "{html}");
+    assert!(
+        html.contains("<table>") && !html.contains("<script"),
+        "{html}"
+    );
     // Bob sees none of it: 404 on every path
     for r in [
-        bob.get(app.url(&format!("/api/conversations/{id}"))).send().await.unwrap(),
-        bob.patch(app.url(&format!("/api/conversations/{id}"))).json(&json!({"title": "mine"})).send().await.unwrap(),
-        bob.delete(app.url(&format!("/api/conversations/{id}"))).send().await.unwrap(),
-        bob.post(app.url(&format!("/api/messages/{answer}/feedback"))).json(&json!({"rating": -1})).send().await.unwrap(),
+        bob.get(app.url(&format!("/api/conversations/{id}")))
+            .send()
+            .await
+            .unwrap(),
+        bob.patch(app.url(&format!("/api/conversations/{id}")))
+            .json(&json!({"title": "mine"}))
+            .send()
+            .await
+            .unwrap(),
+        bob.delete(app.url(&format!("/api/conversations/{id}")))
+            .send()
+            .await
+            .unwrap(),
+        bob.post(app.url(&format!("/api/messages/{answer}/feedback")))
+            .json(&json!({"rating": -1}))
+            .send()
+            .await
+            .unwrap(),
     ] {
         expect_error(r, 404, "not_found").await;
     }
-    assert_eq!(body(bob.get(app.url("/api/conversations")).send().await.unwrap()).await["conversations"], json!([]));
+    assert_eq!(
+        body(bob.get(app.url("/api/conversations")).send().await.unwrap()).await["conversations"],
+        json!([])
+    );
     // rename and exclude from training
-    let p = alice.patch(app.url(&format!("/api/conversations/{id}"))).json(&json!({"title": "Sums", "exclude_from_training": true})).send().await.unwrap();
+    let p = alice
+        .patch(app.url(&format!("/api/conversations/{id}")))
+        .json(&json!({"title": "Sums", "exclude_from_training": true}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(p.status(), 200);
     let p = body(p).await;
-    assert_eq!((p["title"].as_str(), p["exclude_from_training"].as_bool()), (Some("Sums"), Some(true)));
-    expect_error(alice.patch(app.url(&format!("/api/conversations/{id}"))).json(&json!({"title": "x".repeat(201)})).send().await.unwrap(), 422, "invalid_title").await;
+    assert_eq!(
+        (p["title"].as_str(), p["exclude_from_training"].as_bool()),
+        (Some("Sums"), Some(true))
+    );
+    expect_error(
+        alice
+            .patch(app.url(&format!("/api/conversations/{id}")))
+            .json(&json!({"title": "x".repeat(201)}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid_title",
+    )
+    .await;
     // feedback: one per user and answer, replaced by a second call
-    let fb = |v: Value| alice.post(app.url(&format!("/api/messages/{answer}/feedback"))).json(&v).send();
+    let fb = |v: Value| {
+        alice
+            .post(app.url(&format!("/api/messages/{answer}/feedback")))
+            .json(&v)
+            .send()
+    };
     assert_eq!(fb(json!({"rating": 1})).await.unwrap().status(), 200);
-    assert_eq!(fb(json!({"rating": -1, "comment": "wrong table"})).await.unwrap().status(), 200);
-    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT rating, comment FROM feedback").fetch_all(&app.db.pool).await.unwrap();
+    assert_eq!(
+        fb(json!({"rating": -1, "comment": "wrong table"}))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let rows: Vec<(i64, String)> = sqlx::query_as("SELECT rating, comment FROM feedback")
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(rows, vec![(-1, "wrong table".to_string())]);
-    expect_error(fb(json!({"rating": 0})).await.unwrap(), 422, "invalid_rating").await;
-    expect_error(fb(json!({"rating": 1, "comment": "x".repeat(2001)})).await.unwrap(), 422, "invalid_comment").await;
+    expect_error(
+        fb(json!({"rating": 0})).await.unwrap(),
+        422,
+        "invalid_rating",
+    )
+    .await;
+    expect_error(
+        fb(json!({"rating": 1, "comment": "x".repeat(2001)}))
+            .await
+            .unwrap(),
+        422,
+        "invalid_comment",
+    )
+    .await;
     let question = answer - 1;
-    expect_error(alice.post(app.url(&format!("/api/messages/{question}/feedback"))).json(&json!({"rating": 1})).send().await.unwrap(), 404, "not_found").await;
+    expect_error(
+        alice
+            .post(app.url(&format!("/api/messages/{question}/feedback")))
+            .json(&json!({"rating": 1}))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
     // delete
-    assert_eq!(alice.delete(app.url(&format!("/api/conversations/{id}"))).send().await.unwrap().status(), 204);
-    expect_error(alice.get(app.url(&format!("/api/conversations/{id}"))).send().await.unwrap(), 404, "not_found").await;
+    assert_eq!(
+        alice
+            .delete(app.url(&format!("/api/conversations/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    expect_error(
+        alice
+            .get(app.url(&format!("/api/conversations/{id}")))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
     // signed out: 401
-    expect_error(app.client().get(app.url("/api/conversations")).send().await.unwrap(), 401, "unauthenticated").await;
+    expect_error(
+        app.client()
+            .get(app.url("/api/conversations"))
+            .send()
+            .await
+            .unwrap(),
+        401,
+        "unauthenticated",
+    )
+    .await;
 }
 both_backends!(conversations_and_feedback_belong_to_their_owner);
 
 async fn api_keys_are_shown_once_and_revocable(app: TestApp) {
     let alice = app.user("k@example.com").await;
     let bob = app.user("k2@example.com").await;
-    let r = alice.post(app.url("/api/keys")).json(&json!({"name": "laptop"})).send().await.unwrap();
+    let r = alice
+        .post(app.url("/api/keys"))
+        .json(&json!({"name": "laptop"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     let created = body(r).await;
     let key = created["key"].as_str().unwrap();
     assert!(key.starts_with("moss_") && key.len() >= 40);
     let list = body(alice.get(app.url("/api/keys")).send().await.unwrap()).await;
     assert_eq!(list["keys"].as_array().unwrap().len(), 1);
-    assert!(list["keys"][0].get("key").is_none() && !list.to_string().contains(key), "the full key is shown once only");
-    let stored: String = sqlx::query_scalar("SELECT key_hash FROM api_keys").fetch_one(&app.db.pool).await.unwrap();
+    assert!(
+        list["keys"][0].get("key").is_none() && !list.to_string().contains(key),
+        "the full key is shown once only"
+    );
+    let stored: String = sqlx::query_scalar("SELECT key_hash FROM api_keys")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(stored, moss::secrets::sha256_hex(key));
     let id = created["id"].as_i64().unwrap();
-    expect_error(bob.delete(app.url(&format!("/api/keys/{id}"))).send().await.unwrap(), 404, "not_found").await;
-    assert_eq!(moss::db::keys::authenticate(&app.db, key).await.unwrap().is_some(), true);
-    assert_eq!(alice.delete(app.url(&format!("/api/keys/{id}"))).send().await.unwrap().status(), 204);
-    assert_eq!(moss::db::keys::authenticate(&app.db, key).await.unwrap(), None);
-    expect_error(alice.delete(app.url(&format!("/api/keys/{id}"))).send().await.unwrap(), 404, "not_found").await;
+    expect_error(
+        bob.delete(app.url(&format!("/api/keys/{id}")))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    assert_eq!(
+        moss::db::keys::authenticate(&app.db, key)
+            .await
+            .unwrap()
+            .is_some(),
+        true
+    );
+    assert_eq!(
+        alice
+            .delete(app.url(&format!("/api/keys/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    assert_eq!(
+        moss::db::keys::authenticate(&app.db, key).await.unwrap(),
+        None
+    );
+    expect_error(
+        alice
+            .delete(app.url(&format!("/api/keys/{id}")))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
 }
 both_backends!(api_keys_are_shown_once_and_revocable);
 
 async fn admin_paths_are_for_admins(app: TestApp) {
     let user = app.user("u@example.com").await;
     let admin = app.admin("boss@example.com").await;
-    for path in ["/api/admin/stats", "/api/admin/waitlist", "/api/admin/invites", "/api/admin/users"] {
-        expect_error(user.get(app.url(path)).send().await.unwrap(), 403, "forbidden").await;
-        expect_error(app.client().get(app.url(path)).send().await.unwrap(), 401, "unauthenticated").await;
-        assert_eq!(admin.get(app.url(path)).send().await.unwrap().status(), 200, "{path}");
+    for path in [
+        "/api/admin/stats",
+        "/api/admin/waitlist",
+        "/api/admin/invites",
+        "/api/admin/users",
+    ] {
+        expect_error(
+            user.get(app.url(path)).send().await.unwrap(),
+            403,
+            "forbidden",
+        )
+        .await;
+        expect_error(
+            app.client().get(app.url(path)).send().await.unwrap(),
+            401,
+            "unauthenticated",
+        )
+        .await;
+        assert_eq!(
+            admin.get(app.url(path)).send().await.unwrap().status(),
+            200,
+            "{path}"
+        );
     }
-    assert_eq!(user.get(app.url("/admin")).send().await.unwrap().status(), 403);
-    assert_eq!(admin.get(app.url("/admin")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        user.get(app.url("/admin")).send().await.unwrap().status(),
+        403
+    );
+    assert_eq!(
+        admin.get(app.url("/admin")).send().await.unwrap().status(),
+        200
+    );
     // invites: create, list, revoke
-    let r = admin.post(app.url("/api/admin/invites")).json(&json!({"count": 3, "uses": 2, "note": "press"})).send().await.unwrap();
+    let r = admin
+        .post(app.url("/api/admin/invites"))
+        .json(&json!({"count": 3, "uses": 2, "note": "press"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     let codes = body(r).await["codes"].as_array().unwrap().clone();
     assert_eq!(codes.len(), 3);
-    let list = body(admin.get(app.url("/api/admin/invites")).send().await.unwrap()).await;
-    let press: Vec<&Value> = list["invites"].as_array().unwrap().iter().filter(|i| i["note"] == "press").collect();
+    let list = body(
+        admin
+            .get(app.url("/api/admin/invites"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let press: Vec<&Value> = list["invites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["note"] == "press")
+        .collect();
     assert_eq!(press.len(), 3);
-    assert!(!list.to_string().contains(codes[0].as_str().unwrap()), "codes are not stored, so never listed");
+    assert!(
+        !list.to_string().contains(codes[0].as_str().unwrap()),
+        "codes are not stored, so never listed"
+    );
     let id = press[0]["id"].as_i64().unwrap();
-    assert_eq!(admin.post(app.url(&format!("/api/admin/invites/{id}/revoke"))).send().await.unwrap().status(), 204);
-    expect_error(admin.post(app.url("/api/admin/invites")).json(&json!({"count": 0})).send().await.unwrap(), 422, "invalid_count").await;
+    assert_eq!(
+        admin
+            .post(app.url(&format!("/api/admin/invites/{id}/revoke")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    expect_error(
+        admin
+            .post(app.url("/api/admin/invites"))
+            .json(&json!({"count": 0}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid_count",
+    )
+    .await;
     // waitlist admit: without e-mail the codes come back to the operator
-    app.client().post(app.url("/api/waitlist")).json(&json!({"email": "q@example.com"})).send().await.unwrap();
-    let admitted = body(admin.post(app.url("/api/admin/waitlist/admit")).json(&json!({"count": 5})).send().await.unwrap()).await;
+    app.client()
+        .post(app.url("/api/waitlist"))
+        .json(&json!({"email": "q@example.com"}))
+        .send()
+        .await
+        .unwrap();
+    let admitted = body(
+        admin
+            .post(app.url("/api/admin/waitlist/admit"))
+            .json(&json!({"count": 5}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(admitted["admitted"].as_array().unwrap().len(), 1);
     let code = admitted["admitted"][0]["code"].as_str().unwrap();
-    let r = app.client().post(app.url("/api/register")).json(&json!({"invite_code": code, "email": "q@example.com", "password": "long enough pw"})).send().await.unwrap();
+    let r = app
+        .client()
+        .post(app.url("/api/register"))
+        .json(&json!({"invite_code": code, "email": "q@example.com", "password": "long enough pw"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     let stats = body(admin.get(app.url("/api/admin/stats")).send().await.unwrap()).await;
     assert_eq!(stats["users"], 3);
     // cross-site writes are refused even with a valid session
-    let r = admin.post(app.url("/api/admin/invites")).header("sec-fetch-site", "cross-site").json(&json!({})).send().await.unwrap();
+    let r = admin
+        .post(app.url("/api/admin/invites"))
+        .header("sec-fetch-site", "cross-site")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, 403, "forbidden").await;
-    let r = admin.post(app.url("/api/admin/invites")).header("origin", "https://evil.example").json(&json!({})).send().await.unwrap();
+    let r = admin
+        .post(app.url("/api/admin/invites"))
+        .header("origin", "https://evil.example")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     expect_error(r, 403, "forbidden").await;
-    let r = admin.post(app.url("/api/admin/invites")).header("sec-fetch-site", "same-origin").json(&json!({})).send().await.unwrap();
+    let r = admin
+        .post(app.url("/api/admin/invites"))
+        .header("sec-fetch-site", "same-origin")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
 }
 both_backends!(admin_paths_are_for_admins);
 
 async fn first_start_prints_an_admin_invite_once(app: TestApp) {
-    let url = moss::cli::serve::first_admin_invite(&app.db, &app.config).await.unwrap().expect("empty database");
+    let url = moss::cli::serve::first_admin_invite(&app.db, &app.config)
+        .await
+        .unwrap()
+        .expect("empty database");
     let code = url.split("code=").nth(1).unwrap();
     assert!(url.starts_with(&app.base) && url.contains("/register?code="));
     let c = app.client();
-    let r = c.post(app.url("/api/register")).json(&json!({"invite_code": code, "email": "op@example.com", "password": "long enough pw"})).send().await.unwrap();
+    let r = c
+        .post(app.url("/api/register"))
+        .json(
+            &json!({"invite_code": code, "email": "op@example.com", "password": "long enough pw"}),
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(body(r).await["user"]["role"], "admin");
-    assert!(moss::cli::serve::first_admin_invite(&app.db, &app.config).await.unwrap().is_none());
+    assert!(moss::cli::serve::first_admin_invite(&app.db, &app.config)
+        .await
+        .unwrap()
+        .is_none());
     // the register page fills the code in from the link (client side) and serves the form
     let page = c.get(&url).send().await.unwrap();
     assert_eq!(page.status(), 200);
-    let csp = page.headers().get("content-security-policy").unwrap().to_str().unwrap().to_string();
-    assert!(csp.contains("object-src 'none'") && csp.contains("frame-ancestors 'none'") && !csp.contains("unsafe-inline"), "{csp}");
+    let csp = page
+        .headers()
+        .get("content-security-policy")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("object-src 'none'")
+            && csp.contains("frame-ancestors 'none'")
+            && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
     assert!(page.text().await.unwrap().contains("invite_code"));
 }
 both_backends!(first_start_prints_an_admin_invite_once);
 
 async fn account_deletion_keeps_only_anonymous_consent(app: TestApp) {
     let c = app.user("gone@example.com").await;
-    c.put(app.url("/api/consent")).json(&json!({"model_improvement": true})).send().await.unwrap();
-    let id = body(c.post(app.url("/api/conversations")).send().await.unwrap()).await["id"].as_i64().unwrap();
+    c.put(app.url("/api/consent"))
+        .json(&json!({"model_improvement": true}))
+        .send()
+        .await
+        .unwrap();
+    let id = body(c.post(app.url("/api/conversations")).send().await.unwrap()).await["id"]
+        .as_i64()
+        .unwrap();
     let answer = seed_answer(&app, "gone@example.com", id).await;
-    c.post(app.url(&format!("/api/messages/{answer}/feedback"))).json(&json!({"rating": 1})).send().await.unwrap();
+    c.post(app.url(&format!("/api/messages/{answer}/feedback")))
+        .json(&json!({"rating": 1}))
+        .send()
+        .await
+        .unwrap();
     c.post(app.url("/api/keys")).send().await.unwrap();
-    assert!(moss::db::accounts::delete_user(&app.db, "gone@example.com").await.unwrap());
-    for table in ["users", "sessions", "conversations", "messages", "feedback", "api_keys"] {
-        let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(&app.db.pool).await.unwrap();
+    assert!(moss::db::accounts::delete_user(&app.db, "gone@example.com")
+        .await
+        .unwrap());
+    for table in [
+        "users",
+        "sessions",
+        "conversations",
+        "messages",
+        "feedback",
+        "api_keys",
+    ] {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
         assert_eq!(n, 0, "{table} still has rows");
     }
-    let consent: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM consent_records").fetch_one(&app.db.pool).await.unwrap();
+    let consent: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM consent_records")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(consent, 1, "consent history is kept");
-    assert_eq!(c.get(app.url("/api/me")).send().await.unwrap().status(), 401);
+    assert_eq!(
+        c.get(app.url("/api/me")).send().await.unwrap().status(),
+        401
+    );
 }
 both_backends!(account_deletion_keeps_only_anonymous_consent);
 
 #[test]
 fn migration_folders_hold_the_same_names() {
     let names = |b: &str| {
-        let mut v: Vec<String> = std::fs::read_dir(format!("{}/migrations/{b}", env!("CARGO_MANIFEST_DIR")))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut v: Vec<String> =
+            std::fs::read_dir(format!("{}/migrations/{b}", env!("CARGO_MANIFEST_DIR")))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
         v.sort();
         v
     };
     assert_eq!(names("sqlite"), names("postgres"));
     assert!(!names("sqlite").is_empty());
 }
-

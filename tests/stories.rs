@@ -7,11 +7,16 @@ use common::server::{Options, TestApp};
 use moss::db::invites::InviteSpec;
 use serde_json::{json, Value};
 
-const WITH_MAIL: Options = Options { smtp: true };
+const WITH_MAIL: Options = Options {
+    smtp: true,
+    token_delay_ms: 0,
+};
 
 /// The first URL in `text` that starts with `prefix`.
 fn link(text: &str, prefix: &str) -> String {
-    let start = text.find(prefix).unwrap_or_else(|| panic!("no {prefix} in {text}"));
+    let start = text
+        .find(prefix)
+        .unwrap_or_else(|| panic!("no {prefix} in {text}"));
     text[start..].split_whitespace().next().unwrap().to_string()
 }
 
@@ -20,53 +25,140 @@ async fn waitlist_to_signed_in(app: TestApp) {
     let browser = app.client();
     // two people join; the second in Chinese
     for (email, locale) in [("first@example.com", "en"), ("second@example.com", "zh")] {
-        let r = browser.post(app.url("/api/waitlist")).json(&json!({"email": email, "locale": locale})).send().await.unwrap();
+        let r = browser
+            .post(app.url("/api/waitlist"))
+            .json(&json!({"email": email, "locale": locale}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 202);
     }
-    let mail = sink.wait_for("second@example.com", "/waitlist/confirm?token=").await;
-    assert!(mail.contains("确认"), "Chinese mail for a Chinese signup: {mail}");
+    let mail = sink
+        .wait_for("second@example.com", "/waitlist/confirm?token=")
+        .await;
+    assert!(
+        mail.contains("确认"),
+        "Chinese mail for a Chinese signup: {mail}"
+    );
     let confirm2 = link(&mail, &app.url("/waitlist/confirm?token="));
     let status2 = link(&mail, &app.url("/waitlist/status?token="));
     let token2 = status2.split("token=").nth(1).unwrap().to_string();
     // unconfirmed entries do not wait
-    let s: Value = browser.get(app.url(&format!("/api/waitlist/status?token={token2}"))).send().await.unwrap().json().await.unwrap();
+    let s: Value = browser
+        .get(app.url(&format!("/api/waitlist/status?token={token2}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(s["state"], "unconfirmed");
     assert_eq!(s["position"], Value::Null);
     // confirming (the page) puts the entry in line
     let page = browser.get(&confirm2).send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("1"));
-    let s: Value = browser.get(app.url(&format!("/api/waitlist/status?token={token2}"))).send().await.unwrap().json().await.unwrap();
-    assert_eq!((s["state"].as_str(), s["position"].as_i64(), s["ahead"].as_i64()), (Some("waiting"), Some(1), Some(0)));
+    let s: Value = browser
+        .get(app.url(&format!("/api/waitlist/status?token={token2}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            s["state"].as_str(),
+            s["position"].as_i64(),
+            s["ahead"].as_i64()
+        ),
+        (Some("waiting"), Some(1), Some(0))
+    );
     // the first person confirms later but signed up earlier: they are ahead
-    let mail1 = sink.wait_for("first@example.com", "/waitlist/confirm?token=").await;
-    browser.get(&link(&mail1, &app.url("/waitlist/confirm?token="))).send().await.unwrap();
-    let s: Value = browser.get(app.url(&format!("/api/waitlist/status?token={token2}"))).send().await.unwrap().json().await.unwrap();
-    assert_eq!((s["position"].as_i64(), s["ahead"].as_i64()), (Some(2), Some(1)));
+    let mail1 = sink
+        .wait_for("first@example.com", "/waitlist/confirm?token=")
+        .await;
+    browser
+        .get(&link(&mail1, &app.url("/waitlist/confirm?token=")))
+        .send()
+        .await
+        .unwrap();
+    let s: Value = browser
+        .get(app.url(&format!("/api/waitlist/status?token={token2}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (s["position"].as_i64(), s["ahead"].as_i64()),
+        (Some(2), Some(1))
+    );
     // the operator admits one: the oldest
-    let admitted = moss::admin::admit(&app.db, &app.config, 1, None).await.unwrap();
+    let admitted = moss::admin::admit(&app.db, &app.config, 1, None)
+        .await
+        .unwrap();
     assert_eq!(admitted.len(), 1);
     assert_eq!(admitted[0].email, "first@example.com");
-    let s: Value = browser.get(app.url(&format!("/api/waitlist/status?token={token2}"))).send().await.unwrap().json().await.unwrap();
-    assert_eq!((s["position"].as_i64(), s["ahead"].as_i64()), (Some(1), Some(0)));
+    let s: Value = browser
+        .get(app.url(&format!("/api/waitlist/status?token={token2}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (s["position"].as_i64(), s["ahead"].as_i64()),
+        (Some(1), Some(0))
+    );
     // then the next one; the invitation arrives in Chinese with the register link
-    moss::admin::admit(&app.db, &app.config, 5, None).await.unwrap();
+    moss::admin::admit(&app.db, &app.config, 5, None)
+        .await
+        .unwrap();
     let invite = sink.wait_for("second@example.com", "/register?code=").await;
     assert!(invite.contains("邀请码"), "{invite}");
     let register = link(&invite, &app.url("/register?code="));
     let code = register.split("code=").nth(1).unwrap();
-    let s: Value = browser.get(app.url(&format!("/api/waitlist/status?token={token2}"))).send().await.unwrap().json().await.unwrap();
+    let s: Value = browser
+        .get(app.url(&format!("/api/waitlist/status?token={token2}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(s["state"], "invited");
     // register from the link, then sign in from another browser
     assert_eq!(browser.get(&register).send().await.unwrap().status(), 200);
     let r = browser.post(app.url("/api/register")).json(&json!({"invite_code": code, "email": "second@example.com", "password": "my long password"})).send().await.unwrap();
     assert_eq!(r.status(), 201);
-    let s: Value = browser.get(app.url(&format!("/api/waitlist/status?token={token2}"))).send().await.unwrap().json().await.unwrap();
+    let s: Value = browser
+        .get(app.url(&format!("/api/waitlist/status?token={token2}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(s["state"], "registered");
     let other = app.client();
-    let r = other.post(app.url("/api/login")).json(&json!({"email": "second@example.com", "password": "my long password"})).send().await.unwrap();
+    let r = other
+        .post(app.url("/api/login"))
+        .json(&json!({"email": "second@example.com", "password": "my long password"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let me: Value = other.get(app.url("/api/me")).send().await.unwrap().json().await.unwrap();
+    let me: Value = other
+        .get(app.url("/api/me"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(me["user"]["email"], "second@example.com");
     // sent mails are marked and their bodies (codes, links) dropped from the outbox
     for _ in 0..50 {
@@ -76,7 +168,10 @@ async fn waitlist_to_signed_in(app: TestApp) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(moss::db::outbox::pending_count(&app.db).await.unwrap(), 0);
-    let bodies: Vec<String> = sqlx::query_scalar("SELECT body FROM outbox").fetch_all(&app.db.pool).await.unwrap();
+    let bodies: Vec<String> = sqlx::query_scalar("SELECT body FROM outbox")
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
     assert!(bodies.iter().all(|b| b.is_empty()), "{bodies:?}");
 }
 both_backends!(waitlist_to_signed_in, WITH_MAIL);
@@ -85,32 +180,97 @@ async fn password_reset_by_email(app: TestApp) {
     let sink = app.smtp.as_ref().unwrap();
     let laptop = app.user("r@example.com").await;
     let phone = app.client();
-    phone.post(app.url("/api/login")).json(&json!({"email": "r@example.com", "password": "a good long password"})).send().await.unwrap();
+    phone
+        .post(app.url("/api/login"))
+        .json(&json!({"email": "r@example.com", "password": "a good long password"}))
+        .send()
+        .await
+        .unwrap();
     // same answer for an unknown address, and no mail for it
     for email in ["nobody@example.com", "R@example.com"] {
-        let r = app.client().post(app.url("/api/password/forgot")).json(&json!({"email": email})).send().await.unwrap();
+        let r = app
+            .client()
+            .post(app.url("/api/password/forgot"))
+            .json(&json!({"email": email}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 202);
-        assert_eq!(r.json::<Value>().await.unwrap(), json!({"status": "accepted"}));
+        assert_eq!(
+            r.json::<Value>().await.unwrap(),
+            json!({"status": "accepted"})
+        );
     }
     let mail = sink.wait_for("r@example.com", "/reset?token=").await;
-    let token = link(&mail, &app.url("/reset?token=")).split("token=").nth(1).unwrap().to_string();
-    assert!(sink.messages().iter().all(|m| !m.contains("nobody@example.com")));
-    let reset = |token: &str, pw: &str| app.client().post(app.url("/api/password/reset")).json(&json!({"token": token, "password": pw})).send();
+    let token = link(&mail, &app.url("/reset?token="))
+        .split("token=")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert!(sink
+        .messages()
+        .iter()
+        .all(|m| !m.contains("nobody@example.com")));
+    let reset = |token: &str, pw: &str| {
+        app.client()
+            .post(app.url("/api/password/reset"))
+            .json(&json!({"token": token, "password": pw}))
+            .send()
+    };
     assert_eq!(reset(&token, "short").await.unwrap().status(), 422);
-    assert_eq!(reset("not-a-token", "a brand new password").await.unwrap().status(), 400);
-    assert_eq!(reset(&token, "a brand new password").await.unwrap().status(), 204);
+    assert_eq!(
+        reset("not-a-token", "a brand new password")
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        reset(&token, "a brand new password")
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
     // single use, and every session of the account has ended
     let r = reset(&token, "another new password").await.unwrap();
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "invalid_token");
-    assert_eq!(laptop.get(app.url("/api/me")).send().await.unwrap().status(), 401);
-    assert_eq!(phone.get(app.url("/api/me")).send().await.unwrap().status(), 401);
-    let login = |pw: &str| app.client().post(app.url("/api/login")).json(&json!({"email": "r@example.com", "password": pw})).send();
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_token"
+    );
+    assert_eq!(
+        laptop
+            .get(app.url("/api/me"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        phone.get(app.url("/api/me")).send().await.unwrap().status(),
+        401
+    );
+    let login = |pw: &str| {
+        app.client()
+            .post(app.url("/api/login"))
+            .json(&json!({"email": "r@example.com", "password": pw}))
+            .send()
+    };
     assert_eq!(login("a good long password").await.unwrap().status(), 401);
     assert_eq!(login("a brand new password").await.unwrap().status(), 200);
     // an expired link does not work
-    let user = moss::db::accounts::user_by_email(&app.db, "r@example.com").await.unwrap().unwrap();
-    let old = moss::db::accounts::create_reset(&app.db, user.id, -1).await.unwrap();
-    assert_eq!(reset(&old, "yet another password").await.unwrap().status(), 400);
+    let user = moss::db::accounts::user_by_email(&app.db, "r@example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    let old = moss::db::accounts::create_reset(&app.db, user.id, -1)
+        .await
+        .unwrap();
+    assert_eq!(
+        reset(&old, "yet another password").await.unwrap().status(),
+        400
+    );
 }
 both_backends!(password_reset_by_email, WITH_MAIL);
 
@@ -128,11 +288,25 @@ async fn fifty_registrations_with_one_code_make_one_account(app: TestApp) {
     for t in tasks {
         statuses.push(t.await.unwrap());
     }
-    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 49, "{statuses:?}");
-    let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(&app.db.pool).await.unwrap();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 400).count(),
+        49,
+        "{statuses:?}"
+    );
+    let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(users, 1);
-    let uses: i64 = sqlx::query_scalar("SELECT uses FROM invite_codes").fetch_one(&app.db.pool).await.unwrap();
+    let uses: i64 = sqlx::query_scalar("SELECT uses FROM invite_codes")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(uses, 1);
 }
 both_backends!(fifty_registrations_with_one_code_make_one_account);
@@ -145,8 +319,18 @@ async fn thousand_signups_for_two_hundred_addresses_make_two_hundred_rows(app: T
         let (c, url, sem) = (client.clone(), app.url("/api/waitlist"), sem.clone());
         tasks.push(tokio::spawn(async move {
             let _p = sem.acquire().await.unwrap();
-            let email = if i % 2 == 0 { format!("p{}@example.com", i % 200) } else { format!("P{}@Example.com", i % 200) };
-            c.post(url).json(&json!({"email": email})).send().await.unwrap().status().as_u16()
+            let email = if i % 2 == 0 {
+                format!("p{}@example.com", i % 200)
+            } else {
+                format!("P{}@Example.com", i % 200)
+            };
+            c.post(url)
+                .json(&json!({"email": email}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
         }));
     }
     let mut bad = Vec::new();
@@ -157,7 +341,10 @@ async fn thousand_signups_for_two_hundred_addresses_make_two_hundred_rows(app: T
         }
     }
     assert!(bad.is_empty(), "non-202 answers: {bad:?}");
-    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM waitlist").fetch_one(&app.db.pool).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM waitlist")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(rows, 200);
 }
 both_backends!(thousand_signups_for_two_hundred_addresses_make_two_hundred_rows);
@@ -165,7 +352,14 @@ both_backends!(thousand_signups_for_two_hundred_addresses_make_two_hundred_rows)
 /// Hostile bodies for every public POST: none may produce a 5xx, and each gets a JSON error.
 async fn hostile_input_never_gets_a_500(app: TestApp) {
     let user = app.user("h@example.com").await;
-    let conv: Value = user.post(app.url("/api/conversations")).send().await.unwrap().json().await.unwrap();
+    let conv: Value = user
+        .post(app.url("/api/conversations"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let conv = conv["id"].as_i64().unwrap();
     let big = "x".repeat(1 << 20);
     let sql = "'; DROP TABLE users; --";
@@ -184,7 +378,20 @@ async fn hostile_input_never_gets_a_500(app: TestApp) {
         ("POST", "/api/messages/not-a-number/feedback"),
         ("PATCH", "/api/conversations/1"),
     ];
-    let fields = ["email", "password", "invite_code", "display_name", "token", "locale", "model_improvement", "title", "name", "rating", "comment", "exclude_from_training"];
+    let fields = [
+        "email",
+        "password",
+        "invite_code",
+        "display_name",
+        "token",
+        "locale",
+        "model_improvement",
+        "title",
+        "name",
+        "rating",
+        "comment",
+        "exclude_from_training",
+    ];
     let mut bodies: Vec<Vec<u8>> = vec![
         b"".to_vec(),
         b"{".to_vec(),
@@ -194,7 +401,18 @@ async fn hostile_input_never_gets_a_500(app: TestApp) {
         vec![0xff, 0xfe, b'{', b'}'],
         b"{\"email\": \"\xff\xfe@example.com\"}".to_vec(),
     ];
-    for v in [json!(null), json!(42), json!(true), json!([1, 2]), json!({"a": 1}), json!(sql), json!(html), json!(big), json!(-1), json!(1e308)] {
+    for v in [
+        json!(null),
+        json!(42),
+        json!(true),
+        json!([1, 2]),
+        json!({"a": 1}),
+        json!(sql),
+        json!(html),
+        json!(big),
+        json!(-1),
+        json!(1e308),
+    ] {
         // every field at once (a 1 MB string goes into one field at a time: 1 MB bodies)
         if v != json!(big) {
             let mut obj = serde_json::Map::new();
@@ -207,7 +425,12 @@ async fn hostile_input_never_gets_a_500(app: TestApp) {
             bodies.push(serde_json::to_vec(&json!({ f: v.clone() })).unwrap());
         }
     }
-    bodies.push(serde_json::to_vec(&json!({"email": format!("{sql}@example.com"), "password": html, "invite_code": sql})).unwrap());
+    bodies.push(
+        serde_json::to_vec(
+            &json!({"email": format!("{sql}@example.com"), "password": html, "invite_code": sql}),
+        )
+        .unwrap(),
+    );
     let mut seen = std::collections::BTreeSet::new();
     for (method, path) in posts {
         let path = path.replace("/conversations/1", &format!("/conversations/{conv}"));
@@ -221,17 +444,28 @@ async fn hostile_input_never_gets_a_500(app: TestApp) {
                 .unwrap();
             let status = r.status().as_u16();
             seen.insert(status);
-            assert!(status < 500, "{method} {path} answered {status} to {:?}", String::from_utf8_lossy(&b[..b.len().min(80)]));
+            assert!(
+                status < 500,
+                "{method} {path} answered {status} to {:?}",
+                String::from_utf8_lossy(&b[..b.len().min(80)])
+            );
             if status >= 400 {
                 let text = r.text().await.unwrap();
-                let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{method} {path}: non-JSON error {text}"));
+                let v: Value = serde_json::from_str(&text)
+                    .unwrap_or_else(|_| panic!("{method} {path}: non-JSON error {text}"));
                 assert!(v["error"]["code"].is_string(), "{text}");
             }
         }
     }
-    assert!(seen.contains(&413), "1 MB bodies must be refused as too large: {seen:?}");
+    assert!(
+        seen.contains(&413),
+        "1 MB bodies must be refused as too large: {seen:?}"
+    );
     // nothing was dropped or mangled by the SQL text
-    let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(&app.db.pool).await.unwrap();
+    let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
     assert_eq!(users, 1);
 }
 both_backends!(hostile_input_never_gets_a_500);
@@ -239,24 +473,65 @@ both_backends!(hostile_input_never_gets_a_500);
 async fn export_contains_consented_ratings_only(app: TestApp) {
     let rate = |c: reqwest::Client, id: i64, r: i64| {
         let url = app.url(&format!("/api/messages/{id}/feedback"));
-        async move { assert_eq!(c.post(url).json(&json!({"rating": r, "comment": "c"})).send().await.unwrap().status(), 200) }
+        async move {
+            assert_eq!(
+                c.post(url)
+                    .json(&json!({"rating": r, "comment": "c"}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status(),
+                200
+            )
+        }
     };
     let consent = |c: reqwest::Client, v: bool| {
         let url = app.url("/api/consent");
-        async move { assert_eq!(c.put(url).json(&json!({"model_improvement": v})).send().await.unwrap().status(), 200) }
+        async move {
+            assert_eq!(
+                c.put(url)
+                    .json(&json!({"model_improvement": v}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status(),
+                200
+            )
+        }
     };
     let mut answers = Vec::new();
     let mut clients = Vec::new();
     for name in ["yes", "later", "withdrew", "excluded", "never"] {
         let email = format!("{name}@example.com");
         let c = app.user(&email).await;
-        let conv: Value = c.post(app.url("/api/conversations")).send().await.unwrap().json().await.unwrap();
+        let conv: Value = c
+            .post(app.url("/api/conversations"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let conv = conv["id"].as_i64().unwrap();
-        let user = moss::db::accounts::user_by_email(&app.db, &email).await.unwrap().unwrap();
+        let user = moss::db::accounts::user_by_email(&app.db, &email)
+            .await
+            .unwrap()
+            .unwrap();
         let (q, a) = (format!("question of {name}"), format!("answer to {name}"));
-        let msg = |role, content| moss::db::chats::NewMessage { role, content, finish_reason: Some("stop"), prompt_tokens: 0, completion_tokens: 0 };
-        moss::db::chats::add_message(&app.db, user.id, conv, &msg("user", &q)).await.unwrap();
-        let a = moss::db::chats::add_message(&app.db, user.id, conv, &msg("assistant", &a)).await.unwrap().unwrap();
+        let msg = |role, content| moss::db::chats::NewMessage {
+            role,
+            content,
+            finish_reason: Some("stop"),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        };
+        moss::db::chats::add_message(&app.db, user.id, conv, &msg("user", &q))
+            .await
+            .unwrap();
+        let a = moss::db::chats::add_message(&app.db, user.id, conv, &msg("assistant", &a))
+            .await
+            .unwrap()
+            .unwrap();
         answers.push((a.id, conv));
         clients.push(c);
     }
@@ -273,21 +548,39 @@ async fn export_contains_consented_ratings_only(app: TestApp) {
     // excluded: consents, rates, but keeps this conversation out of training
     consent(clients[3].clone(), true).await;
     rate(clients[3].clone(), answers[3].0, 1).await;
-    clients[3].patch(app.url(&format!("/api/conversations/{}", answers[3].1))).json(&json!({"exclude_from_training": true})).send().await.unwrap();
+    clients[3]
+        .patch(app.url(&format!("/api/conversations/{}", answers[3].1)))
+        .json(&json!({"exclude_from_training": true}))
+        .send()
+        .await
+        .unwrap();
     // never: rates without consent
     rate(clients[4].clone(), answers[4].0, 1).await;
     let out = app.dir.path().join("export.jsonl");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_moss"))
-        .args(["--database-url", &app.database_url, "admin", "feedback", "export", "--out"])
+        .args([
+            "--database-url",
+            &app.database_url,
+            "admin",
+            "feedback",
+            "export",
+            "--out",
+        ])
         .arg(&out)
         .status()
         .unwrap();
     assert!(status.success());
     let text = std::fs::read_to_string(&out).unwrap();
-    let records: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(records.len(), 1, "{text}");
     assert_eq!(records[0]["answer"], "answer to yes");
     assert_eq!(records[0]["prompt"], "question of yes");
-    assert!(!text.contains("@example.com"), "exports are pseudonymous: {text}");
+    assert!(
+        !text.contains("@example.com"),
+        "exports are pseudonymous: {text}"
+    );
 }
 both_backends!(export_contains_consented_ratings_only);

@@ -4,7 +4,7 @@
 -- are stored only as SHA-256 hashes.
 
 CREATE TABLE users (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     email TEXT NOT NULL UNIQUE,
     password_hash TEXT NOT NULL,
     display_name TEXT NOT NULL DEFAULT '',
@@ -28,7 +28,7 @@ CREATE TABLE sessions (
 CREATE INDEX sessions_user ON sessions(user_id);
 
 CREATE TABLE invite_codes (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     code_hash TEXT NOT NULL UNIQUE,
     -- first characters of the code, for lists and revocation messages
     code_prefix TEXT NOT NULL,
@@ -44,7 +44,7 @@ CREATE TABLE invite_codes (
 );
 
 CREATE TABLE waitlist (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     email TEXT NOT NULL UNIQUE,
     locale TEXT NOT NULL DEFAULT 'en',
     -- hash of the private token in the confirmation / status link
@@ -59,7 +59,7 @@ CREATE TABLE waitlist (
 CREATE INDEX waitlist_queue ON waitlist(confirmed_at, id);
 
 CREATE TABLE outbox (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL,
     to_email TEXT NOT NULL,
     subject TEXT NOT NULL,
@@ -83,7 +83,7 @@ CREATE TABLE password_resets (
 
 -- Append-only: triggers below refuse UPDATE and DELETE.
 CREATE TABLE consent_records (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     subject TEXT NOT NULL,
     purpose TEXT NOT NULL,
     granted BIGINT NOT NULL,
@@ -98,7 +98,7 @@ CREATE TRIGGER consent_records_no_delete BEFORE DELETE ON consent_records
 BEGIN SELECT RAISE(ABORT, 'consent records are append-only'); END;
 
 CREATE TABLE conversations (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     user_id BIGINT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     title TEXT NOT NULL DEFAULT '',
     exclude_from_training BIGINT NOT NULL DEFAULT 0,
@@ -109,7 +109,7 @@ CREATE TABLE conversations (
 CREATE INDEX conversations_user ON conversations(user_id, updated_at);
 
 CREATE TABLE messages (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     conversation_id BIGINT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
     content TEXT NOT NULL,
@@ -121,7 +121,7 @@ CREATE TABLE messages (
 CREATE INDEX messages_conversation ON messages(conversation_id, id);
 
 CREATE TABLE feedback (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id BIGINT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
     user_id BIGINT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     rating BIGINT NOT NULL CHECK (rating IN (-1, 1)),
@@ -133,7 +133,7 @@ CREATE TABLE feedback (
 );
 
 CREATE TABLE api_keys (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     user_id BIGINT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     name TEXT NOT NULL DEFAULT '',
     key_hash TEXT NOT NULL UNIQUE,

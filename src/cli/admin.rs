@@ -60,9 +60,14 @@ pub enum WaitlistCommand {
 pub enum UserCommand {
     List,
     /// Make an account an admin or a user.
-    SetRole { email: String, role: String },
+    SetRole {
+        email: String,
+        role: String,
+    },
     /// Delete an account and its data (consent history is kept, anonymised).
-    Delete { email: String },
+    Delete {
+        email: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,7 +83,9 @@ pub enum FeedbackCommand {
 pub fn parse_duration_ms(s: &str) -> anyhow::Result<i64> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: i64 = num.parse().map_err(|_| anyhow::anyhow!("bad duration `{s}` (use e.g. 7d, 12h, 30m)"))?;
+    let n: i64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("bad duration `{s}` (use e.g. 7d, 12h, 30m)"))?;
     let unit_ms = match unit {
         "d" => 86_400_000,
         "h" => 3_600_000,
@@ -91,36 +98,72 @@ pub fn parse_duration_ms(s: &str) -> anyhow::Result<i64> {
 }
 
 fn time(ms: Option<i64>) -> String {
-    ms.map(|m| (m / 1000).to_string()).unwrap_or_else(|| "-".into())
+    ms.map(|m| (m / 1000).to_string())
+        .unwrap_or_else(|| "-".into())
 }
 
 pub fn run(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let db = super::serve::open_db(&config).await?;
         let mut out = std::io::stdout().lock();
         match cmd {
-            AdminCommand::Invite(InviteCommand::Create { count, uses, expires_in, note }) => {
-                anyhow::ensure!((1..=10_000).contains(&count), "--count must be between 1 and 10000");
+            AdminCommand::Invite(InviteCommand::Create {
+                count,
+                uses,
+                expires_in,
+                note,
+            }) => {
+                anyhow::ensure!(
+                    (1..=10_000).contains(&count),
+                    "--count must be between 1 and 10000"
+                );
                 let uses = uses.unwrap_or(config.invites.default_uses);
                 anyhow::ensure!(uses >= 1, "--uses must be at least 1");
                 let expires_in_ms = expires_in.as_deref().map(parse_duration_ms).transpose()?;
-                let spec = InviteSpec { max_uses: uses, expires_in_ms, note, ..InviteSpec::default() };
+                let spec = InviteSpec {
+                    max_uses: uses,
+                    expires_in_ms,
+                    note,
+                    ..InviteSpec::default()
+                };
                 for code in invites::mint_many(&db, count, &spec).await? {
                     writeln!(out, "{code}")?;
                 }
             }
             AdminCommand::Invite(InviteCommand::List) => {
                 for i in invites::list(&db).await? {
-                    writeln!(out, "{}…\t{}\t{}/{}\t{}\t{}\t{}", i.code_prefix, i.state(), i.uses, i.max_uses, time(i.expires_at), i.role, i.note)?;
+                    writeln!(
+                        out,
+                        "{}…\t{}\t{}/{}\t{}\t{}\t{}",
+                        i.code_prefix,
+                        i.state(),
+                        i.uses,
+                        i.max_uses,
+                        time(i.expires_at),
+                        i.role,
+                        i.note
+                    )?;
                 }
             }
             AdminCommand::Invite(InviteCommand::Revoke { code }) => {
-                anyhow::ensure!(invites::revoke(&db, &code).await?, "no such active invite code");
+                anyhow::ensure!(
+                    invites::revoke(&db, &code).await?,
+                    "no such active invite code"
+                );
             }
             AdminCommand::Waitlist(WaitlistCommand::List) => {
                 for e in waitlist::list(&db).await? {
-                    writeln!(out, "{}\t{}\t{}\t{}", e.email, e.state(), e.locale, e.created_at / 1000)?;
+                    writeln!(
+                        out,
+                        "{}\t{}\t{}\t{}",
+                        e.email,
+                        e.state(),
+                        e.locale,
+                        e.created_at / 1000
+                    )?;
                 }
             }
             AdminCommand::Waitlist(WaitlistCommand::Admit { count }) => {
@@ -130,22 +173,41 @@ pub fn run(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
                     writeln!(out, "{}\t{}", a.email, a.code)?;
                 }
                 if config.smtp.enabled() {
-                    eprintln!("{} invitation(s) queued; the running server's mail sender delivers them", admitted.len());
+                    eprintln!(
+                        "{} invitation(s) queued; the running server's mail sender delivers them",
+                        admitted.len()
+                    );
                 } else {
                     eprintln!("no SMTP server configured: hand these codes out yourself");
                 }
             }
             AdminCommand::User(UserCommand::List) => {
                 for u in accounts::list_users(&db).await? {
-                    writeln!(out, "{}\t{}\t{}\t{}", u.email, u.role, u.display_name, u.created_at / 1000)?;
+                    writeln!(
+                        out,
+                        "{}\t{}\t{}\t{}",
+                        u.email,
+                        u.role,
+                        u.display_name,
+                        u.created_at / 1000
+                    )?;
                 }
             }
             AdminCommand::User(UserCommand::SetRole { email, role }) => {
-                anyhow::ensure!(role == "admin" || role == "user", "role must be admin or user");
-                anyhow::ensure!(accounts::set_role(&db, &email.trim().to_lowercase(), &role).await?, "unknown email {email}");
+                anyhow::ensure!(
+                    role == "admin" || role == "user",
+                    "role must be admin or user"
+                );
+                anyhow::ensure!(
+                    accounts::set_role(&db, &email.trim().to_lowercase(), &role).await?,
+                    "unknown email {email}"
+                );
             }
             AdminCommand::User(UserCommand::Delete { email }) => {
-                anyhow::ensure!(accounts::delete_user(&db, &email.trim().to_lowercase()).await?, "unknown email {email}");
+                anyhow::ensure!(
+                    accounts::delete_user(&db, &email.trim().to_lowercase()).await?,
+                    "unknown email {email}"
+                );
             }
             AdminCommand::Feedback(FeedbackCommand::Export { out: path }) => {
                 let records = chats::export_feedback(&db).await?;
@@ -155,7 +217,8 @@ pub fn run(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
                     text.push('\n');
                 }
                 match path {
-                    Some(p) => std::fs::write(&p, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?,
+                    Some(p) => std::fs::write(&p, text)
+                        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?,
                     None => out.write_all(text.as_bytes())?,
                 }
                 eprintln!("{} record(s) exported", records.len());

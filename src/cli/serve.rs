@@ -38,16 +38,26 @@ pub async fn first_admin_invite(db: &Db, config: &Config) -> anyhow::Result<Opti
     if accounts::count_users(db).await? > 0 {
         return Ok(None);
     }
-    let spec = InviteSpec { note: "first admin (printed by moss serve)".into(), role: "admin", expires_in_ms: Some(7 * 86_400_000), ..InviteSpec::default() };
+    let spec = InviteSpec {
+        note: "first admin (printed by moss serve)".into(),
+        role: "admin",
+        expires_in_ms: Some(7 * 86_400_000),
+        ..InviteSpec::default()
+    };
     let code = invites::mint_many(db, 1, &spec).await?.remove(0);
-    Ok(Some(format!("{}/register?code={code}", config.public_url())))
+    Ok(Some(format!(
+        "{}/register?code={code}",
+        config.public_url()
+    )))
 }
 
 pub fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.addr {
         config.server.addr = addr;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let db = open_db(&config).await?;
         let engine = super::start_engine(&config, &args.model)?;
@@ -61,7 +71,11 @@ pub fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
         let invite = first_admin_invite(&db, &config).await?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         if config.smtp.enabled() {
-            tokio::spawn(crate::mail::run_sender(db.clone(), config.smtp.clone(), stop_rx));
+            tokio::spawn(crate::mail::run_sender(
+                db.clone(),
+                config.smtp.clone(),
+                stop_rx,
+            ));
         }
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
         let config = Arc::new(config);
@@ -69,7 +83,7 @@ pub fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
         if let Some(url) = invite {
             println!("First admin invite (register with it to become the administrator): {url}");
         }
-        let state = AppState { db, config, engine };
+        let state = AppState::new(db, config, engine)?;
         let router = crate::app::build_router(state);
         crate::app::serve(listener, router, crate::app::shutdown_signal(), grace).await?;
         let _ = stop_tx.send(true);

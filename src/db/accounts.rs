@@ -56,7 +56,10 @@ pub async fn insert_user(tx: &mut sqlx::AnyConnection, u: &NewUser<'_>) -> DbRes
 
 pub async fn user_by_email(db: &Db, email: &str) -> DbResult<Option<User>> {
     let sql = format!("SELECT {USER_COLS} FROM users WHERE email = $1");
-    Ok(sqlx::query_as::<_, User>(&sql).bind(email).fetch_optional(&db.pool).await?)
+    Ok(sqlx::query_as::<_, User>(&sql)
+        .bind(email)
+        .fetch_optional(&db.pool)
+        .await?)
 }
 
 pub async fn list_users(db: &Db) -> DbResult<Vec<User>> {
@@ -65,12 +68,18 @@ pub async fn list_users(db: &Db) -> DbResult<Vec<User>> {
 }
 
 pub async fn count_users(db: &Db) -> DbResult<i64> {
-    Ok(sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM users").fetch_one(&db.pool).await?)
+    Ok(sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM users")
+        .fetch_one(&db.pool)
+        .await?)
 }
 
 /// Sets a user's role; false when no such user.
 pub async fn set_role(db: &Db, email: &str, role: &str) -> DbResult<bool> {
-    let r = sqlx::query("UPDATE users SET role = $1 WHERE email = $2").bind(role).bind(email).execute(&db.pool).await?;
+    let r = sqlx::query("UPDATE users SET role = $1 WHERE email = $2")
+        .bind(role)
+        .bind(email)
+        .execute(&db.pool)
+        .await?;
     Ok(r.rows_affected() > 0)
 }
 
@@ -94,7 +103,12 @@ pub async fn login_record(db: &Db, email: &str) -> DbResult<Option<LoginRecord>>
 
 /// Counts a failed login; after `free` failures each further one blocks the account for a
 /// doubling delay (capped), so guessing is slow but the owner is never locked out for long.
-pub async fn record_failed_login(db: &Db, user_id: i64, free: i64, max_block_ms: i64) -> DbResult<()> {
+pub async fn record_failed_login(
+    db: &Db,
+    user_id: i64,
+    free: i64,
+    max_block_ms: i64,
+) -> DbResult<()> {
     let failures: i64 = sqlx::query_scalar(
         "UPDATE users SET failed_logins = failed_logins + 1 WHERE id = $1 RETURNING failed_logins",
     )
@@ -142,7 +156,11 @@ pub async fn session_user(db: &Db, token: &str, idle_ms: i64) -> DbResult<Option
     let sql = format!(
         "SELECT {} FROM sessions s JOIN users u ON u.id = s.user_id \
          WHERE s.id_hash = $1 AND s.expires_at > $2 AND s.last_seen_at > $3",
-        USER_COLS.split(", ").map(|c| format!("u.{c}")).collect::<Vec<_>>().join(", ")
+        USER_COLS
+            .split(", ")
+            .map(|c| format!("u.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let user = sqlx::query_as::<_, User>(&sql)
         .bind(&hash)
@@ -153,22 +171,30 @@ pub async fn session_user(db: &Db, token: &str, idle_ms: i64) -> DbResult<Option
     match &user {
         // Touch at most once a minute: a page load should not be a write every time.
         Some(_) => {
-            sqlx::query("UPDATE sessions SET last_seen_at = $1 WHERE id_hash = $2 AND last_seen_at < $3")
-                .bind(now)
-                .bind(&hash)
-                .bind(now - 60_000)
-                .execute(&db.pool)
-                .await?;
+            sqlx::query(
+                "UPDATE sessions SET last_seen_at = $1 WHERE id_hash = $2 AND last_seen_at < $3",
+            )
+            .bind(now)
+            .bind(&hash)
+            .bind(now - 60_000)
+            .execute(&db.pool)
+            .await?;
         }
         None => {
-            sqlx::query("DELETE FROM sessions WHERE id_hash = $1").bind(&hash).execute(&db.pool).await?;
+            sqlx::query("DELETE FROM sessions WHERE id_hash = $1")
+                .bind(&hash)
+                .execute(&db.pool)
+                .await?;
         }
     }
     Ok(user)
 }
 
 pub async fn delete_session(db: &Db, token: &str) -> DbResult<()> {
-    sqlx::query("DELETE FROM sessions WHERE id_hash = $1").bind(sha256_hex(token)).execute(&db.pool).await?;
+    sqlx::query("DELETE FROM sessions WHERE id_hash = $1")
+        .bind(sha256_hex(token))
+        .execute(&db.pool)
+        .await?;
     Ok(())
 }
 
@@ -210,13 +236,18 @@ pub async fn reset_password(db: &Db, token: &str, password_hash: &str) -> DbResu
     .bind(sha256_hex(token))
     .fetch_optional(&mut *tx)
     .await?;
-    let Some(user_id) = user_id else { return Ok(false) };
+    let Some(user_id) = user_id else {
+        return Ok(false);
+    };
     sqlx::query("UPDATE users SET password_hash = $1, failed_logins = 0, login_blocked_until = 0 WHERE id = $2")
         .bind(password_hash)
         .bind(user_id)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("DELETE FROM sessions WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("UPDATE password_resets SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
         .bind(now)
         .bind(user_id)
@@ -230,8 +261,14 @@ pub async fn reset_password(db: &Db, token: &str, password_hash: &str) -> DbResu
 /// stay: they name only the pseudonym, which nothing links to a person once the user row is gone.
 pub async fn delete_user(db: &Db, email: &str) -> DbResult<bool> {
     let mut tx = db.begin().await?;
-    let r = sqlx::query("DELETE FROM users WHERE email = $1").bind(email).execute(&mut *tx).await?;
-    sqlx::query("DELETE FROM waitlist WHERE email = $1").bind(email).execute(&mut *tx).await?;
+    let r = sqlx::query("DELETE FROM users WHERE email = $1")
+        .bind(email)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM waitlist WHERE email = $1")
+        .bind(email)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(r.rows_affected() > 0)
 }

@@ -28,12 +28,23 @@ pub struct Message {
 const CONV_COLS: &str = "id, title, exclude_from_training, source, created_at, updated_at";
 const MSG_COLS: &str = "id, conversation_id, role, content, finish_reason, prompt_tokens, completion_tokens, created_at";
 
-pub async fn create_conversation(db: &Db, user_id: i64, title: &str, source: &str) -> DbResult<Conversation> {
+pub async fn create_conversation(
+    db: &Db,
+    user_id: i64,
+    title: &str,
+    source: &str,
+) -> DbResult<Conversation> {
     let now = now_ms();
     let sql = format!(
         "INSERT INTO conversations (user_id, title, source, created_at, updated_at) VALUES ($1, $2, $3, $4, $4) RETURNING {CONV_COLS}"
     );
-    Ok(sqlx::query_as::<_, Conversation>(&sql).bind(user_id).bind(title).bind(source).bind(now).fetch_one(&db.pool).await?)
+    Ok(sqlx::query_as::<_, Conversation>(&sql)
+        .bind(user_id)
+        .bind(title)
+        .bind(source)
+        .bind(now)
+        .fetch_one(&db.pool)
+        .await?)
 }
 
 /// The user's conversations from the browser, newest first.
@@ -41,21 +52,36 @@ pub async fn list_conversations(db: &Db, user_id: i64) -> DbResult<Vec<Conversat
     let sql = format!(
         "SELECT {CONV_COLS} FROM conversations WHERE user_id = $1 AND source = 'web' ORDER BY updated_at DESC, id DESC"
     );
-    Ok(sqlx::query_as::<_, Conversation>(&sql).bind(user_id).fetch_all(&db.pool).await?)
+    Ok(sqlx::query_as::<_, Conversation>(&sql)
+        .bind(user_id)
+        .fetch_all(&db.pool)
+        .await?)
 }
 
 pub async fn conversation(db: &Db, user_id: i64, id: i64) -> DbResult<Option<Conversation>> {
     let sql = format!("SELECT {CONV_COLS} FROM conversations WHERE id = $1 AND user_id = $2");
-    Ok(sqlx::query_as::<_, Conversation>(&sql).bind(id).bind(user_id).fetch_optional(&db.pool).await?)
+    Ok(sqlx::query_as::<_, Conversation>(&sql)
+        .bind(id)
+        .bind(user_id)
+        .fetch_optional(&db.pool)
+        .await?)
 }
 
 pub async fn messages(db: &Db, user_id: i64, conversation_id: i64) -> DbResult<Vec<Message>> {
     let sql = format!(
         "SELECT {} FROM messages m JOIN conversations c ON c.id = m.conversation_id \
          WHERE m.conversation_id = $1 AND c.user_id = $2 ORDER BY m.id",
-        MSG_COLS.split(", ").map(|c| format!("m.{c}")).collect::<Vec<_>>().join(", ")
+        MSG_COLS
+            .split(", ")
+            .map(|c| format!("m.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    Ok(sqlx::query_as::<_, Message>(&sql).bind(conversation_id).bind(user_id).fetch_all(&db.pool).await?)
+    Ok(sqlx::query_as::<_, Message>(&sql)
+        .bind(conversation_id)
+        .bind(user_id)
+        .fetch_all(&db.pool)
+        .await?)
 }
 
 /// Changes title and/or the training opt-out; false when the conversation is not the user's.
@@ -82,7 +108,11 @@ pub async fn update_conversation(
 }
 
 pub async fn delete_conversation(db: &Db, user_id: i64, id: i64) -> DbResult<bool> {
-    let r = sqlx::query("DELETE FROM conversations WHERE id = $1 AND user_id = $2").bind(id).bind(user_id).execute(&db.pool).await?;
+    let r = sqlx::query("DELETE FROM conversations WHERE id = $1 AND user_id = $2")
+        .bind(id)
+        .bind(user_id)
+        .execute(&db.pool)
+        .await?;
     Ok(r.rows_affected() > 0)
 }
 
@@ -96,15 +126,21 @@ pub struct NewMessage<'a> {
 }
 
 /// Appends a message to the user's conversation (None when it is not theirs) and bumps its time.
-pub async fn add_message(db: &Db, user_id: i64, conversation_id: i64, m: &NewMessage<'_>) -> DbResult<Option<Message>> {
+pub async fn add_message(
+    db: &Db,
+    user_id: i64,
+    conversation_id: i64,
+    m: &NewMessage<'_>,
+) -> DbResult<Option<Message>> {
     let mut tx = db.begin().await?;
     let now = now_ms();
-    let owned = sqlx::query("UPDATE conversations SET updated_at = $1 WHERE id = $2 AND user_id = $3")
-        .bind(now)
-        .bind(conversation_id)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
+    let owned =
+        sqlx::query("UPDATE conversations SET updated_at = $1 WHERE id = $2 AND user_id = $3")
+            .bind(now)
+            .bind(conversation_id)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
     if owned.rows_affected() == 0 {
         return Ok(None);
     }
@@ -129,7 +165,14 @@ pub async fn add_message(db: &Db, user_id: i64, conversation_id: i64, m: &NewMes
 /// Rates an answer of the user's own conversations (one rating per user and answer; a second
 /// call replaces it). `consented` records whether consent was granted at this moment.
 /// Returns false when the message is not the user's or not an answer.
-pub async fn rate(db: &Db, user_id: i64, message_id: i64, rating: i64, comment: &str, consented: bool) -> DbResult<bool> {
+pub async fn rate(
+    db: &Db,
+    user_id: i64,
+    message_id: i64,
+    rating: i64,
+    comment: &str,
+    consented: bool,
+) -> DbResult<bool> {
     let mut tx = db.begin().await?;
     let owned: Option<i64> = sqlx::query_scalar(
         "SELECT m.id FROM messages m JOIN conversations c ON c.id = m.conversation_id \
@@ -176,7 +219,16 @@ pub struct ExportRecord {
 /// Ratings that may be used for model improvement: consent was granted when the rating was given,
 /// the latest consent record is still a grant, and the conversation is not excluded.
 pub async fn export_feedback(db: &Db) -> DbResult<Vec<ExportRecord>> {
-    type Row = (i64, String, Option<String>, String, i64, String, i64, String);
+    type Row = (
+        i64,
+        String,
+        Option<String>,
+        String,
+        i64,
+        String,
+        i64,
+        String,
+    );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT f.message_id, u.pseudonym, \
            (SELECT p.content FROM messages p WHERE p.conversation_id = m.conversation_id AND p.id < m.id \
@@ -195,16 +247,20 @@ pub async fn export_feedback(db: &Db) -> DbResult<Vec<ExportRecord>> {
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(message_id, subject, prompt, answer, rating, comment, rated_at, version)| ExportRecord {
-            message_id,
-            subject,
-            prompt: prompt.unwrap_or_default(),
-            answer,
-            rating,
-            comment,
-            rated_at,
-            consent_text_version: version,
-        })
+        .map(
+            |(message_id, subject, prompt, answer, rating, comment, rated_at, version)| {
+                ExportRecord {
+                    message_id,
+                    subject,
+                    prompt: prompt.unwrap_or_default(),
+                    answer,
+                    rating,
+                    comment,
+                    rated_at,
+                    consent_text_version: version,
+                }
+            },
+        )
         .collect())
 }
 
@@ -217,4 +273,49 @@ pub async fn rating_counts(db: &Db) -> DbResult<(i64, i64)> {
     .fetch_one(&db.pool)
     .await?;
     Ok((up.unwrap_or(0), down.unwrap_or(0)))
+}
+
+/// A message of the user's own conversations.
+pub async fn owned_message(db: &Db, user_id: i64, message_id: i64) -> DbResult<Option<Message>> {
+    let sql = format!(
+        "SELECT {} FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.id = $1 AND c.user_id = $2",
+        MSG_COLS.split(", ").map(|c| format!("m.{c}")).collect::<Vec<_>>().join(", ")
+    );
+    Ok(sqlx::query_as::<_, Message>(&sql)
+        .bind(message_id)
+        .bind(user_id)
+        .fetch_optional(&db.pool)
+        .await?)
+}
+
+/// Deletes `message_id` and every later message of its conversation (regenerate replaces an answer).
+pub async fn truncate_from(db: &Db, conversation_id: i64, message_id: i64) -> DbResult<()> {
+    sqlx::query("DELETE FROM messages WHERE conversation_id = $1 AND id >= $2")
+        .bind(conversation_id)
+        .bind(message_id)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+/// Gives an untitled conversation a title.
+pub async fn set_title_if_empty(db: &Db, conversation_id: i64, title: &str) -> DbResult<()> {
+    sqlx::query("UPDATE conversations SET title = $1 WHERE id = $2 AND title = ''")
+        .bind(title)
+        .bind(conversation_id)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+/// Times of the user's refused requests since `since_ms`, newest first.
+pub async fn refusal_times(db: &Db, user_id: i64, since_ms: i64) -> DbResult<Vec<i64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT m.created_at FROM messages m JOIN conversations c ON c.id = m.conversation_id \
+         WHERE c.user_id = $1 AND m.finish_reason = 'refused' AND m.created_at > $2 ORDER BY m.created_at DESC",
+    )
+    .bind(user_id)
+    .bind(since_ms)
+    .fetch_all(&db.pool)
+    .await?)
 }

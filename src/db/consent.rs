@@ -18,7 +18,14 @@ pub struct ConsentRecord {
 }
 
 /// Appends a record.
-pub async fn record(db: &Db, subject: &str, purpose: &str, granted: bool, text_version: &str, method: &str) -> DbResult<()> {
+pub async fn record(
+    db: &Db,
+    subject: &str,
+    purpose: &str,
+    granted: bool,
+    text_version: &str,
+    method: &str,
+) -> DbResult<()> {
     sqlx::query(
         "INSERT INTO consent_records (subject, purpose, granted, text_version, method, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
     )
@@ -46,7 +53,9 @@ pub async fn current(db: &Db, subject: &str, purpose: &str) -> DbResult<Option<C
 }
 
 pub async fn is_granted(db: &Db, subject: &str) -> DbResult<bool> {
-    Ok(current(db, subject, MODEL_IMPROVEMENT).await?.is_some_and(|r| r.granted == 1))
+    Ok(current(db, subject, MODEL_IMPROVEMENT)
+        .await?
+        .is_some_and(|r| r.granted == 1))
 }
 
 /// Every record of a subject, oldest first.

@@ -47,7 +47,13 @@ pub struct InviteSpec {
 
 impl Default for InviteSpec {
     fn default() -> Self {
-        Self { max_uses: 1, expires_in_ms: None, note: String::new(), role: "user", created_by: None }
+        Self {
+            max_uses: 1,
+            expires_in_ms: None,
+            note: String::new(),
+            role: "user",
+            created_by: None,
+        }
     }
 }
 
@@ -87,7 +93,9 @@ pub async fn mint_many(db: &Db, count: usize, spec: &InviteSpec) -> DbResult<Vec
 /// Takes one use of `code` if it is valid now; returns the invite's id and the role it grants.
 /// Atomic: of many simultaneous redemptions of a single-use code exactly one gets `Some`.
 pub async fn redeem(conn: &mut sqlx::AnyConnection, code: &str) -> DbResult<Option<(i64, String)>> {
-    let Some(canonical) = normalize_code(code) else { return Ok(None) };
+    let Some(canonical) = normalize_code(code) else {
+        return Ok(None);
+    };
     let now = now_ms();
     Ok(sqlx::query_as(
         "UPDATE invite_codes SET uses = uses + 1 \
@@ -100,29 +108,37 @@ pub async fn redeem(conn: &mut sqlx::AnyConnection, code: &str) -> DbResult<Opti
     .await?)
 }
 
-const INVITE_COLS: &str = "id, code_prefix, max_uses, uses, expires_at, revoked_at, note, role, created_by, created_at";
+const INVITE_COLS: &str =
+    "id, code_prefix, max_uses, uses, expires_at, revoked_at, note, role, created_by, created_at";
 
 pub async fn list(db: &Db) -> DbResult<Vec<Invite>> {
     let sql = format!("SELECT {INVITE_COLS} FROM invite_codes ORDER BY id DESC");
-    Ok(sqlx::query_as::<_, Invite>(&sql).fetch_all(&db.pool).await?)
+    Ok(sqlx::query_as::<_, Invite>(&sql)
+        .fetch_all(&db.pool)
+        .await?)
 }
 
 /// Revokes a code given in full (or by id); false when there is no such code.
 pub async fn revoke(db: &Db, code: &str) -> DbResult<bool> {
-    let Some(canonical) = normalize_code(code) else { return Ok(false) };
-    let r = sqlx::query("UPDATE invite_codes SET revoked_at = $1 WHERE code_hash = $2 AND revoked_at IS NULL")
-        .bind(now_ms())
-        .bind(sha256_hex(&canonical))
-        .execute(&db.pool)
-        .await?;
+    let Some(canonical) = normalize_code(code) else {
+        return Ok(false);
+    };
+    let r = sqlx::query(
+        "UPDATE invite_codes SET revoked_at = $1 WHERE code_hash = $2 AND revoked_at IS NULL",
+    )
+    .bind(now_ms())
+    .bind(sha256_hex(&canonical))
+    .execute(&db.pool)
+    .await?;
     Ok(r.rows_affected() > 0)
 }
 
 pub async fn revoke_by_id(db: &Db, id: i64) -> DbResult<bool> {
-    let r = sqlx::query("UPDATE invite_codes SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-        .bind(now_ms())
-        .bind(id)
-        .execute(&db.pool)
-        .await?;
+    let r =
+        sqlx::query("UPDATE invite_codes SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(now_ms())
+            .bind(id)
+            .execute(&db.pool)
+            .await?;
     Ok(r.rows_affected() > 0)
 }

@@ -41,12 +41,14 @@ pub async fn list(db: &Db, user_id: i64) -> DbResult<Vec<ApiKey>> {
 
 /// Revokes the caller's own key; false when it is not theirs or already revoked.
 pub async fn revoke(db: &Db, user_id: i64, id: i64) -> DbResult<bool> {
-    let r = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL")
-        .bind(now_ms())
-        .bind(id)
-        .bind(user_id)
-        .execute(&db.pool)
-        .await?;
+    let r = sqlx::query(
+        "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL",
+    )
+    .bind(now_ms())
+    .bind(id)
+    .bind(user_id)
+    .execute(&db.pool)
+    .await?;
     Ok(r.rows_affected() > 0)
 }
 

@@ -39,9 +39,10 @@ impl From<sqlx::Error> for DbError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
             sqlx::Error::Database(d) if d.is_unique_violation() => DbError::Conflict,
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
-                DbError::Unavailable(e.to_string())
-            }
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_) => DbError::Unavailable(e.to_string()),
             _ => DbError::Other(e.to_string()),
         }
     }
@@ -59,7 +60,11 @@ pub struct PoolSettings {
 
 impl Default for PoolSettings {
     fn default() -> Self {
-        Self { max_connections: 8, acquire_timeout: Duration::from_secs(3), statement_timeout: Duration::from_secs(10) }
+        Self {
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(3),
+            statement_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -75,7 +80,10 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Db {
@@ -103,7 +111,9 @@ impl Db {
                             "PRAGMA foreign_keys = ON".into(),
                             "PRAGMA busy_timeout = 8000".into(),
                         ],
-                        Backend::Postgres => vec![format!("SET statement_timeout = {statement_ms}")],
+                        Backend::Postgres => {
+                            vec![format!("SET statement_timeout = {statement_ms}")]
+                        }
                     };
                     for stmt in setup {
                         conn.execute(sqlx::raw_sql(&stmt)).await?;
@@ -123,7 +133,10 @@ impl Db {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::Postgres => &POSTGRES_MIGRATIONS,
         };
-        migrator.run(&self.pool).await.map_err(|e| anyhow::anyhow!("migrations failed: {e}"))
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("migrations failed: {e}"))
     }
 
     /// A write transaction. On SQLite it starts with `BEGIN IMMEDIATE`, so a transaction that

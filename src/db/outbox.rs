@@ -47,12 +47,20 @@ pub async fn enqueue_now(db: &Db, m: &NewMail) -> DbResult<i64> {
 pub async fn claim_due(db: &Db, limit: i64, lease_ms: i64) -> DbResult<Vec<Mail>> {
     let now = now_ms();
     let mut tx = db.begin().await?;
-    let lock = if db.backend == super::Backend::Postgres { " FOR UPDATE SKIP LOCKED" } else { "" };
+    let lock = if db.backend == super::Backend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
     let sql = format!(
         "SELECT id, kind, to_email, subject, body, attempts FROM outbox \
          WHERE sent_at IS NULL AND failed_at IS NULL AND next_attempt_at <= $1 ORDER BY id LIMIT $2{lock}"
     );
-    let mails: Vec<Mail> = sqlx::query_as(&sql).bind(now).bind(limit).fetch_all(&mut *tx).await?;
+    let mails: Vec<Mail> = sqlx::query_as(&sql)
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
     for m in &mails {
         sqlx::query("UPDATE outbox SET next_attempt_at = $1 WHERE id = $2")
             .bind(now + lease_ms)
@@ -75,7 +83,13 @@ pub async fn mark_sent(db: &Db, id: i64) -> DbResult<()> {
 }
 
 /// Records a failed attempt: retry after `retry_in_ms`, or give up after `max_attempts`.
-pub async fn mark_failed(db: &Db, id: i64, error: &str, retry_in_ms: i64, max_attempts: i64) -> DbResult<()> {
+pub async fn mark_failed(
+    db: &Db,
+    id: i64,
+    error: &str,
+    retry_in_ms: i64,
+    max_attempts: i64,
+) -> DbResult<()> {
     let now = now_ms();
     sqlx::query(
         "UPDATE outbox SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
@@ -93,7 +107,9 @@ pub async fn mark_failed(db: &Db, id: i64, error: &str, retry_in_ms: i64, max_at
 
 /// Mails not yet sent nor given up (for operators and tests).
 pub async fn pending_count(db: &Db) -> DbResult<i64> {
-    Ok(sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL AND failed_at IS NULL")
-        .fetch_one(&db.pool)
-        .await?)
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL AND failed_at IS NULL",
+    )
+    .fetch_one(&db.pool)
+    .await?)
 }

@@ -45,7 +45,13 @@ impl Entry {
 /// Adds `email` once. Returns a fresh status token when a confirmation e-mail should go out
 /// (a new entry, or an unconfirmed one whose last e-mail is older than `resend_after_ms`).
 /// With `confirmed` (no e-mail configured) the entry waits at once.
-pub async fn signup(db: &Db, email: &str, locale: &str, confirmed: bool, resend_after_ms: i64) -> DbResult<Option<String>> {
+pub async fn signup(
+    db: &Db,
+    email: &str,
+    locale: &str,
+    confirmed: bool,
+    resend_after_ms: i64,
+) -> DbResult<Option<String>> {
     let token = crate::secrets::token();
     let now = now_ms();
     let inserted: Option<i64> = sqlx::query_scalar(
@@ -82,13 +88,17 @@ pub async fn signup(db: &Db, email: &str, locale: &str, confirmed: bool, resend_
 /// Confirms the address behind `token`. False when the token is unknown.
 pub async fn confirm(db: &Db, token: &str) -> DbResult<bool> {
     let hash = sha256_hex(token);
-    sqlx::query("UPDATE waitlist SET confirmed_at = $1 WHERE token_hash = $2 AND confirmed_at IS NULL")
-        .bind(now_ms())
+    sqlx::query(
+        "UPDATE waitlist SET confirmed_at = $1 WHERE token_hash = $2 AND confirmed_at IS NULL",
+    )
+    .bind(now_ms())
+    .bind(&hash)
+    .execute(&db.pool)
+    .await?;
+    let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM waitlist WHERE token_hash = $1")
         .bind(&hash)
-        .execute(&db.pool)
+        .fetch_optional(&db.pool)
         .await?;
-    let exists: Option<i64> =
-        sqlx::query_scalar("SELECT id FROM waitlist WHERE token_hash = $1").bind(&hash).fetch_optional(&db.pool).await?;
     Ok(exists.is_some())
 }
 
@@ -113,7 +123,12 @@ pub async fn status(db: &Db, token: &str) -> DbResult<Option<Status>> {
     } else {
         None
     };
-    Ok(Some(Status { state, position: ahead.map(|a| a + 1), ahead, joined_at: entry.created_at }))
+    Ok(Some(Status {
+        state,
+        position: ahead.map(|a| a + 1),
+        ahead,
+        joined_at: entry.created_at,
+    }))
 }
 
 pub async fn list(db: &Db) -> DbResult<Vec<Entry>> {
@@ -126,9 +141,11 @@ pub async fn list(db: &Db) -> DbResult<Vec<Entry>> {
 
 /// Counts of entries by state (for the admin page).
 pub async fn waiting_count(db: &Db) -> DbResult<i64> {
-    Ok(sqlx::query_scalar("SELECT COUNT(*) FROM waitlist WHERE confirmed_at IS NOT NULL AND invited_at IS NULL")
-        .fetch_one(&db.pool)
-        .await?)
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM waitlist WHERE confirmed_at IS NOT NULL AND invited_at IS NULL",
+    )
+    .fetch_one(&db.pool)
+    .await?)
 }
 
 /// One admitted entry.
@@ -149,11 +166,16 @@ pub async fn admit(
     mail: impl Fn(&str, &str, &str) -> Option<NewMail>,
 ) -> DbResult<Vec<Admitted>> {
     let mut tx = db.begin().await?;
-    let lock = if db.backend == Backend::Postgres { " FOR UPDATE SKIP LOCKED" } else { "" };
+    let lock = if db.backend == Backend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
     let sql = format!(
         "SELECT id, email, locale FROM waitlist WHERE confirmed_at IS NOT NULL AND invited_at IS NULL ORDER BY id LIMIT $1{lock}"
     );
-    let rows: Vec<(i64, String, String)> = sqlx::query_as(&sql).bind(count).fetch_all(&mut *tx).await?;
+    let rows: Vec<(i64, String, String)> =
+        sqlx::query_as(&sql).bind(count).fetch_all(&mut *tx).await?;
     let mut admitted = Vec::with_capacity(rows.len());
     for (id, email, locale) in rows {
         let (invite_id, code) = mint(&mut tx, spec).await?;
@@ -166,7 +188,11 @@ pub async fn admit(
         if let Some(m) = mail(&email, &locale, &code) {
             enqueue(&mut tx, &m).await?;
         }
-        admitted.push(Admitted { email, locale, code });
+        admitted.push(Admitted {
+            email,
+            locale,
+            code,
+        });
     }
     tx.commit().await?;
     Ok(admitted)
@@ -174,10 +200,12 @@ pub async fn admit(
 
 /// Marks the entry of `email` registered (inside the registration transaction).
 pub async fn mark_registered(conn: &mut sqlx::AnyConnection, email: &str) -> DbResult<()> {
-    sqlx::query("UPDATE waitlist SET registered_at = $1 WHERE email = $2 AND registered_at IS NULL")
-        .bind(now_ms())
-        .bind(email)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "UPDATE waitlist SET registered_at = $1 WHERE email = $2 AND registered_at IS NULL",
+    )
+    .bind(now_ms())
+    .bind(email)
+    .execute(conn)
+    .await?;
     Ok(())
 }

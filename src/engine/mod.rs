@@ -151,6 +151,8 @@ pub struct ModelInfo {
 /// Counters the engine thread keeps, readable from anywhere.
 #[derive(Debug, Default)]
 pub struct EngineStats {
+    /// Requests submitted and not yet finished (waiting or running).
+    pub in_flight: std::sync::atomic::AtomicUsize,
     pub requests_started: AtomicU64,
     pub tokens_generated: AtomicU64,
     pub requests_cancelled: AtomicU64,
@@ -194,13 +196,18 @@ impl EngineHandle {
         })
     }
 
+    /// How many requests are ahead of a new one (waiting or running).
+    pub fn load(&self) -> usize {
+        self.stats.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Queues a request without waiting; the stream yields its events.
     pub fn generate(&self, request: GenerateRequest) -> Result<EventStream, SubmitError> {
         if request.prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt);
         }
         let context = self.info.context_length;
-        if request.prompt.len() + request.max_tokens.min(1) > context {
+        if request.prompt.len() >= context {
             return Err(SubmitError::TooLong {
                 prompt: request.prompt.len(),
                 max_tokens: request.max_tokens,
@@ -213,9 +220,13 @@ impl EngineHandle {
             events: tx,
             submitted: std::time::Instant::now(),
         };
-        self.jobs.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.jobs.try_send(job).map_err(|e| {
+            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+            }
         })?;
         Ok(rx)
     }

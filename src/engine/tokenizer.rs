@@ -223,7 +223,8 @@ fn sentencepiece_bpe(vocab: &Vocab) -> Result<Tokenizer, TokenizerError> {
         builder = builder.unk_token(unk);
     }
     let mut tok = Tokenizer::new(builder.build().map_err(build_err)?);
-    tok.with_normalizer(Some(Replace::new(" ", "▁").map_err(build_err)?)).map_err(build_err)?;
+    tok.with_normalizer(Some(Replace::new(" ", "▁").map_err(build_err)?))
+        .map_err(build_err)?;
     tok.with_decoder(Some(DecoderSequence::new(vec![
         DecoderWrapper::Replace(Replace::new("▁", " ").map_err(build_err)?),
         DecoderWrapper::ByteFallback(ByteFallback::new()),

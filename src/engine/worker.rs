@@ -39,31 +39,42 @@ pub(super) fn run(
         return;
     }
     while let Some(job) = jobs.blocking_recv() {
-        if job.events.is_closed() {
-            stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        stats.requests_started.fetch_add(1, Ordering::Relaxed);
-        let _ = job.events.send(Event::Started);
-        let queued = job.submitted.elapsed();
-        let outcome = generate(&mut model, &info, &job, &options, &stats, queued);
-        match outcome {
-            Ok(done) => {
-                if matches!(
-                    done,
-                    Event::Done {
-                        finish_reason: FinishReason::Cancelled,
-                        ..
-                    }
-                ) {
-                    stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+        run_job(&mut model, &info, job, &options, &stats);
+        stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn run_job(
+    model: &mut Model,
+    info: &ModelInfo,
+    job: Job,
+    options: &EngineOptions,
+    stats: &EngineStats,
+) {
+    if job.events.is_closed() {
+        stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    stats.requests_started.fetch_add(1, Ordering::Relaxed);
+    let _ = job.events.send(Event::Started);
+    let queued = job.submitted.elapsed();
+    let outcome = generate(model, info, &job, options, stats, queued);
+    match outcome {
+        Ok(done) => {
+            if matches!(
+                done,
+                Event::Done {
+                    finish_reason: FinishReason::Cancelled,
+                    ..
                 }
-                let _ = job.events.send(done);
+            ) {
+                stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => {
-                tracing::error!("generation failed: {e}");
-                let _ = job.events.send(Event::Error(e.to_string()));
-            }
+            let _ = job.events.send(done);
+        }
+        Err(e) => {
+            tracing::error!("generation failed: {e}");
+            let _ = job.events.send(Event::Error(e.to_string()));
         }
     }
 }

@@ -50,21 +50,37 @@ fn check_count(n: i64) -> AppResult<i64> {
     if (1..=1000).contains(&n) {
         Ok(n)
     } else {
-        Err(AppError::invalid("count", "count must be between 1 and 1000", "数量必须在 1 到 1000 之间"))
+        Err(AppError::invalid(
+            "count",
+            "count must be between 1 and 1000",
+            "数量必须在 1 到 1000 之间",
+        ))
     }
 }
 
 /// Admits the oldest confirmed entries. Codes are in the answer only when no e-mail is configured
 /// (then the operator hands them out); otherwise the invitations are in the outbox.
-async fn admit(State(state): State<AppState>, AdminUser(admin): AdminUser, JsonBody(b): JsonBody<AdmitBody>) -> AppResult<Json<Value>> {
+async fn admit(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    JsonBody(b): JsonBody<AdmitBody>,
+) -> AppResult<Json<Value>> {
     let count = check_count(b.count)?;
     let admitted = crate::admin::admit(&state.db, &state.config, count, Some(admin.id)).await?;
     let show_codes = !state.mail_enabled();
     let rows: Vec<Value> = admitted
         .iter()
-        .map(|a| if show_codes { json!({"email": a.email, "code": a.code}) } else { json!({"email": a.email}) })
+        .map(|a| {
+            if show_codes {
+                json!({"email": a.email, "code": a.code})
+            } else {
+                json!({"email": a.email})
+            }
+        })
         .collect();
-    Ok(Json(json!({"admitted": rows, "emailed": state.mail_enabled()})))
+    Ok(Json(
+        json!({"admitted": rows, "emailed": state.mail_enabled()}),
+    ))
 }
 
 async fn list_invites(State(state): State<AppState>, _: AdminUser) -> AppResult<Json<Value>> {
@@ -88,25 +104,47 @@ struct CreateInvites {
     note: Option<String>,
 }
 
-async fn create_invites(State(state): State<AppState>, AdminUser(admin): AdminUser, JsonBody(b): JsonBody<CreateInvites>) -> AppResult<impl IntoResponse> {
+async fn create_invites(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    JsonBody(b): JsonBody<CreateInvites>,
+) -> AppResult<impl IntoResponse> {
     let count = check_count(b.count.unwrap_or(1))?;
     let uses = b.uses.unwrap_or(state.config.invites.default_uses);
     if !(1..=100_000).contains(&uses) {
-        return Err(AppError::invalid("uses", "uses must be between 1 and 100000", "使用次数必须在 1 到 100000 之间"));
+        return Err(AppError::invalid(
+            "uses",
+            "uses must be between 1 and 100000",
+            "使用次数必须在 1 到 100000 之间",
+        ));
     }
     let expires = match b.expires_in_days {
         Some(d) if !(1..=3650).contains(&d) => {
-            return Err(AppError::invalid("expires_in_days", "expires_in_days must be between 1 and 3650", "有效天数必须在 1 到 3650 之间"))
+            return Err(AppError::invalid(
+                "expires_in_days",
+                "expires_in_days must be between 1 and 3650",
+                "有效天数必须在 1 到 3650 之间",
+            ))
         }
         d => d.map(|d| d * 86_400_000),
     };
     let note = bounded_text("note", b.note.as_deref().unwrap_or(""), 200)?;
-    let spec = InviteSpec { max_uses: uses, expires_in_ms: expires, note, role: "user", created_by: Some(admin.id) };
+    let spec = InviteSpec {
+        max_uses: uses,
+        expires_in_ms: expires,
+        note,
+        role: "user",
+        created_by: Some(admin.id),
+    };
     let codes = invites::mint_many(&state.db, count as usize, &spec).await?;
     Ok((StatusCode::CREATED, Json(json!({"codes": codes}))))
 }
 
-async fn revoke_invite(State(state): State<AppState>, _: AdminUser, Path(id): Path<i64>) -> AppResult<StatusCode> {
+async fn revoke_invite(
+    State(state): State<AppState>,
+    _: AdminUser,
+    Path(id): Path<i64>,
+) -> AppResult<StatusCode> {
     if invites::revoke_by_id(&state.db, id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -115,5 +153,7 @@ async fn revoke_invite(State(state): State<AppState>, _: AdminUser, Path(id): Pa
 }
 
 async fn list_users(State(state): State<AppState>, _: AdminUser) -> AppResult<Json<Value>> {
-    Ok(Json(json!({"users": accounts::list_users(&state.db).await?})))
+    Ok(Json(
+        json!({"users": accounts::list_users(&state.db).await?}),
+    ))
 }

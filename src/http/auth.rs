@@ -36,7 +36,13 @@ pub fn session_cookie(state: &AppState, token: String) -> Cookie<'static> {
 
 /// A cookie that removes the session cookie.
 pub fn cleared_cookie(state: &AppState) -> Cookie<'static> {
-    Cookie::build((cookie_name(state), "")).http_only(true).same_site(SameSite::Lax).secure(state.secure_cookies()).path("/").max_age(time_duration(0)).build()
+    Cookie::build((cookie_name(state), ""))
+        .http_only(true)
+        .same_site(SameSite::Lax)
+        .secure(state.secure_cookies())
+        .path("/")
+        .max_age(time_duration(0))
+        .build()
 }
 
 fn time_duration(secs: i64) -> time::Duration {
@@ -45,7 +51,9 @@ fn time_duration(secs: i64) -> time::Duration {
 
 /// The session token from the request's cookies, if any.
 pub fn session_token(state: &AppState, parts: &Parts) -> Option<String> {
-    CookieJar::from_headers(&parts.headers).get(cookie_name(state)).map(|c| c.value().to_string())
+    CookieJar::from_headers(&parts.headers)
+        .get(cookie_name(state))
+        .map(|c| c.value().to_string())
 }
 
 /// The signed-in user; `401 unauthenticated` otherwise.
@@ -59,7 +67,9 @@ impl FromRequestParts<AppState> for CurrentUser {
             return Ok(CurrentUser(user.clone()));
         }
         let token = session_token(state, parts).ok_or(AppError::Unauthenticated)?;
-        let user = accounts::session_user(&state.db, &token, state.session_idle_ms()).await?.ok_or(AppError::Unauthenticated)?;
+        let user = accounts::session_user(&state.db, &token, state.session_idle_ms())
+            .await?
+            .ok_or(AppError::Unauthenticated)?;
         parts.extensions.insert(user.clone());
         Ok(CurrentUser(user))
     }
@@ -84,7 +94,11 @@ impl FromRequestParts<AppState> for AdminUser {
 /// Refuses state-changing requests that a browser marks as coming from another site. Requests
 /// without these headers (curl, API clients with bearer keys) carry no ambient cookie authority
 /// from a foreign page, so they pass.
-pub async fn refuse_cross_site(State(_state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn refuse_cross_site(
+    State(_state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return next.run(req).await;
     }
@@ -94,7 +108,10 @@ pub async fn refuse_cross_site(State(_state): State<AppState>, req: Request, nex
             return AppError::CrossSite.into_response();
         }
     } else if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or("");
         if origin == "null" || origin_host != host {
             return AppError::CrossSite.into_response();

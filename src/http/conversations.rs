@@ -16,7 +16,10 @@ use crate::db::consent;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/conversations", get(list).post(create))
-        .route("/api/conversations/{id}", get(show).patch(update).delete(remove))
+        .route(
+            "/api/conversations/{id}",
+            get(show).patch(update).delete(remove),
+        )
         .route("/api/messages/{id}/feedback", post(feedback))
 }
 
@@ -27,14 +30,23 @@ fn conversation_json(c: &Conversation) -> Value {
 
 /// A message as the browser gets it: the text and its sanitised HTML rendering.
 pub fn message_json(m: &Message) -> Value {
-    let html = if m.role == "assistant" { crate::render::markdown(&m.content) } else { crate::render::plain(&m.content) };
+    let html = if m.role == "assistant" {
+        crate::render::markdown(&m.content)
+    } else {
+        crate::render::plain(&m.content)
+    };
     json!({"id": m.id, "role": m.role, "content": m.content, "html": html, "created_at": m.created_at,
            "finish_reason": m.finish_reason})
 }
 
-async fn list(State(state): State<AppState>, CurrentUser(user): CurrentUser) -> AppResult<Json<Value>> {
+async fn list(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+) -> AppResult<Json<Value>> {
     let convs = chats::list_conversations(&state.db, user.id).await?;
-    Ok(Json(json!({"conversations": convs.iter().map(conversation_json).collect::<Vec<_>>()})))
+    Ok(Json(
+        json!({"conversations": convs.iter().map(conversation_json).collect::<Vec<_>>()}),
+    ))
 }
 
 #[derive(Deserialize, Default)]
@@ -42,14 +54,24 @@ struct CreateBody {
     title: Option<String>,
 }
 
-async fn create(State(state): State<AppState>, CurrentUser(user): CurrentUser, OptionalJson(b): OptionalJson<CreateBody>) -> AppResult<impl IntoResponse> {
+async fn create(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    OptionalJson(b): OptionalJson<CreateBody>,
+) -> AppResult<impl IntoResponse> {
     let title = bounded_text("title", b.title.as_deref().unwrap_or(""), 200)?;
     let c = chats::create_conversation(&state.db, user.id, &title, "web").await?;
     Ok((StatusCode::CREATED, Json(conversation_json(&c))))
 }
 
-async fn show(State(state): State<AppState>, CurrentUser(user): CurrentUser, Path(id): Path<i64>) -> AppResult<Json<Value>> {
-    let c = chats::conversation(&state.db, user.id, id).await?.ok_or(AppError::NotFound)?;
+async fn show(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    Path(id): Path<i64>,
+) -> AppResult<Json<Value>> {
+    let c = chats::conversation(&state.db, user.id, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
     let msgs = chats::messages(&state.db, user.id, id).await?;
     let mut v = conversation_json(&c);
     v["messages"] = msgs.iter().map(message_json).collect();
@@ -62,16 +84,39 @@ struct UpdateBody {
     exclude_from_training: Option<bool>,
 }
 
-async fn update(State(state): State<AppState>, CurrentUser(user): CurrentUser, Path(id): Path<i64>, JsonBody(b): JsonBody<UpdateBody>) -> AppResult<Json<Value>> {
-    let title = b.title.as_deref().map(|t| bounded_text("title", t, 200)).transpose()?;
-    if !chats::update_conversation(&state.db, user.id, id, title.as_deref(), b.exclude_from_training).await? {
+async fn update(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    Path(id): Path<i64>,
+    JsonBody(b): JsonBody<UpdateBody>,
+) -> AppResult<Json<Value>> {
+    let title = b
+        .title
+        .as_deref()
+        .map(|t| bounded_text("title", t, 200))
+        .transpose()?;
+    if !chats::update_conversation(
+        &state.db,
+        user.id,
+        id,
+        title.as_deref(),
+        b.exclude_from_training,
+    )
+    .await?
+    {
         return Err(AppError::NotFound);
     }
-    let c = chats::conversation(&state.db, user.id, id).await?.ok_or(AppError::NotFound)?;
+    let c = chats::conversation(&state.db, user.id, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
     Ok(Json(conversation_json(&c)))
 }
 
-async fn remove(State(state): State<AppState>, CurrentUser(user): CurrentUser, Path(id): Path<i64>) -> AppResult<StatusCode> {
+async fn remove(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    Path(id): Path<i64>,
+) -> AppResult<StatusCode> {
     if chats::delete_conversation(&state.db, user.id, id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -85,14 +130,25 @@ struct FeedbackBody {
     comment: Option<String>,
 }
 
-async fn feedback(State(state): State<AppState>, CurrentUser(user): CurrentUser, Path(id): Path<i64>, JsonBody(b): JsonBody<FeedbackBody>) -> AppResult<Json<Value>> {
+async fn feedback(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    Path(id): Path<i64>,
+    JsonBody(b): JsonBody<FeedbackBody>,
+) -> AppResult<Json<Value>> {
     if b.rating != 1 && b.rating != -1 {
-        return Err(AppError::invalid("rating", "rating must be 1 or -1", "评分必须是 1 或 -1"));
+        return Err(AppError::invalid(
+            "rating",
+            "rating must be 1 or -1",
+            "评分必须是 1 或 -1",
+        ));
     }
     let comment = bounded_text("comment", b.comment.as_deref().unwrap_or(""), 2000)?;
     let consented = consent::is_granted(&state.db, &user.pseudonym).await?;
     if !chats::rate(&state.db, user.id, id, b.rating, &comment, consented).await? {
         return Err(AppError::NotFound);
     }
-    Ok(Json(json!({"message_id": id, "rating": b.rating, "comment": comment})))
+    Ok(Json(
+        json!({"message_id": id, "rating": b.rating, "comment": comment}),
+    ))
 }

@@ -34,7 +34,11 @@ pub enum AppError {
     InvalidToken,
     /// A field has the wrong shape (422), with English and Chinese texts.
     #[error("invalid {field}")]
-    Invalid { field: &'static str, message: String, message_zh: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+        message_zh: String,
+    },
     /// The body is not the JSON this path takes (400).
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -42,6 +46,15 @@ pub enum AppError {
     UnsupportedMediaType,
     #[error("payload too large")]
     PayloadTooLarge,
+    /// The message (or the conversation with it) is longer than allowed (422).
+    #[error("prompt too long")]
+    PromptTooLong { max_chars: usize },
+    /// Too many refused requests lately (429).
+    #[error("cooldown")]
+    Cooldown { retry_after_secs: u64 },
+    /// The generation queue is full (503, try again tomorrow morning).
+    #[error("overloaded")]
+    Overloaded,
     /// The database did not answer in time (503).
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -80,8 +93,16 @@ impl From<JsonRejection> for AppError {
 }
 
 impl AppError {
-    pub fn invalid(field: &'static str, message: impl Into<String>, message_zh: impl Into<String>) -> Self {
-        AppError::Invalid { field, message: message.into(), message_zh: message_zh.into() }
+    pub fn invalid(
+        field: &'static str,
+        message: impl Into<String>,
+        message_zh: impl Into<String>,
+    ) -> Self {
+        AppError::Invalid {
+            field,
+            message: message.into(),
+            message_zh: message_zh.into(),
+        }
     }
 
     fn parts(&self) -> (StatusCode, &'static str, String, String) {
@@ -148,6 +169,10 @@ impl AppError {
                     "count" => "invalid_count",
                     "name" => "invalid_name",
                     "display_name" => "invalid_display_name",
+                    "content" => "invalid_content",
+                    "temperature" => "invalid_temperature",
+                    "max_tokens" => "invalid_max_tokens",
+                    "message" => "invalid_message",
                     "locale" => "invalid_locale",
                     _ => "invalid_request",
                 };
@@ -159,6 +184,24 @@ impl AppError {
                 "unsupported_media_type",
                 s("Send JSON with Content-Type: application/json."),
                 s("请以 application/json 格式发送。"),
+            ),
+            PromptTooLong { max_chars } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "prompt_too_long",
+                if *max_chars > 0 { format!("The message may have at most {max_chars} characters.") } else { s("The message is too long for the model's context window.") },
+                if *max_chars > 0 { format!("消息最多 {max_chars} 个字符。") } else { s("消息太长，超出了模型的上下文长度。") },
+            ),
+            Cooldown { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "cooldown",
+                s("Several of your recent requests were refused. Please wait a few minutes before asking again."),
+                s("你最近的多个请求被拒绝，请稍等几分钟再提问。"),
+            ),
+            Overloaded => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                s("The server is overloaded, please try again tomorrow morning."),
+                s("服务器流量过载，请明天上午重试"),
             ),
             PayloadTooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -197,8 +240,19 @@ impl IntoResponse for AppError {
             _ => {}
         }
         let mut resp = error_body(status, code, &message, &message_zh);
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        let h = resp.headers_mut();
+        match &self {
+            AppError::Cooldown { retry_after_secs } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            AppError::Overloaded => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("3600"));
+                h.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
         }
         resp
     }

@@ -13,10 +13,15 @@ use super::{bounded_text, AppError, AppResult, AppState, OptionalJson};
 use crate::db::keys;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/keys", get(list).post(create)).route("/api/keys/{id}", delete(revoke))
+    Router::new()
+        .route("/api/keys", get(list).post(create))
+        .route("/api/keys/{id}", delete(revoke))
 }
 
-async fn list(State(state): State<AppState>, CurrentUser(user): CurrentUser) -> AppResult<Json<Value>> {
+async fn list(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+) -> AppResult<Json<Value>> {
     Ok(Json(json!({"keys": keys::list(&state.db, user.id).await?})))
 }
 
@@ -25,7 +30,11 @@ struct CreateBody {
     name: Option<String>,
 }
 
-async fn create(State(state): State<AppState>, CurrentUser(user): CurrentUser, OptionalJson(b): OptionalJson<CreateBody>) -> AppResult<impl IntoResponse> {
+async fn create(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    OptionalJson(b): OptionalJson<CreateBody>,
+) -> AppResult<impl IntoResponse> {
     let name = bounded_text("name", b.name.as_deref().unwrap_or(""), 100)?;
     let (row, key) = keys::create(&state.db, user.id, &name).await?;
     let mut v = serde_json::to_value(&row).map_err(|e| AppError::Internal(e.to_string()))?;
@@ -33,7 +42,11 @@ async fn create(State(state): State<AppState>, CurrentUser(user): CurrentUser, O
     Ok((StatusCode::CREATED, Json(v)))
 }
 
-async fn revoke(State(state): State<AppState>, CurrentUser(user): CurrentUser, Path(id): Path<i64>) -> AppResult<StatusCode> {
+async fn revoke(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    Path(id): Path<i64>,
+) -> AppResult<StatusCode> {
     if keys::revoke(&state.db, user.id, id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod auth;
+pub mod chat;
 pub mod conversations;
 pub mod error;
 pub mod keys;
@@ -27,9 +28,30 @@ pub struct AppState {
     pub db: Db,
     pub config: Arc<Config>,
     pub engine: EngineHandle,
+    pub policy: Arc<crate::policy::Policy>,
 }
 
 impl AppState {
+    /// Builds the state, compiling the refusal rules from config.
+    pub fn new(db: Db, config: Arc<Config>, engine: EngineHandle) -> anyhow::Result<Self> {
+        let policy = Arc::new(crate::policy::Policy::load(&config.refusals.rules_file)?);
+        Ok(Self {
+            db,
+            config,
+            engine,
+            policy,
+        })
+    }
+
+    pub fn chat_deps(&self) -> crate::chat::ChatDeps {
+        crate::chat::ChatDeps {
+            db: self.db.clone(),
+            config: self.config.clone(),
+            engine: self.engine.clone(),
+            policy: self.policy.clone(),
+        }
+    }
+
     pub fn secure_cookies(&self) -> bool {
         self.config.public_url().starts_with("https://")
     }
@@ -55,19 +77,27 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> FromRequest<S> fo
     type Rejection = AppError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, AppError> {
-        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|r| {
-            if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                AppError::PayloadTooLarge
-            } else {
-                AppError::BadRequest(r.body_text())
-            }
-        })?;
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| {
+                if r.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    AppError::PayloadTooLarge
+                } else {
+                    AppError::BadRequest(r.body_text())
+                }
+            })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(T::default()));
         }
         serde_json::from_slice(&bytes)
             .map(OptionalJson)
-            .map_err(|e| AppError::invalid("body", format!("invalid JSON body: {e}"), "请求内容不是有效的 JSON。"))
+            .map_err(|e| {
+                AppError::invalid(
+                    "body",
+                    format!("invalid JSON body: {e}"),
+                    "请求内容不是有效的 JSON。",
+                )
+            })
     }
 }
 
@@ -125,7 +155,11 @@ pub struct EmailBody {
 pub fn bounded_text(field: &'static str, value: &str, max: usize) -> AppResult<String> {
     let v = value.trim();
     if v.chars().count() > max {
-        return Err(AppError::invalid(field, format!("{field} may have at most {max} characters"), format!("{field} 最多 {max} 个字符")));
+        return Err(AppError::invalid(
+            field,
+            format!("{field} may have at most {max} characters"),
+            format!("{field} 最多 {max} 个字符"),
+        ));
     }
     Ok(v.to_string())
 }

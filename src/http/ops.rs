@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 use super::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
 }
 
 async fn healthz() -> Json<Value> {
@@ -18,7 +20,16 @@ async fn healthz() -> Json<Value> {
 
 /// Ready when the database answers (the model is loaded before the server starts listening).
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let db = tokio::time::timeout(std::time::Duration::from_secs(3), state.db.ping()).await.unwrap_or(false);
-    let status = if db { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"database": db, "model": state.engine.info.name})))
+    let db = tokio::time::timeout(std::time::Duration::from_secs(3), state.db.ping())
+        .await
+        .unwrap_or(false);
+    let status = if db {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"database": db, "model": state.engine.info.name})),
+    )
 }

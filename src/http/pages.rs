@@ -22,12 +22,35 @@ pub fn router() -> Router<AppState> {
         .route("/admin", get(admin_page))
         .route("/waitlist/confirm", get(confirm_page))
         .route("/waitlist/status", get(status_page))
-        .route("/static/app.js", get(|| async { asset("text/javascript; charset=utf-8", include_str!("../../static/app.js")) }))
-        .route("/static/style.css", get(|| async { asset("text/css; charset=utf-8", include_str!("../../static/style.css")) }))
+        .route(
+            "/static/app.js",
+            get(|| async {
+                asset(
+                    "text/javascript; charset=utf-8",
+                    include_str!("../../static/app.js"),
+                )
+            }),
+        )
+        .route(
+            "/static/style.css",
+            get(|| async {
+                asset(
+                    "text/css; charset=utf-8",
+                    include_str!("../../static/style.css"),
+                )
+            }),
+        )
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
-    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "public, max-age=300")], body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "public, max-age=300"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 fn env() -> &'static Environment<'static> {
@@ -37,9 +60,15 @@ fn env() -> &'static Environment<'static> {
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::Html);
         for (name, src) in [
             ("base.html", include_str!("../../static/pages/base.html")),
-            ("landing.html", include_str!("../../static/pages/landing.html")),
+            (
+                "landing.html",
+                include_str!("../../static/pages/landing.html"),
+            ),
             ("home.html", include_str!("../../static/pages/home.html")),
-            ("message.html", include_str!("../../static/pages/message.html")),
+            (
+                "message.html",
+                include_str!("../../static/pages/message.html"),
+            ),
             ("reset.html", include_str!("../../static/pages/reset.html")),
             ("admin.html", include_str!("../../static/pages/admin.html")),
         ] {
@@ -60,15 +89,25 @@ pub fn page(status: StatusCode, name: &str, ctx: minijinja::Value) -> Response {
     }
 }
 
-async fn signed_in(state: &AppState, headers: &axum::http::request::Parts) -> Option<accounts::User> {
+async fn signed_in(
+    state: &AppState,
+    headers: &axum::http::request::Parts,
+) -> Option<accounts::User> {
     let token = session_token(state, headers)?;
-    accounts::session_user(&state.db, &token, state.session_idle_ms()).await.ok().flatten()
+    accounts::session_user(&state.db, &token, state.session_idle_ms())
+        .await
+        .ok()
+        .flatten()
 }
 
 async fn home(State(state): State<AppState>, req: axum::extract::Request) -> Response {
     let (parts, _) = req.into_parts();
     match signed_in(&state, &parts).await {
-        Some(user) => page(StatusCode::OK, "home.html", context! { user => minijinja::Value::from(minijinja::value::Serde(&user)) }),
+        Some(user) => page(
+            StatusCode::OK,
+            "home.html",
+            context! { user => minijinja::Value::from(minijinja::value::Serde(&user)) },
+        ),
         None => landing().await,
     }
 }
@@ -84,22 +123,54 @@ async fn reset_page() -> Response {
 async fn admin_page(State(state): State<AppState>, req: axum::extract::Request) -> Response {
     let (parts, _) = req.into_parts();
     match signed_in(&state, &parts).await {
-        Some(user) if user.is_admin() => page(StatusCode::OK, "admin.html", context! { user => minijinja::Value::from(minijinja::value::Serde(&user)) }),
-        Some(_) => message(StatusCode::FORBIDDEN, "Admins only", "管理员专用", "This page is for operators.", "此页面仅供管理员使用。"),
-        None => message(StatusCode::UNAUTHORIZED, "Please sign in", "请先登录", "Sign in with an admin account first.", "请先用管理员账号登录。"),
+        Some(user) if user.is_admin() => page(
+            StatusCode::OK,
+            "admin.html",
+            context! { user => minijinja::Value::from(minijinja::value::Serde(&user)) },
+        ),
+        Some(_) => message(
+            StatusCode::FORBIDDEN,
+            "Admins only",
+            "管理员专用",
+            "This page is for operators.",
+            "此页面仅供管理员使用。",
+        ),
+        None => message(
+            StatusCode::UNAUTHORIZED,
+            "Please sign in",
+            "请先登录",
+            "Sign in with an admin account first.",
+            "请先用管理员账号登录。",
+        ),
     }
 }
 
 fn message(status: StatusCode, title: &str, title_zh: &str, text: &str, text_zh: &str) -> Response {
-    page(status, "message.html", context! { title, title_zh, text, text_zh })
+    page(
+        status,
+        "message.html",
+        context! { title, title_zh, text, text_zh },
+    )
 }
 
 async fn confirm_page(State(state): State<AppState>, Query(q): Query<TokenQuery>) -> Response {
     let token = q.token.unwrap_or_default();
     match waitlist::confirm(&state.db, &token).await {
         Ok(true) => status_page(State(state), Query(TokenQuery { token: Some(token) })).await,
-        Ok(false) => message(StatusCode::NOT_FOUND, "Unknown link", "链接无效", "This confirmation link is not valid.", "此确认链接无效。"),
-        Err(_) => message(StatusCode::SERVICE_UNAVAILABLE, "Try again", "请重试", "Please try again in a moment.", "请稍后重试。"),
+        Ok(false) => message(
+            StatusCode::NOT_FOUND,
+            "Unknown link",
+            "链接无效",
+            "This confirmation link is not valid.",
+            "此确认链接无效。",
+        ),
+        Err(_) => message(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Try again",
+            "请重试",
+            "Please try again in a moment.",
+            "请稍后重试。",
+        ),
     }
 }
 
@@ -116,9 +187,27 @@ async fn status_page(State(state): State<AppState>, Query(q): Query<TokenQuery>)
                 "invited" => ("You are invited! Your code is in your inbox.".to_string(), "你已获得邀请！邀请码已发送到你的邮箱。".to_string()),
                 _ => ("You have registered. Welcome!".to_string(), "你已完成注册，欢迎！".to_string()),
             };
-            message(StatusCode::OK, "Your place on the waitlist", "你的候补状态", &text, &text_zh)
+            message(
+                StatusCode::OK,
+                "Your place on the waitlist",
+                "你的候补状态",
+                &text,
+                &text_zh,
+            )
         }
-        Ok(None) => message(StatusCode::NOT_FOUND, "Unknown link", "链接无效", "This status link is not valid.", "此状态链接无效。"),
-        Err(_) => message(StatusCode::SERVICE_UNAVAILABLE, "Try again", "请重试", "Please try again in a moment.", "请稍后重试。"),
+        Ok(None) => message(
+            StatusCode::NOT_FOUND,
+            "Unknown link",
+            "链接无效",
+            "This status link is not valid.",
+            "此状态链接无效。",
+        ),
+        Err(_) => message(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Try again",
+            "请重试",
+            "Please try again in a moment.",
+            "请稍后重试。",
+        ),
     }
 }

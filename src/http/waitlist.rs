@@ -12,7 +12,9 @@ use super::{normalize_email, normalize_locale, AppError, AppResult, AppState, Js
 use crate::db::waitlist;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/waitlist", post(signup)).route("/api/waitlist/status", get(status))
+    Router::new()
+        .route("/api/waitlist", post(signup))
+        .route("/api/waitlist/status", get(status))
 }
 
 #[derive(Deserialize)]
@@ -21,7 +23,10 @@ struct SignupBody {
     locale: Option<String>,
 }
 
-async fn signup(State(state): State<AppState>, JsonBody(b): JsonBody<SignupBody>) -> AppResult<impl IntoResponse> {
+async fn signup(
+    State(state): State<AppState>,
+    JsonBody(b): JsonBody<SignupBody>,
+) -> AppResult<impl IntoResponse> {
     let email = normalize_email(&b.email)?;
     let locale = normalize_locale(b.locale.as_deref());
     let mail = state.mail_enabled();
@@ -39,7 +44,16 @@ pub struct TokenQuery {
     pub token: Option<String>,
 }
 
-async fn status(State(state): State<AppState>, Query(q): Query<TokenQuery>) -> AppResult<Json<waitlist::Status>> {
-    let token = q.token.filter(|t| t.len() <= 128).ok_or(AppError::NotFound)?;
-    waitlist::status(&state.db, &token).await?.map(Json).ok_or(AppError::NotFound)
+async fn status(
+    State(state): State<AppState>,
+    Query(q): Query<TokenQuery>,
+) -> AppResult<Json<waitlist::Status>> {
+    let token = q
+        .token
+        .filter(|t| t.len() <= 128)
+        .ok_or(AppError::NotFound)?;
+    waitlist::status(&state.db, &token)
+        .await?
+        .map(Json)
+        .ok_or(AppError::NotFound)
 }

@@ -36,8 +36,13 @@ impl SmtpSink {
             .spawn()
             .expect("python3 with aiosmtpd (pip install aiosmtpd)");
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let port = line.trim().parse().unwrap_or_else(|_| panic!("smtp sink did not start: {line:?}"));
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("smtp sink did not start: {line:?}"));
         Self { child, port, dir }
     }
 
@@ -49,7 +54,10 @@ impl SmtpSink {
             .filter(|p| p.extension().is_some_and(|e| e == "eml"))
             .collect();
         names.sort();
-        names.iter().map(|p| std::fs::read_to_string(p).unwrap()).collect()
+        names
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect()
     }
 
     /// Waits (up to 20 s) until a message to `to` containing `needle` arrives; returns it decoded.
@@ -63,7 +71,10 @@ impl SmtpSink {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("no mail to {to} containing {needle:?}; got {:?}", self.messages());
+        panic!(
+            "no mail to {to} containing {needle:?}; got {:?}",
+            self.messages()
+        );
     }
 }
 
@@ -76,7 +87,10 @@ impl Drop for SmtpSink {
 
 /// Undoes quoted-printable / base64 bodies well enough to find links and codes in them.
 pub fn decode_mail(raw: &str) -> String {
-    let (head, body) = raw.split_once("\r\n\r\n").or_else(|| raw.split_once("\n\n")).unwrap_or((raw, ""));
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .or_else(|| raw.split_once("\n\n"))
+        .unwrap_or((raw, ""));
     let lower = head.to_lowercase();
     let body = if lower.contains("content-transfer-encoding: base64") {
         let compact: String = body.chars().filter(|c| !c.is_whitespace()).collect();
@@ -95,7 +109,9 @@ fn base64_decode(s: &str) -> Vec<u8> {
     let mut buf = 0u32;
     let mut bits = 0;
     for c in s.bytes().filter(|c| *c != b'=') {
-        let Some(v) = table.iter().position(|t| *t == c) else { continue };
+        let Some(v) = table.iter().position(|t| *t == c) else {
+            continue;
+        };
         buf = (buf << 6) | v as u32;
         bits += 6;
         if bits >= 8 {
@@ -150,19 +166,31 @@ impl Drop for TestApp {
 #[derive(Default, Clone, Copy)]
 pub struct Options {
     pub smtp: bool,
+    /// Slow the tiny model down (milliseconds per token) for stop/disconnect/queue tests.
+    pub token_delay_ms: u64,
 }
 
 fn postgres_admin_url() -> Option<String> {
-    std::env::var("MOSS_TEST_POSTGRES_URL").ok().filter(|u| !u.is_empty())
+    std::env::var("MOSS_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
 }
 
 /// A fresh, empty PostgreSQL database; returns its URL.
 async fn fresh_postgres(admin_url: &str) -> String {
     use sqlx::Connection;
     let name = format!("moss_t_{}", &moss::secrets::token()[..16]);
-    let mut conn = sqlx::PgConnection::connect(admin_url).await.expect("connect to MOSS_TEST_POSTGRES_URL");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create test database");
-    let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin_url);
+    let mut conn = sqlx::PgConnection::connect(admin_url)
+        .await
+        .expect("connect to MOSS_TEST_POSTGRES_URL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    let base = admin_url
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .unwrap_or(admin_url);
     format!("{base}/{name}")
 }
 
@@ -172,11 +200,16 @@ impl TestApp {
     pub async fn start(backend: Backend, opts: Options) -> Option<TestApp> {
         let dir = tempfile::tempdir().unwrap();
         let database_url = match backend {
-            Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("moss.db").display()),
+            Backend::Sqlite => {
+                format!("sqlite://{}?mode=rwc", dir.path().join("moss.db").display())
+            }
             Backend::Postgres => match postgres_admin_url() {
                 Some(url) => fresh_postgres(&url).await,
                 None => {
-                    assert!(std::env::var("MOSS_REQUIRE_POSTGRES").as_deref() != Ok("1"), "MOSS_TEST_POSTGRES_URL is not set");
+                    assert!(
+                        std::env::var("MOSS_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                        "MOSS_TEST_POSTGRES_URL is not set"
+                    );
                     eprintln!("skipping PostgreSQL: MOSS_TEST_POSTGRES_URL is not set");
                     return None;
                 }
@@ -185,6 +218,8 @@ impl TestApp {
         let smtp = opts.smtp.then(|| SmtpSink::start(dir.path().join("mail")));
         let mut config = Config::load(None).unwrap();
         config.database.url = database_url.clone();
+        // The tiny model has a 512-token context and a byte-sized vocabulary: keep the system prompt short.
+        config.engine.system_prompt = "You are moss, a helpful assistant.".into();
         if let Some(s) = &smtp {
             config.smtp.host = "127.0.0.1".into();
             config.smtp.port = s.port;
@@ -194,19 +229,77 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         config.server.addr = addr.to_string();
-        let db = moss::cli::serve::open_db(&config).await.expect("database opens and migrates");
+        let db = moss::cli::serve::open_db(&config)
+            .await
+            .expect("database opens and migrates");
         let model = super::tiny_model(dir.path(), Arch::Qwen2);
-        let engine = super::start(&model, Duration::ZERO);
+        let engine = super::start(&model, Duration::from_millis(opts.token_delay_ms));
         let config = Arc::new(config);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (stop_mail, stop_rx) = tokio::sync::watch::channel(false);
         if config.smtp.enabled() {
-            tokio::spawn(moss::mail::run_sender(db.clone(), config.smtp.clone(), stop_rx));
+            tokio::spawn(moss::mail::run_sender(
+                db.clone(),
+                config.smtp.clone(),
+                stop_rx,
+            ));
         }
-        let state = AppState { db: db.clone(), config: config.clone(), engine };
+        let state = AppState::new(db.clone(), config.clone(), engine).unwrap();
         let router = moss::app::build_router(state);
-        tokio::spawn(moss::app::serve(listener, router, async { let _ = rx.await; }, Duration::from_secs(1)));
-        Some(TestApp { base: format!("http://{addr}"), db, config, backend, smtp, dir, database_url, shutdown: Some(tx), _stop_mail: stop_mail })
+        tokio::spawn(moss::app::serve(
+            listener,
+            router,
+            async {
+                let _ = rx.await;
+            },
+            Duration::from_secs(1),
+        ));
+        Some(TestApp {
+            base: format!("http://{addr}"),
+            db,
+            config,
+            backend,
+            smtp,
+            dir,
+            database_url,
+            shutdown: Some(tx),
+            _stop_mail: stop_mail,
+        })
+    }
+
+    /// Sends a chat message and reads the whole event stream.
+    pub async fn chat(
+        &self,
+        c: &reqwest::Client,
+        conversation: i64,
+        body: serde_json::Value,
+    ) -> (u16, Vec<(String, serde_json::Value)>) {
+        let r = c
+            .post(self.url(&format!("/api/conversations/{conversation}/messages")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        if status != 200 {
+            return (
+                status,
+                vec![("http_error".into(), r.json().await.unwrap_or_default())],
+            );
+        }
+        (status, parse_sse(&r.text().await.unwrap()))
+    }
+
+    pub async fn conversation(&self, c: &reqwest::Client) -> i64 {
+        let v: serde_json::Value = c
+            .post(self.url("/api/conversations"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["id"].as_i64().unwrap()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -215,12 +308,18 @@ impl TestApp {
 
     /// A client with its own cookie jar (one browser).
     pub fn client(&self) -> reqwest::Client {
-        reqwest::Client::builder().cookie_store(true).build().unwrap()
+        reqwest::Client::builder()
+            .cookie_store(true)
+            .build()
+            .unwrap()
     }
 
     /// Mints invite codes straight in the database.
     pub async fn invite(&self, spec: moss::db::invites::InviteSpec) -> String {
-        moss::db::invites::mint_many(&self.db, 1, &spec).await.unwrap().remove(0)
+        moss::db::invites::mint_many(&self.db, 1, &spec)
+            .await
+            .unwrap()
+            .remove(0)
     }
 
     /// Registers a new account with a fresh code; returns its signed-in client.
@@ -233,7 +332,12 @@ impl TestApp {
     }
 
     async fn user_with_role(&self, email: &str, role: &'static str) -> reqwest::Client {
-        let code = self.invite(moss::db::invites::InviteSpec { role, ..Default::default() }).await;
+        let code = self
+            .invite(moss::db::invites::InviteSpec {
+                role,
+                ..Default::default()
+            })
+            .await;
         let c = self.client();
         let r = c
             .post(self.url("/api/register"))
@@ -257,15 +361,42 @@ macro_rules! both_backends {
             use super::*;
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
-                let app = common::server::TestApp::start(common::server::Backend::Sqlite, $opts).await.unwrap();
+                let app = common::server::TestApp::start(common::server::Backend::Sqlite, $opts)
+                    .await
+                    .unwrap();
                 super::$name(app).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                if let Some(app) = common::server::TestApp::start(common::server::Backend::Postgres, $opts).await {
+                if let Some(app) =
+                    common::server::TestApp::start(common::server::Backend::Postgres, $opts).await
+                {
                     super::$name(app).await;
                 }
             }
         }
     };
+}
+
+/// Parses a server-sent-events body into (event, data) pairs.
+pub fn parse_sse(text: &str) -> Vec<(String, serde_json::Value)> {
+    let mut out = Vec::new();
+    for block in text.split("\n\n") {
+        let mut name = String::from("message");
+        let mut data = String::new();
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                name = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push_str(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        if !data.is_empty() {
+            out.push((
+                name,
+                serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data)),
+            ));
+        }
+    }
+    out
 }

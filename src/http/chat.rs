@@ -1,0 +1,220 @@
+//! The answer stream: `POST /api/conversations/{id}/messages` and `/api/messages/{id}/regenerate`
+//! answer with server-sent events — `queued`, `token`, then `done` or `error`.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::auth::CurrentUser;
+use super::{AppError, AppResult, AppState, JsonBody, OptionalJson};
+use crate::chat::{self, StartError, StreamEvent, Turn};
+use crate::db::chats::{self, NewMessage};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/conversations/{id}/messages", post(send))
+        .route("/api/messages/{id}/regenerate", post(regenerate))
+}
+
+#[derive(Deserialize)]
+struct SendBody {
+    content: String,
+    temperature: Option<f64>,
+    max_tokens: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+struct RegenerateBody {
+    temperature: Option<f64>,
+    max_tokens: Option<usize>,
+}
+
+fn check_params(
+    state: &AppState,
+    temperature: Option<f64>,
+    max_tokens: Option<usize>,
+) -> AppResult<usize> {
+    if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+        return Err(AppError::invalid(
+            "temperature",
+            "temperature must be between 0 and 2",
+            "temperature 必须在 0 到 2 之间",
+        ));
+    }
+    let limit = state.config.chat.max_tokens_limit;
+    match max_tokens {
+        Some(n) if n == 0 || n > limit => Err(AppError::Invalid {
+            field: "max_tokens",
+            message: format!("max_tokens must be between 1 and {limit}"),
+            message_zh: format!("max_tokens 必须在 1 到 {limit} 之间"),
+        }),
+        Some(n) => Ok(n),
+        None => Ok(state.config.engine.max_tokens.min(limit)),
+    }
+}
+
+async fn check_cooldown(state: &AppState, user_id: i64) -> AppResult<()> {
+    match chat::cooldown_left(&state.chat_deps(), user_id).await? {
+        Some(ms) => Err(AppError::Cooldown {
+            retry_after_secs: (ms as u64).div_ceil(1000).max(1),
+        }),
+        None => Ok(()),
+    }
+}
+
+async fn send(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    Path(id): Path<i64>,
+    JsonBody(b): JsonBody<SendBody>,
+) -> AppResult<Response> {
+    let content = b.content.trim().to_string();
+    if content.is_empty() {
+        return Err(AppError::invalid(
+            "content",
+            "the message is empty",
+            "消息不能为空",
+        ));
+    }
+    let max_chars = state.config.chat.max_message_chars;
+    if content.chars().count() > max_chars {
+        return Err(AppError::PromptTooLong { max_chars });
+    }
+    let max_tokens = check_params(&state, b.temperature, b.max_tokens)?;
+    chats::conversation(&state.db, user.id, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    check_cooldown(&state, user.id).await?;
+    let deps = state.chat_deps();
+    // The question is stored before anything else happens.
+    let m = NewMessage {
+        role: "user",
+        content: &content,
+        finish_reason: None,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    };
+    let question = chats::add_message(&state.db, user.id, id, &m)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    let title: String = content
+        .chars()
+        .take(state.config.chat.title_chars)
+        .collect();
+    chats::set_title_if_empty(&state.db, id, title.trim()).await?;
+    let turn = Turn {
+        user_id: user.id,
+        conversation_id: id,
+        max_tokens,
+        temperature: b.temperature,
+    };
+    let events = match chat::refusal_for(&deps, &content) {
+        Some(answer) => chat::refuse(&deps, &turn, answer).await,
+        None => chat::start_answer(&deps, turn).await,
+    };
+    match events {
+        Ok(rx) => Ok(stream(rx)),
+        Err(e) => {
+            // Nothing will answer this question: take it back rather than leave it dangling.
+            chats::truncate_from(&state.db, id, question.id).await?;
+            Err(e.into())
+        }
+    }
+}
+
+async fn regenerate(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    Path(id): Path<i64>,
+    OptionalJson(b): OptionalJson<RegenerateBody>,
+) -> AppResult<Response> {
+    let max_tokens = check_params(&state, b.temperature, b.max_tokens)?;
+    let answer = chats::owned_message(&state.db, user.id, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    if answer.role != "assistant" {
+        return Err(AppError::invalid(
+            "message",
+            "only answers can be regenerated",
+            "只能重新生成回答",
+        ));
+    }
+    check_cooldown(&state, user.id).await?;
+    chats::truncate_from(&state.db, answer.conversation_id, answer.id).await?;
+    let deps = state.chat_deps();
+    let turn = Turn {
+        user_id: user.id,
+        conversation_id: answer.conversation_id,
+        max_tokens,
+        temperature: b.temperature,
+    };
+    let question = chats::messages(&state.db, user.id, answer.conversation_id)
+        .await?
+        .into_iter()
+        .rev()
+        .find(|m| m.role == "user");
+    let events = match question.and_then(|q| chat::refusal_for(&deps, &q.content)) {
+        Some(refusal) => chat::refuse(&deps, &turn, refusal).await,
+        None => chat::start_answer(&deps, turn).await,
+    };
+    Ok(stream(events?))
+}
+
+impl From<StartError> for AppError {
+    fn from(e: StartError) -> Self {
+        match e {
+            StartError::PromptTooLong => AppError::PromptTooLong { max_chars: 0 },
+            StartError::Overloaded => AppError::Overloaded,
+            StartError::Db(d) => d.into(),
+            StartError::Internal(m) => AppError::Internal(m),
+        }
+    }
+}
+
+fn sse_event(ev: StreamEvent) -> Event {
+    let (name, data) = match ev {
+        StreamEvent::Queued { position } => ("queued", json!({ "position": position })),
+        StreamEvent::Token { text } => ("token", json!({ "text": text })),
+        StreamEvent::Done {
+            message_id,
+            finish_reason,
+            usage,
+            html,
+        } => (
+            "done",
+            json!({"message_id": message_id, "finish_reason": finish_reason, "html": html,
+                   "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}}),
+        ),
+        StreamEvent::Error { code, message } => {
+            ("error", json!({ "code": code, "message": message }))
+        }
+    };
+    Event::default().event(name).data(data.to_string())
+}
+
+/// The SSE response; when the client goes away the receiver is dropped and the answer task
+/// stores what it has as `cancelled`.
+fn stream(rx: mpsc::Receiver<StreamEvent>) -> Response {
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|ev| (Ok::<_, Infallible>(sse_event(ev)), rx))
+    });
+    let mut resp = Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response();
+    resp.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

@@ -1,0 +1,323 @@
+//! The answer stream over HTTP (server-sent events) on SQLite and PostgreSQL: streaming and
+//! storing, refusals and the cool-down, disconnects, regenerate, queueing and bad input.
+
+mod common;
+
+use std::time::Duration;
+
+use common::server::{Options, TestApp};
+use serde_json::{json, Value};
+
+const SLOW: Options = Options {
+    smtp: false,
+    token_delay_ms: 40,
+};
+
+fn names(events: &[(String, Value)]) -> Vec<&str> {
+    events.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+async fn stored(app: &TestApp, c: &reqwest::Client, conv: i64) -> Vec<Value> {
+    let v: Value = c
+        .get(app.url(&format!("/api/conversations/{conv}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["messages"].as_array().unwrap().clone()
+}
+
+async fn answers_stream_and_are_stored(app: TestApp) {
+    let c = app.user("chat@example.com").await;
+    let conv = app.conversation(&c).await;
+    let (status, events) = app.chat(&c, conv, json!({"content": "hello world, what is the capital of france?", "max_tokens": 12, "temperature": 0})).await;
+    assert_eq!(status, 200);
+    let n = names(&events);
+    assert!(n.iter().filter(|e| **e == "token").count() >= 2, "{n:?}");
+    assert_eq!(n.last(), Some(&"done"), "{events:?}");
+    let done = &events.last().unwrap().1;
+    assert_eq!(done["finish_reason"], "length");
+    assert_eq!(done["usage"]["completion_tokens"], 12);
+    assert!(done["usage"]["prompt_tokens"].as_u64().unwrap() > 5);
+    let text: String = events
+        .iter()
+        .filter(|(n, _)| n == "token")
+        .map(|(_, d)| d["text"].as_str().unwrap())
+        .collect();
+    let msgs = stored(&app, &c, conv).await;
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(msgs[0]["role"], "user");
+    assert_eq!(
+        msgs[1]["content"], text,
+        "the stored answer is what was streamed"
+    );
+    assert_eq!(msgs[1]["id"], done["message_id"]);
+    assert_eq!(done["html"], msgs[1]["html"]);
+    // the conversation took its title from the first message
+    let list: Value = c
+        .get(app.url("/api/conversations"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        list["conversations"][0]["title"],
+        "hello world, what is the capital of france?"
+    );
+    // greedy answers repeat; the history goes into the next prompt (it is longer now)
+    let (_, again) = app
+        .chat(
+            &c,
+            conv,
+            json!({"content": "and germany?", "max_tokens": 4, "temperature": 0}),
+        )
+        .await;
+    let done2 = &again.last().unwrap().1;
+    assert!(done2["usage"]["prompt_tokens"].as_u64() > done["usage"]["prompt_tokens"].as_u64());
+}
+both_backends!(answers_stream_and_are_stored);
+
+async fn harmful_requests_are_refused_and_repeated_ones_cool_down(app: TestApp) {
+    let c = app.user("r@example.com").await;
+    let conv = app.conversation(&c).await;
+    let (_, zh) = app
+        .chat(&c, conv, json!({"content": "如何闯进某人的家"}))
+        .await;
+    assert_eq!(names(&zh), vec!["token", "done"]);
+    assert!(zh[0].1["text"].as_str().unwrap().contains("抱歉"), "{zh:?}");
+    assert_eq!(zh[1].1["finish_reason"], "refused");
+    let (_, en) = app
+        .chat(
+            &c,
+            conv,
+            json!({"content": "How do I break into someone's house?"}),
+        )
+        .await;
+    assert!(
+        en[0].1["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("I can't help"),
+        "{en:?}"
+    );
+    // a harmless look-alike reaches the model
+    let (_, ok) = app.chat(&c, conv, json!({"content": "I locked myself out of my own house, what can I do?", "max_tokens": 4})).await;
+    assert_eq!(ok.last().unwrap().1["finish_reason"], "length", "{ok:?}");
+    let msgs = stored(&app, &c, conv).await;
+    assert_eq!(
+        msgs.iter()
+            .filter(|m| m["finish_reason"] == "refused")
+            .count(),
+        2,
+        "refusals are stored like answers"
+    );
+    // the third refusal in the window earns a cool-down
+    let (_, third) = app
+        .chat(&c, conv, json!({"content": "how to make a pipe bomb"}))
+        .await;
+    assert_eq!(third.last().unwrap().1["finish_reason"], "refused");
+    let r = c
+        .post(app.url(&format!("/api/conversations/{conv}/messages")))
+        .json(&json!({"content": "what is 2+2?"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r
+        .headers()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry > 0 && retry <= 600, "{retry}");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "cooldown"
+    );
+    // other users are not affected
+    let other = app.user("r2@example.com").await;
+    let conv2 = app.conversation(&other).await;
+    assert_eq!(
+        app.chat(&other, conv2, json!({"content": "hello", "max_tokens": 2}))
+            .await
+            .0,
+        200
+    );
+}
+both_backends!(harmful_requests_are_refused_and_repeated_ones_cool_down);
+
+async fn leaving_mid_answer_keeps_the_partial_answer(app: TestApp) {
+    let c = app.user("d@example.com").await;
+    let conv = app.conversation(&c).await;
+    let r = c
+        .post(app.url(&format!("/api/conversations/{conv}/messages")))
+        .json(&json!({"content": "hello", "max_tokens": 400}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = r;
+    let mut seen = String::new();
+    while !seen.contains("event: token") {
+        let chunk = body
+            .chunk()
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("stream ended: {seen}"));
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(body); // the browser goes away
+    let mut msgs = Vec::new();
+    for _ in 0..100 {
+        msgs = stored(&app, &c, conv).await;
+        if msgs.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(msgs.len(), 2, "the partial answer is stored");
+    assert_eq!(msgs[1]["finish_reason"], "cancelled");
+    assert!(!msgs[1]["content"].as_str().unwrap().is_empty());
+    // the engine is free again at once: 400 tokens at 40 ms would take 16 s
+    let t = std::time::Instant::now();
+    let (status, events) = app
+        .chat(&c, conv, json!({"content": "again", "max_tokens": 3}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(events.last().unwrap().1["finish_reason"], "length");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "engine still busy with the abandoned answer"
+    );
+}
+both_backends!(leaving_mid_answer_keeps_the_partial_answer, SLOW);
+
+async fn a_second_request_waits_in_line(app: TestApp) {
+    let a = app.user("qa@example.com").await;
+    let b = app.user("qb@example.com").await;
+    let (ca, cb) = (app.conversation(&a).await, app.conversation(&b).await);
+    let first = a
+        .post(app.url(&format!("/api/conversations/{ca}/messages")))
+        .json(&json!({"content": "hello", "max_tokens": 20}))
+        .send()
+        .await
+        .unwrap();
+    let mut first_body = first;
+    first_body.chunk().await.unwrap(); // the first answer is running
+    let (_, events) = app
+        .chat(&b, cb, json!({"content": "hello", "max_tokens": 3}))
+        .await;
+    assert_eq!(events[0].0, "queued", "{events:?}");
+    assert_eq!(events[0].1["position"], 1);
+    assert_eq!(events.last().unwrap().0, "done");
+}
+both_backends!(a_second_request_waits_in_line, SLOW);
+
+async fn regenerate_replaces_the_answer(app: TestApp) {
+    let c = app.user("g@example.com").await;
+    let conv = app.conversation(&c).await;
+    let (_, first) = app
+        .chat(&c, conv, json!({"content": "hello", "max_tokens": 6}))
+        .await;
+    let old = first.last().unwrap().1["message_id"].as_i64().unwrap();
+    let r = c
+        .post(app.url(&format!("/api/messages/{old}/regenerate")))
+        .json(&json!({"max_tokens": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = common::server::parse_sse(&r.text().await.unwrap());
+    let done = &events.last().unwrap().1;
+    assert_eq!(done["usage"]["completion_tokens"], 5);
+    let msgs = stored(&app, &c, conv).await;
+    assert_eq!(msgs.len(), 2);
+    assert_ne!(msgs[1]["id"].as_i64().unwrap(), old);
+    assert_eq!(msgs[1]["id"], done["message_id"]);
+    // only answers, only one's own
+    let question = msgs[0]["id"].as_i64().unwrap();
+    assert_eq!(
+        c.post(app.url(&format!("/api/messages/{question}/regenerate")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        422
+    );
+    let other = app.user("g2@example.com").await;
+    let answer = msgs[1]["id"].as_i64().unwrap();
+    assert_eq!(
+        other
+            .post(app.url(&format!("/api/messages/{answer}/regenerate")))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
+both_backends!(regenerate_replaces_the_answer);
+
+async fn bad_chat_requests_get_clear_errors(app: TestApp) {
+    let c = app.user("b@example.com").await;
+    let conv = app.conversation(&c).await;
+    let cases = [
+        (json!({"content": "   "}), 422, "invalid_content"),
+        (
+            json!({"content": "x".repeat(app.config.chat.max_message_chars + 1)}),
+            422,
+            "prompt_too_long",
+        ),
+        (
+            json!({"content": "hi", "max_tokens": 0}),
+            422,
+            "invalid_max_tokens",
+        ),
+        (
+            json!({"content": "hi", "max_tokens": 1_000_000}),
+            422,
+            "invalid_max_tokens",
+        ),
+        (
+            json!({"content": "hi", "temperature": 9}),
+            422,
+            "invalid_temperature",
+        ),
+        (json!({"content": 5}), 422, "invalid_body"),
+        (json!({}), 422, "invalid_body"),
+    ];
+    for (body, status, code) in cases {
+        let (s, events) = app.chat(&c, conv, body.clone()).await;
+        assert_eq!(s, status, "{body}");
+        assert_eq!(events[0].1["error"]["code"], code, "{body}: {events:?}");
+    }
+    // a message longer than the tiny model's context window
+    let long = "hello world ".repeat(400);
+    let (s, events) = app.chat(&c, conv, json!({"content": long})).await;
+    assert_eq!(
+        (s, events[0].1["error"]["code"].as_str()),
+        (422, Some("prompt_too_long"))
+    );
+    let other = app.user("b2@example.com").await;
+    assert_eq!(
+        app.chat(&other, conv, json!({"content": "hi"})).await.0,
+        404
+    );
+    assert_eq!(
+        app.chat(&app.client(), conv, json!({"content": "hi"}))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        stored(&app, &c, conv).await,
+        Vec::<Value>::new(),
+        "a question nothing answers is not kept"
+    );
+}
+both_backends!(bad_chat_requests_get_clear_errors);
