@@ -15,7 +15,10 @@
 
   document.addEventListener("click", function (ev) {
     var t = ev.target.closest("[data-action=toggle-lang]");
-    if (t) setLang(lang() === "zh" ? "en" : "zh");
+    if (t) {
+      setLang(lang() === "zh" ? "en" : "zh");
+      document.dispatchEvent(new Event("moss:lang"));
+    }
   });
 
   function say(form, text, isError) {
@@ -83,13 +86,6 @@
     },
     logout: function () {
       return send("POST", "/api/logout").then(function () { location.href = "/"; });
-    },
-    admit: function (form, f) {
-      return send("POST", "/api/admin/waitlist/admit", { count: Number(f.count) }).then(function (r) {
-        if (!r.ok) return say(form, errorText(r.body), true);
-        var lines = r.body.admitted.map(function (a) { return a.code ? a.email + "  " + a.code : a.email; });
-        say(form, (lang() === "zh" ? "已放行 " : "Admitted ") + lines.length + (lines.length ? ": " + lines.join(", ") : ""));
-      });
     }
   };
 
@@ -102,6 +98,9 @@
       say(form, lang() === "zh" ? "网络错误，请重试。" : "Network error, please try again.", true);
     });
   });
+
+  // Shared with chat.js and admin.js.
+  window.moss = { send: send, lang: lang, say: say, errorText: errorText, setLang: setLang };
 
   var code = params.get("code");
   var codeInput = document.querySelector("[data-form=register] [name=invite_code]");

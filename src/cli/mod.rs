@@ -78,6 +78,15 @@ pub enum DebugCommand {
         #[arg(long, default_value = "qwen2")]
         arch: String,
     },
+    /// Store a question and a given answer in a new conversation of EMAIL (UI tests of rendering).
+    SeedAnswer {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        question: String,
+        #[arg(long)]
+        answer: String,
+    },
 }
 
 /// Starts logging to stderr (`RUST_LOG` wins over `-v`); a server logs at info by default.
@@ -116,6 +125,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             };
             crate::engine::tiny::write_tiny_model(&out, &crate::engine::tiny::TinySpec::new(arch))
         }
+        Command::Debug(DebugCommand::SeedAnswer { email, question, answer }) => seed_answer(&config, &email, &question, &answer),
     }
 }
 
@@ -157,4 +167,20 @@ fn tokenize(config: &Config, args: TokenizeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("tokenizer failed: {e}"))?;
     println!("{}", serde_json::to_string(enc.get_ids())?);
     Ok(())
+}
+
+fn seed_answer(config: &Config, email: &str, question: &str, answer: &str) -> anyhow::Result<()> {
+    use crate::db::chats::{self, NewMessage};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let db = serve::open_db(config).await?;
+        let user = crate::db::accounts::user_by_email(&db, email).await?.ok_or_else(|| anyhow::anyhow!("unknown email {email}"))?;
+        let conv = chats::create_conversation(&db, user.id, question, "web").await?;
+        let q = NewMessage { role: "user", content: question, finish_reason: None, prompt_tokens: 0, completion_tokens: 0 };
+        let a = NewMessage { role: "assistant", content: answer, finish_reason: Some("stop"), prompt_tokens: 0, completion_tokens: 0 };
+        chats::add_message(&db, user.id, conv.id, &q).await?;
+        chats::add_message(&db, user.id, conv.id, &a).await?;
+        println!("{}", conv.id);
+        Ok(())
+    })
 }

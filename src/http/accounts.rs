@@ -24,7 +24,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/login", post(login))
         .route("/api/logout", post(logout))
         .route("/api/me", get(me))
-        .route("/api/consent", put(set_consent))
+        .route("/api/consent", put(set_consent).get(consent_history))
         .route("/api/password/forgot", post(forgot_password))
         .route("/api/password/reset", post(reset_password))
 }
@@ -209,6 +209,14 @@ async fn set_consent(
     )
     .await?;
     Ok(Json(consent_json(&state, &user).await?))
+}
+
+/// The user's own consent log, oldest first: every grant and withdrawal they made.
+async fn consent_history(State(state): State<AppState>, CurrentUser(user): CurrentUser) -> AppResult<Json<serde_json::Value>> {
+    let records = consent::history(&state.db, &user.pseudonym).await?;
+    let mut current = consent_json(&state, &user).await?;
+    current["history"] = serde_json::to_value(records).map_err(|e| AppError::Internal(e.to_string()))?;
+    Ok(Json(current))
 }
 
 async fn forgot_password(

@@ -22,35 +22,28 @@ pub fn router() -> Router<AppState> {
         .route("/admin", get(admin_page))
         .route("/waitlist/confirm", get(confirm_page))
         .route("/waitlist/status", get(status_page))
-        .route(
-            "/static/app.js",
-            get(|| async {
-                asset(
-                    "text/javascript; charset=utf-8",
-                    include_str!("../../static/app.js"),
-                )
-            }),
-        )
-        .route(
-            "/static/style.css",
-            get(|| async {
-                asset(
-                    "text/css; charset=utf-8",
-                    include_str!("../../static/style.css"),
-                )
-            }),
-        )
+        .route("/static/{*path}", get(asset))
 }
 
-fn asset(content_type: &'static str, body: &'static str) -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "public, max-age=300"),
-        ],
-        body,
-    )
-        .into_response()
+/// The UI's files, compiled into the binary (no CDN, no build step).
+#[derive(rust_embed::RustEmbed)]
+#[folder = "static/"]
+struct Assets;
+
+async fn asset(axum::extract::Path(path): axum::extract::Path<String>) -> Response {
+    let Some(file) = Assets::get(&path) else {
+        return message(StatusCode::NOT_FOUND, "Not found", "页面不存在", "There is no such file.", "没有这个文件。");
+    };
+    let content_type = match path.rsplit('.').next() {
+        Some("js") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("png") => "image/png",
+        Some("svg") => "image/svg+xml",
+        Some("ico") => "image/x-icon",
+        _ => "application/octet-stream",
+    };
+    let headers = [(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "public, max-age=300")];
+    (headers, file.data.into_owned()).into_response()
 }
 
 fn env() -> &'static Environment<'static> {

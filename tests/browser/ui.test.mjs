@@ -1,0 +1,217 @@
+// The whole journey in a real browser (Debian's chromium, driven by playwright-core) against the
+// real moss binary with a tiny model: waitlist, invite registration, streaming, stop, regenerate,
+// rendering, XSS, feedback, consent, admin, Chinese, phone screen. Screenshots go to
+// target/ui-screenshots/ (not committed).
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, execFileSync } from "node:child_process";
+import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { chromium } from "playwright-core";
+
+const root = resolve(import.meta.dirname, "..", "..");
+const bin = process.env.MOSS_BIN || join(root, "target", "debug", "moss");
+const shots = join(root, "target", "ui-screenshots");
+const dir = mkdtempSync(join(tmpdir(), "moss-ui-"));
+const env = {
+  ...process.env,
+  MOSS_DATABASE__DATA_DIR: join(dir, "data"),
+  MOSS_ENGINE__DEVICE: "cpu",
+  MOSS_ENGINE__TOKEN_DELAY_MS: "30",
+  MOSS_ENGINE__MAX_TOKENS: "80",
+  MOSS_ENGINE__SYSTEM_PROMPT: "You are moss.",
+  RUST_LOG: "warn",
+};
+let server, browser, page, base, adminInvite;
+
+function moss(...args) {
+  return execFileSync(bin, args, { env, encoding: "utf8" });
+}
+
+async function shot(name) {
+  await page.screenshot({ path: join(shots, `${name}.png`), fullPage: false });
+}
+
+before(async () => {
+  mkdirSync(shots, { recursive: true });
+  const model = join(dir, "tiny.gguf");
+  moss("debug", "tiny-model", model);
+  server = spawn(bin, ["serve", "--model", model, "--addr", "127.0.0.1:0"], { env, stdio: ["ignore", "pipe", "inherit"] });
+  const lines = await new Promise((ok, fail) => {
+    let out = "";
+    server.stdout.on("data", (d) => {
+      out += d;
+      if (out.includes("/register?code=")) ok(out);
+    });
+    server.on("exit", (c) => fail(new Error(`moss serve exited ${c}: ${out}`)));
+  });
+  base = lines.match(/listening on (\S+)/)[1];
+  adminInvite = lines.match(/(http:\/\/\S+\/register\?code=\S+)/)[1];
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+  const context = await browser.newContext({ locale: "en-US", viewport: { width: 1200, height: 800 } });
+  await context.grantPermissions(["clipboard-read", "clipboard-write"], { origin: base });
+  page = await context.newPage();
+  page.on("dialog", (d) => { page.__dialogs = (page.__dialogs || 0) + 1; d.accept(); });
+  page.on("pageerror", (e) => console.error("page error:", e.message));
+  page.on("console", (m) => { if (m.type() === "error") console.error("console:", m.text()); });
+});
+
+after(async () => {
+  await browser?.close();
+  server?.kill("SIGTERM");
+  rmSync(dir, { recursive: true, force: true });
+});
+
+async function api(method, path, body) {
+  return page.evaluate(async ([m, p, b]) => {
+    const r = await fetch(p, { method: m, headers: { "content-type": "application/json" }, body: b === undefined ? undefined : JSON.stringify(b) });
+    return { status: r.status, body: await r.json().catch(() => null) };
+  }, [method, path, body]);
+}
+
+test("someone without a code joins the waitlist", async () => {
+  await page.goto(base);
+  await page.fill("[data-form=waitlist] [name=email]", "waiting@example.com");
+  await page.click("[data-form=waitlist] button[type=submit]");
+  await page.waitForSelector("[data-form=waitlist] .result:has-text('Thank you')");
+  await shot("01-landing");
+});
+
+test("the invite link fills in the code and registers an account", async () => {
+  await page.goto(adminInvite);
+  const code = adminInvite.split("code=")[1];
+  assert.equal(await page.inputValue("[data-form=register] [name=invite_code]"), code);
+  await page.fill("[data-form=register] [name=email]", "admin@example.com");
+  await page.fill("[data-form=register] [name=display_name]", "Ada");
+  await page.fill("[data-form=register] [name=password]", "a long enough password");
+  await page.click("[data-form=register] button[type=submit]");
+  await page.waitForSelector("#composer");
+  const me = await api("GET", "/api/me");
+  assert.equal(me.body.user.email, "admin@example.com");
+  assert.equal(me.body.user.role, "admin");
+});
+
+test("a message streams in token by token and ends with tools", async () => {
+  await page.fill("#prompt", "hello world, what is the capital of france?");
+  await page.keyboard.press("Enter");
+  await page.waitForSelector(".message.assistant.streaming");
+  const first = (await page.textContent(".message.assistant.streaming .body")).length;
+  await page.waitForTimeout(400);
+  const later = (await page.textContent(".message.assistant.streaming .body")).length;
+  assert.ok(later > first, `text grows while streaming (${first} -> ${later})`);
+  await shot("02-streaming");
+  await page.waitForSelector(".message.assistant .tools .regenerate", { timeout: 30000 });
+  assert.equal(await page.locator(".message.assistant.streaming").count(), 0);
+  assert.match(await page.textContent("#conversations"), /hello world/);
+  await shot("03-answered");
+});
+
+test("stop ends the answer and keeps what was written", async () => {
+  await page.fill("#prompt", "tell me a long story");
+  await page.click("#send");
+  await page.waitForSelector(".message.assistant.streaming");
+  await page.waitForFunction(() => (document.querySelector(".message.assistant.streaming .body")?.textContent || "").length > 3);
+  await page.click("#stop");
+  await page.waitForSelector(".message.assistant .cut-note", { timeout: 10000 });
+  assert.match(await page.textContent(".message.assistant:last-child .cut-note"), /stopped/);
+  const conv = await api("GET", "/api/conversations");
+  const detail = await api("GET", `/api/conversations/${conv.body.conversations[0].id}`);
+  const last = detail.body.messages.at(-1);
+  assert.equal(last.finish_reason, "cancelled");
+  assert.ok(last.content.length > 0);
+});
+
+test("regenerate replaces the last answer", async () => {
+  const before = await page.getAttribute(".message.assistant:last-child", "data-id");
+  await page.click(".message.assistant:last-child .regenerate");
+  await page.waitForFunction((old) => {
+    const last = document.querySelector(".message.assistant:last-child");
+    return last && last.dataset.id && last.dataset.id !== old && last.querySelector(".tools");
+  }, before, { timeout: 30000 });
+  assert.equal(await page.locator(`.message[data-id="${before}"]`).count(), 0);
+});
+
+test("a Markdown table renders as a table, and answers cannot run script", async () => {
+  moss("debug", "seed-answer", "--email", "admin@example.com", "--question", "Films?",
+    "--answer", "| 电影 | 导演 |\n|---|---|\n| 黑客帝国 | 沃卓斯基 |\n\n```python\nprint('hi')\n```");
+  moss("debug", "seed-answer", "--email", "admin@example.com", "--question", "xss",
+    "--answer", "look <img src=x onerror=\"alert(1)\"> and <script>window.__xss = 1; alert(2)</script> [click](javascript:alert(3))");
+  await page.reload();
+  await page.click("#conversations li:has-text('Films?') .conv-title");
+  await page.waitForSelector(".message.assistant table");
+  assert.equal(await page.textContent(".message.assistant table td"), "黑客帝国");
+  assert.equal(await page.locator(".message.assistant pre code").count(), 1);
+  await shot("04-table");
+  await page.click("#conversations li:has-text('xss') .conv-title");
+  await page.waitForSelector(".message.assistant .body:has-text('look')");
+  await page.waitForTimeout(300);
+  assert.equal(await page.evaluate(() => window.__xss), undefined);
+  assert.equal(page.__dialogs || 0, 0, "no alert ran");
+  assert.equal(await page.locator(".message.assistant img, .message.assistant script, .message.assistant a[href^=javascript]").count(), 0);
+});
+
+test("the consent switch records every grant and withdrawal", async () => {
+  await page.click("[data-view=settings]");
+  await page.waitForSelector("#consent-text:not(:empty)");
+  assert.equal(await page.isChecked("#consent-switch"), false, "off until turned on");
+  await page.check("#consent-switch");
+  await page.waitForSelector("#consent-result:has-text('Saved')");
+  await page.uncheck("#consent-switch");
+  await page.waitForFunction(() => document.querySelector("#consent-switch").checked === false);
+  await page.check("#consent-switch");
+  await page.waitForTimeout(300);
+  const c = await api("GET", "/api/consent");
+  assert.deepEqual(c.body.history.map((r) => r.granted), [1, 0, 1]);
+  assert.equal(c.body.model_improvement, true);
+  await shot("05-settings");
+  await page.click("[data-view=chat]");
+});
+
+test("thumbs down with a comment is stored", async () => {
+  await page.click("#conversations li:has-text('Films?') .conv-title");
+  await page.waitForSelector(".message.assistant .rate-down");
+  await page.click(".message.assistant .rate-down");
+  await page.fill(".tools form.feedback input", "the director is wrong");
+  await page.click(".tools form.feedback button");
+  await page.waitForSelector(".tools .thanks");
+  const exported = moss("admin", "feedback", "export");
+  const records = exported.trim().split("\n").map((l) => JSON.parse(l));
+  assert.equal(records.length, 1);
+  assert.equal(records[0].rating, -1);
+  assert.equal(records[0].comment, "the director is wrong");
+});
+
+test("the admin admits a waitlist entry", async () => {
+  await page.goto(`${base}/admin`);
+  await page.waitForSelector("#waitlist-table td:has-text('waiting@example.com')");
+  await page.fill("#admit-form [name=count]", "1");
+  await page.click("#admit-form button");
+  await page.waitForSelector("#admit-form .result:has-text('waiting@example.com')");
+  await page.waitForSelector("#waitlist-table tr:has-text('waiting@example.com') td:has-text('invited')");
+  await shot("06-admin");
+});
+
+test("the interface switches to Chinese", async () => {
+  await page.goto(base);
+  await page.click("[data-action=toggle-lang]");
+  assert.equal(await page.getAttribute("html", "lang"), "zh-CN");
+  assert.ok(await page.isVisible("#send span[lang=zh]"));
+  assert.ok(!(await page.isVisible("#send span[lang=en]")));
+  assert.equal(await page.getAttribute("#prompt", "placeholder") !== null, true);
+  await shot("07-chinese");
+});
+
+test("it is usable on a phone screen", async () => {
+  await page.setViewportSize({ width: 390, height: 800 });
+  await page.reload();
+  assert.ok(await page.isVisible("#composer"));
+  assert.ok(!(await page.isVisible("#sidebar")));
+  await page.click("#toggle-sidebar");
+  assert.ok(await page.isVisible("#sidebar"));
+  await shot("08-phone");
+  await page.setViewportSize({ width: 1200, height: 800 });
+});
