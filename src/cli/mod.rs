@@ -125,7 +125,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             };
             crate::engine::tiny::write_tiny_model(&out, &crate::engine::tiny::TinySpec::new(arch))
         }
-        Command::Debug(DebugCommand::SeedAnswer { email, question, answer }) => seed_answer(&config, &email, &question, &answer),
+        Command::Debug(DebugCommand::SeedAnswer {
+            email,
+            question,
+            answer,
+        }) => seed_answer(&config, &email, &question, &answer),
     }
 }
 
@@ -171,13 +175,29 @@ fn tokenize(config: &Config, args: TokenizeArgs) -> anyhow::Result<()> {
 
 fn seed_answer(config: &Config, email: &str, question: &str, answer: &str) -> anyhow::Result<()> {
     use crate::db::chats::{self, NewMessage};
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let db = serve::open_db(config).await?;
-        let user = crate::db::accounts::user_by_email(&db, email).await?.ok_or_else(|| anyhow::anyhow!("unknown email {email}"))?;
+        let user = crate::db::accounts::user_by_email(&db, email)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("unknown email {email}"))?;
         let conv = chats::create_conversation(&db, user.id, question, "web").await?;
-        let q = NewMessage { role: "user", content: question, finish_reason: None, prompt_tokens: 0, completion_tokens: 0 };
-        let a = NewMessage { role: "assistant", content: answer, finish_reason: Some("stop"), prompt_tokens: 0, completion_tokens: 0 };
+        let q = NewMessage {
+            role: "user",
+            content: question,
+            finish_reason: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        };
+        let a = NewMessage {
+            role: "assistant",
+            content: answer,
+            finish_reason: Some("stop"),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        };
         chats::add_message(&db, user.id, conv.id, &q).await?;
         chats::add_message(&db, user.id, conv.id, &a).await?;
         println!("{}", conv.id);

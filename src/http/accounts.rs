@@ -212,10 +212,14 @@ async fn set_consent(
 }
 
 /// The user's own consent log, oldest first: every grant and withdrawal they made.
-async fn consent_history(State(state): State<AppState>, CurrentUser(user): CurrentUser) -> AppResult<Json<serde_json::Value>> {
+async fn consent_history(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+) -> AppResult<Json<serde_json::Value>> {
     let records = consent::history(&state.db, &user.pseudonym).await?;
     let mut current = consent_json(&state, &user).await?;
-    current["history"] = serde_json::to_value(records).map_err(|e| AppError::Internal(e.to_string()))?;
+    current["history"] =
+        serde_json::to_value(records).map_err(|e| AppError::Internal(e.to_string()))?;
     Ok(Json(current))
 }
 

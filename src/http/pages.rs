@@ -22,6 +22,19 @@ pub fn router() -> Router<AppState> {
         .route("/admin", get(admin_page))
         .route("/waitlist/confirm", get(confirm_page))
         .route("/waitlist/status", get(status_page))
+        .route(
+            "/static/highlight.css",
+            get(|| async {
+                (
+                    [
+                        (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+                        (header::CACHE_CONTROL, "public, max-age=300"),
+                    ],
+                    crate::render::highlight_css(),
+                )
+                    .into_response()
+            }),
+        )
         .route("/static/{*path}", get(asset))
 }
 
@@ -32,7 +45,13 @@ struct Assets;
 
 async fn asset(axum::extract::Path(path): axum::extract::Path<String>) -> Response {
     let Some(file) = Assets::get(&path) else {
-        return message(StatusCode::NOT_FOUND, "Not found", "页面不存在", "There is no such file.", "没有这个文件。");
+        return message(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            "页面不存在",
+            "There is no such file.",
+            "没有这个文件。",
+        );
     };
     let content_type = match path.rsplit('.').next() {
         Some("js") => "text/javascript; charset=utf-8",
@@ -42,7 +61,10 @@ async fn asset(axum::extract::Path(path): axum::extract::Path<String>) -> Respon
         Some("ico") => "image/x-icon",
         _ => "application/octet-stream",
     };
-    let headers = [(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "public, max-age=300")];
+    let headers = [
+        (header::CONTENT_TYPE, content_type),
+        (header::CACHE_CONTROL, "public, max-age=300"),
+    ];
     (headers, file.data.into_owned()).into_response()
 }
 

@@ -145,6 +145,7 @@ test("a Markdown table renders as a table, and answers cannot run script", async
   await page.waitForSelector(".message.assistant table");
   assert.equal(await page.textContent(".message.assistant table td"), "黑客帝国");
   assert.equal(await page.locator(".message.assistant pre code").count(), 1);
+  assert.ok((await page.locator(".message.assistant pre code span[class^=hl-]").count()) > 0, "code is highlighted");
   await shot("04-table");
   await page.click("#conversations li:has-text('xss') .conv-title");
   await page.waitForSelector(".message.assistant .body:has-text('look')");
