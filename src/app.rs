@@ -17,16 +17,47 @@ use crate::http::{self, AppState};
 /// The whole application.
 pub fn build_router(state: AppState) -> Router {
     let max_body = state.config.server.max_body_bytes;
-    Router::new()
+    let l = &state.config.limits;
+    let trusted = l
+        .trusted_proxies
+        .iter()
+        .filter_map(|p| {
+            crate::limits::Net::parse(p)
+                .map_err(|e| tracing::error!("{e}"))
+                .ok()
+        })
+        .collect();
+    let key = crate::limits::ClientKey {
+        trusted: std::sync::Arc::new(trusted),
+    };
+    let (auth, waitlist, generate, api) = (
+        crate::limits::config(l.auth, &key),
+        crate::limits::config(l.waitlist, &key),
+        crate::limits::config(l.generate, &key),
+        crate::limits::config(l.api, &key),
+    );
+    crate::limits::spawn_cleanup(vec![
+        auth.clone(),
+        waitlist.clone(),
+        generate.clone(),
+        api.clone(),
+    ]);
+    // Each group of paths draws on its own bucket; health checks and metrics on none.
+    let general = Router::new()
         .merge(http::accounts::router())
-        .merge(http::waitlist::router())
+        .merge(http::waitlist::status_router())
         .merge(http::conversations::router())
-        .merge(http::chat::router())
         .merge(http::keys::router())
         .merge(http::admin::router())
-        .merge(http::ops::router())
         .merge(http::pages::router())
         .fallback(not_found)
+        .layer(crate::limits::layer("api", api));
+    Router::new()
+        .merge(http::accounts::auth_router().layer(crate::limits::layer("auth", auth)))
+        .merge(http::waitlist::router().layer(crate::limits::layer("waitlist", waitlist)))
+        .merge(http::chat::router().layer(crate::limits::layer("generate", generate)))
+        .merge(http::ops::router())
+        .merge(general)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             http::auth::refuse_cross_site,
@@ -36,6 +67,7 @@ pub fn build_router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(max_body, refuse_oversized))
         .layer(middleware::from_fn(contract_errors))
         .layer(middleware::from_fn(security_headers))
+        .layer(middleware::from_fn(record_metrics))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -54,6 +86,29 @@ async fn not_found(req: Request) -> Response {
 
 fn wants_json(path: &str) -> bool {
     path.starts_with("/api/") || path.starts_with("/v1/")
+}
+
+/// Requests by route and status, and their latency.
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| {
+            if req.uri().path().starts_with("/static/") {
+                "/static/{*path}".into()
+            } else {
+                "unmatched".into()
+            }
+        });
+    let method = req.method().to_string();
+    let start = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("moss_http_requests_total", "route" => route.clone(), "method" => method, "status" => status).increment(1);
+    metrics::histogram!("moss_http_request_duration_seconds", "route" => route)
+        .record(start.elapsed().as_secs_f64());
+    resp
 }
 
 /// Answers made by layers or by axum itself (405, 413, a failed extractor) speak the contract's
@@ -157,36 +212,42 @@ async fn security_headers(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Serves until `shutdown` resolves, then gives open requests `grace` to finish.
+/// Serves until `shutdown` resolves. Then no new connection is accepted; open requests get
+/// `grace` to finish; after that, running answers are told to stop (each stores what it has as
+/// `cancelled`), and the process waits a little for those writes before returning.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    router: Router,
+    state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
+    stop_answers: tokio::sync::watch::Sender<bool>,
 ) -> anyhow::Result<()> {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let admission = state.admission.clone();
+    let router = build_router(state);
+    let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
         shutdown.await;
-        let _ = tx.send(());
+        let _ = began_tx.send(());
     });
     let server = tokio::spawn(async move { server.await });
-    // Wait for the server; once shutdown has begun, wait at most `grace` more.
     tokio::pin!(server);
     tokio::select! {
         r = &mut server => return Ok(r??),
-        _ = async { let _ = rx.await; } => {}
+        _ = async { let _ = began_rx.await; } => {}
     }
-    match tokio::time::timeout(grace, &mut server).await {
-        Ok(r) => Ok(r??),
-        Err(_) => {
-            tracing::warn!("grace period over; closing open connections");
-            Ok(())
+    if tokio::time::timeout(grace, &mut server).await.is_err() {
+        tracing::warn!("grace period over: stopping running answers");
+        let _ = stop_answers.send(true);
+        if !admission.drained(Duration::from_secs(5)).await {
+            tracing::warn!("some answers did not finish storing in time");
         }
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
     }
+    Ok(())
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

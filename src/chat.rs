@@ -53,8 +53,12 @@ pub enum StartError {
 pub struct Turn {
     pub user_id: i64,
     pub conversation_id: i64,
+    /// The stored question (taken back if the answer is shed while waiting).
+    pub question_id: Option<i64>,
     pub max_tokens: usize,
     pub temperature: Option<f64>,
+    /// The admission slot, held until the answer ends.
+    pub permit: crate::admission::Permit,
 }
 
 /// Everything the answer task shares.
@@ -64,6 +68,7 @@ pub struct ChatDeps {
     pub config: Arc<Config>,
     pub engine: EngineHandle,
     pub policy: Arc<Policy>,
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The refusal for `text`, if the policy refuses it.
@@ -92,7 +97,8 @@ pub async fn cooldown_left(deps: &ChatDeps, user_id: i64) -> crate::db::DbResult
 /// Stores a refusal as the answer and streams it.
 pub async fn refuse(
     deps: &ChatDeps,
-    turn: &Turn,
+    user_id: i64,
+    conversation_id: i64,
     answer: String,
 ) -> Result<mpsc::Receiver<StreamEvent>, StartError> {
     let m = NewMessage {
@@ -102,18 +108,19 @@ pub async fn refuse(
         prompt_tokens: 0,
         completion_tokens: 0,
     };
-    let stored = chats::add_message(&deps.db, turn.user_id, turn.conversation_id, &m)
+    let stored = chats::add_message(&deps.db, user_id, conversation_id, &m)
         .await?
         .ok_or(StartError::Internal("conversation vanished".into()))?;
     let (tx, rx) = mpsc::channel(4);
     let _ = tx.try_send(StreamEvent::Token {
         text: answer.clone(),
     });
+    let html = crate::render::markdown(&answer);
     let _ = tx.try_send(StreamEvent::Done {
         message_id: stored.id,
         finish_reason: "refused".into(),
         usage: Usage::default(),
-        html: crate::render::markdown(&answer),
+        html,
     });
     Ok(rx)
 }
@@ -174,23 +181,94 @@ pub async fn start_answer(
     if ahead > 0 {
         let _ = tx.try_send(StreamEvent::Queued { position: ahead });
     }
-    tokio::spawn(relay(deps.db.clone(), turn, events, tx));
+    tokio::spawn(relay(deps.clone(), turn, events, tx, ahead));
     Ok(rx)
+}
+
+/// Waits for the engine to take the request, telling the client its place in line as it moves.
+/// False when the client left, the service is stopping, or the wait passed the configured limit.
+async fn wait_turn(
+    deps: &ChatDeps,
+    events: &mut crate::engine::EventStream,
+    tx: &mpsc::Sender<StreamEvent>,
+    ahead: usize,
+) -> Result<(), &'static str> {
+    let stats = &deps.engine.stats;
+    let finished_at_start = stats
+        .requests_finished
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_secs(deps.config.limits.max_queue_wait_secs);
+    let mut stopping = deps.stopping.clone();
+    let mut last = ahead;
+    let period = std::time::Duration::from_millis(250);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            ev = events.recv() => return match ev {
+                Some(Event::Started) => Ok(()),
+                _ => Err("engine"),
+            },
+            _ = tick.tick() => {
+                let done = stats.requests_finished.load(std::sync::atomic::Ordering::Relaxed) - finished_at_start;
+                let position = ahead.saturating_sub(done as usize).max(1);
+                if ahead > 0 && position != last {
+                    last = position;
+                    if tx.send(StreamEvent::Queued { position }).await.is_err() {
+                        return Err("client");
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => return Err("timeout"),
+            _ = tx.closed() => return Err("client"),
+            _ = stopping.changed() => return Err("stopping"),
+        }
+    }
 }
 
 /// Forwards engine events to the client and stores the answer however it ends.
 async fn relay(
-    db: Db,
+    deps: ChatDeps,
     turn: Turn,
     mut events: crate::engine::EventStream,
     tx: mpsc::Sender<StreamEvent>,
+    ahead: usize,
 ) {
+    let started = std::time::Instant::now();
+    metrics::gauge!("moss_generations_waiting").increment(1.0);
+    let waited = wait_turn(&deps, &mut events, &tx, ahead).await;
+    metrics::gauge!("moss_generations_waiting").decrement(1.0);
+    if let Err(why) = waited {
+        drop(events); // leaves the queue: the engine skips a request nobody listens to
+        if let Some(q) = turn.question_id {
+            let _ = chats::truncate_from(&deps.db, turn.conversation_id, q).await;
+        }
+        if why == "timeout" || why == "stopping" {
+            metrics::counter!("moss_shed_total", "reason" => "queue_timeout").increment(1);
+            let message =
+                "The server is overloaded, please try again tomorrow morning.".to_string();
+            let _ = tx
+                .send(StreamEvent::Error {
+                    code: "overloaded".into(),
+                    message,
+                })
+                .await;
+        }
+        return;
+    }
+    metrics::gauge!("moss_generations_running").increment(1.0);
+    let mut stopping = deps.stopping.clone();
     let mut text = String::new();
     let mut usage = Usage::default();
+    let mut first_token = true;
     let finish = loop {
         tokio::select! {
             ev = events.recv() => match ev {
                 Some(Event::Text(piece)) => {
+                    if first_token {
+                        first_token = false;
+                        metrics::histogram!("moss_time_to_first_token_seconds").record(started.elapsed().as_secs_f64());
+                    }
                     text.push_str(&piece);
                     if tx.send(StreamEvent::Token { text: piece }).await.is_err() {
                         break FinishReason::Cancelled;
@@ -208,9 +286,12 @@ async fn relay(
                 None => break FinishReason::Error,
             },
             _ = tx.closed() => break FinishReason::Cancelled,
+            _ = stopping.changed() => break FinishReason::Cancelled,
         }
     };
     drop(events); // cancels the generation if it is still running
+    metrics::gauge!("moss_generations_running").decrement(1.0);
+    metrics::counter!("moss_tokens_generated_total").increment(usage.completion_tokens as u64);
     let m = NewMessage {
         role: "assistant",
         content: &text,
@@ -218,7 +299,18 @@ async fn relay(
         prompt_tokens: usage.prompt_tokens as i64,
         completion_tokens: usage.completion_tokens as i64,
     };
-    let stored = store_with_retry(&db, turn.user_id, turn.conversation_id, &m).await;
+    let stored = store_with_retry(&deps.db, turn.user_id, turn.conversation_id, &m).await;
+    let spent = (usage.prompt_tokens + usage.completion_tokens) as i64;
+    if spent > 0 {
+        let day = crate::admission::local_day(
+            std::time::SystemTime::now(),
+            deps.config.limits.utc_offset_hours,
+        );
+        if let Err(e) = crate::db::usage::add(&deps.db, turn.user_id, &day, spent).await {
+            tracing::warn!("recording usage failed: {e}");
+        }
+    }
+    drop(turn.permit); // the slot is free before the client hears "done"
     match (stored, finish) {
         (Some(msg), FinishReason::Error) => {
             let _ = tx

@@ -25,6 +25,33 @@ pub struct Config {
     pub consent: ConsentConfig,
     pub chat: ChatConfig,
     pub refusals: RefusalsConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_running: usize,
+    pub max_waiting: usize,
+    pub max_queue_wait_secs: u64,
+    pub per_user_answers: usize,
+    pub reopen_hour: u32,
+    pub utc_offset_hours: i32,
+    pub daily_user_tokens: i64,
+    pub daily_service_tokens: i64,
+    pub trusted_proxies: Vec<String>,
+    pub auth: Bucket,
+    pub waitlist: Bucket,
+    pub generate: Bucket,
+    pub api: Bucket,
+}
+
+/// A token bucket: `per_minute` refill, `burst` capacity.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bucket {
+    pub per_minute: u32,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,6 +1,7 @@
 //! moss: a self-hostable web chat service in front of one language model.
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod chat;
 pub mod cli;
@@ -8,7 +9,9 @@ pub mod config;
 pub mod db;
 pub mod engine;
 pub mod http;
+pub mod limits;
 pub mod mail;
+pub mod metrics;
 pub mod models;
 pub mod policy;
 pub mod render;

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 const SLOW: Options = Options {
     smtp: false,
     token_delay_ms: 40,
+    tight_limits: false,
 };
 
 fn names(events: &[(String, Value)]) -> Vec<&str> {

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 const WITH_MAIL: Options = Options {
     smtp: true,
     token_delay_ms: 0,
+    tight_limits: false,
 };
 
 /// The first URL in `text` that starts with `prefix`.

@@ -83,9 +83,16 @@ pub fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
         if let Some(url) = invite {
             println!("First admin invite (register with it to become the administrator): {url}");
         }
-        let state = AppState::new(db, config, engine)?;
-        let router = crate::app::build_router(state);
-        crate::app::serve(listener, router, crate::app::shutdown_signal(), grace).await?;
+        let (stop_answers, stopping) = tokio::sync::watch::channel(false);
+        let state = AppState::new(db, config, engine, stopping)?;
+        crate::app::serve(
+            listener,
+            state,
+            crate::app::shutdown_signal(),
+            grace,
+            stop_answers,
+        )
+        .await?;
         let _ = stop_tx.send(true);
         Ok(())
     })

@@ -153,6 +153,8 @@ pub struct ModelInfo {
 pub struct EngineStats {
     /// Requests submitted and not yet finished (waiting or running).
     pub in_flight: std::sync::atomic::AtomicUsize,
+    /// Requests the engine thread has finished with (done, failed or skipped).
+    pub requests_finished: AtomicU64,
     pub requests_started: AtomicU64,
     pub tokens_generated: AtomicU64,
     pub requests_cancelled: AtomicU64,

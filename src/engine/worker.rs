@@ -41,6 +41,7 @@ pub(super) fn run(
     while let Some(job) = jobs.blocking_recv() {
         run_job(&mut model, &info, job, &options, &stats);
         stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        stats.requests_finished.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -18,15 +18,20 @@ use super::{
 use crate::db::accounts::{self, NewUser, User};
 use crate::db::{consent, invites, now_ms, waitlist};
 
-pub fn router() -> Router<AppState> {
+/// Registration, sign-in and password reset: the `auth` rate-limit bucket.
+pub fn auth_router() -> Router<AppState> {
     Router::new()
         .route("/api/register", post(register))
         .route("/api/login", post(login))
+        .route("/api/password/forgot", post(forgot_password))
+        .route("/api/password/reset", post(reset_password))
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new()
         .route("/api/logout", post(logout))
         .route("/api/me", get(me))
         .route("/api/consent", put(set_consent).get(consent_history))
-        .route("/api/password/forgot", post(forgot_password))
-        .route("/api/password/reset", post(reset_password))
 }
 
 #[derive(Deserialize)]

@@ -62,6 +62,32 @@ fn check_params(
     }
 }
 
+/// Daily quotas, then a generation slot: decided before any work starts.
+async fn admit(state: &AppState, user_id: i64) -> AppResult<crate::admission::Permit> {
+    let l = &state.config.limits;
+    let now = std::time::SystemTime::now();
+    let day = crate::admission::local_day(now, l.utc_offset_hours);
+    if l.daily_user_tokens > 0
+        && crate::db::usage::user_tokens(&state.db, user_id, &day).await? >= l.daily_user_tokens
+    {
+        return Err(AppError::QuotaExceeded {
+            retry_after_secs: crate::admission::secs_until_midnight(now, l.utc_offset_hours),
+        });
+    }
+    if l.daily_service_tokens > 0
+        && crate::db::usage::service_tokens(&state.db, &day).await? >= l.daily_service_tokens
+    {
+        return Err(state.overloaded());
+    }
+    state
+        .admission
+        .try_admit(user_id)
+        .map_err(|shed| match shed {
+            crate::admission::Shed::Busy => AppError::Busy,
+            crate::admission::Shed::Overloaded => state.overloaded(),
+        })
+}
+
 async fn check_cooldown(state: &AppState, user_id: i64) -> AppResult<()> {
     match chat::cooldown_left(&state.chat_deps(), user_id).await? {
         Some(ms) => Err(AppError::Cooldown {
@@ -95,7 +121,13 @@ async fn send(
         .ok_or(AppError::NotFound)?;
     check_cooldown(&state, user.id).await?;
     let deps = state.chat_deps();
-    // The question is stored before anything else happens.
+    let refusal = chat::refusal_for(&deps, &content);
+    // A refusal needs no model, so it takes no slot; anything else is admitted (or shed) first.
+    let permit = match refusal {
+        Some(_) => None,
+        None => Some(admit(&state, user.id).await?),
+    };
+    // The question is stored before the answer starts.
     let m = NewMessage {
         role: "user",
         content: &content,
@@ -111,22 +143,27 @@ async fn send(
         .take(state.config.chat.title_chars)
         .collect();
     chats::set_title_if_empty(&state.db, id, title.trim()).await?;
-    let turn = Turn {
-        user_id: user.id,
-        conversation_id: id,
-        max_tokens,
-        temperature: b.temperature,
-    };
-    let events = match chat::refusal_for(&deps, &content) {
-        Some(answer) => chat::refuse(&deps, &turn, answer).await,
-        None => chat::start_answer(&deps, turn).await,
+    let events = match (refusal, permit) {
+        (Some(answer), _) => chat::refuse(&deps, user.id, id, answer).await,
+        (None, Some(permit)) => {
+            let turn = Turn {
+                user_id: user.id,
+                conversation_id: id,
+                question_id: Some(question.id),
+                max_tokens,
+                temperature: b.temperature,
+                permit,
+            };
+            chat::start_answer(&deps, turn).await
+        }
+        (None, None) => unreachable!("a permit is taken for every answer the model makes"),
     };
     match events {
         Ok(rx) => Ok(stream(rx)),
         Err(e) => {
             // Nothing will answer this question: take it back rather than leave it dangling.
             chats::truncate_from(&state.db, id, question.id).await?;
-            Err(e.into())
+            Err(start_error(&state, e))
         }
     }
 }
@@ -149,34 +186,45 @@ async fn regenerate(
         ));
     }
     check_cooldown(&state, user.id).await?;
-    chats::truncate_from(&state.db, answer.conversation_id, answer.id).await?;
     let deps = state.chat_deps();
-    let turn = Turn {
-        user_id: user.id,
-        conversation_id: answer.conversation_id,
-        max_tokens,
-        temperature: b.temperature,
-    };
     let question = chats::messages(&state.db, user.id, answer.conversation_id)
         .await?
         .into_iter()
+        .filter(|m| m.id < answer.id)
         .rev()
         .find(|m| m.role == "user");
-    let events = match question.and_then(|q| chat::refusal_for(&deps, &q.content)) {
-        Some(refusal) => chat::refuse(&deps, &turn, refusal).await,
-        None => chat::start_answer(&deps, turn).await,
+    let refusal = question
+        .as_ref()
+        .and_then(|q| chat::refusal_for(&deps, &q.content));
+    let permit = match refusal {
+        Some(_) => None,
+        None => Some(admit(&state, user.id).await?),
     };
-    Ok(stream(events?))
+    chats::truncate_from(&state.db, answer.conversation_id, answer.id).await?;
+    let events = match (refusal, permit) {
+        (Some(text), _) => chat::refuse(&deps, user.id, answer.conversation_id, text).await,
+        (None, Some(permit)) => {
+            let turn = Turn {
+                user_id: user.id,
+                conversation_id: answer.conversation_id,
+                question_id: None,
+                max_tokens,
+                temperature: b.temperature,
+                permit,
+            };
+            chat::start_answer(&deps, turn).await
+        }
+        (None, None) => unreachable!("a permit is taken for every answer the model makes"),
+    };
+    events.map(stream).map_err(|e| start_error(&state, e))
 }
 
-impl From<StartError> for AppError {
-    fn from(e: StartError) -> Self {
-        match e {
-            StartError::PromptTooLong => AppError::PromptTooLong { max_chars: 0 },
-            StartError::Overloaded => AppError::Overloaded,
-            StartError::Db(d) => d.into(),
-            StartError::Internal(m) => AppError::Internal(m),
-        }
+fn start_error(state: &AppState, e: StartError) -> AppError {
+    match e {
+        StartError::PromptTooLong => AppError::PromptTooLong { max_chars: 0 },
+        StartError::Overloaded => state.overloaded(),
+        StartError::Db(d) => d.into(),
+        StartError::Internal(m) => AppError::Internal(m),
     }
 }
 

@@ -52,9 +52,16 @@ pub enum AppError {
     /// Too many refused requests lately (429).
     #[error("cooldown")]
     Cooldown { retry_after_secs: u64 },
-    /// The generation queue is full (503, try again tomorrow morning).
+    /// The generation queue is full or the daily budget spent (503, try again tomorrow morning);
+    /// `retry_at` is the HTTP-date of the reopening.
     #[error("overloaded")]
-    Overloaded,
+    Overloaded { retry_at: String },
+    /// The account has an answer in progress already (429, Retry-After: 1).
+    #[error("busy")]
+    Busy,
+    /// The account's daily tokens are spent (429, Retry-After until the reset).
+    #[error("quota exceeded")]
+    QuotaExceeded { retry_after_secs: u64 },
     /// The database did not answer in time (503).
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -197,7 +204,19 @@ impl AppError {
                 s("Several of your recent requests were refused. Please wait a few minutes before asking again."),
                 s("你最近的多个请求被拒绝，请稍等几分钟再提问。"),
             ),
-            Overloaded => (
+            Busy => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "busy",
+                s("You already have an answer in progress. Please wait for it to finish."),
+                s("你已有一个回答正在生成，请等它完成。"),
+            ),
+            QuotaExceeded { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                s("You have used today's quota. It resets at midnight."),
+                s("你今天的额度已用完，将在午夜重置。"),
+            ),
+            Overloaded { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
                 s("The server is overloaded, please try again tomorrow morning."),
@@ -235,6 +254,13 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let (status, code, message, message_zh) = self.parts();
         match &self {
+            AppError::Overloaded { .. } => {
+                metrics::counter!("moss_shed_total", "reason" => "overloaded").increment(1)
+            }
+            AppError::Busy => metrics::counter!("moss_shed_total", "reason" => "busy").increment(1),
+            AppError::QuotaExceeded { .. } => {
+                metrics::counter!("moss_shed_total", "reason" => "quota").increment(1)
+            }
             AppError::Internal(detail) => tracing::error!(%detail, "internal error"),
             AppError::Unavailable(detail) => tracing::warn!(%detail, "database unavailable"),
             _ => {}
@@ -245,9 +271,20 @@ impl IntoResponse for AppError {
             AppError::Cooldown { retry_after_secs } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            AppError::Overloaded => {
-                h.insert(header::RETRY_AFTER, HeaderValue::from_static("3600"));
+            AppError::Overloaded { retry_at } => {
+                if let Ok(v) = HeaderValue::from_str(retry_at) {
+                    h.insert(header::RETRY_AFTER, v);
+                }
                 h.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            AppError::Busy => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            AppError::QuotaExceeded { retry_after_secs } => {
+                h.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from((*retry_after_secs).max(1)),
+                );
             }
             _ if status == StatusCode::SERVICE_UNAVAILABLE => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));

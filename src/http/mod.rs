@@ -29,17 +29,32 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub engine: EngineHandle,
     pub policy: Arc<crate::policy::Policy>,
+    pub admission: crate::admission::Admission,
+    /// Tells running answers to stop and store what they have (set at shutdown).
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 impl AppState {
-    /// Builds the state, compiling the refusal rules from config.
-    pub fn new(db: Db, config: Arc<Config>, engine: EngineHandle) -> anyhow::Result<Self> {
+    /// Builds the state: refusal rules from config, admission slots, the metrics recorder.
+    pub fn new(
+        db: Db,
+        config: Arc<Config>,
+        engine: EngineHandle,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> anyhow::Result<Self> {
         let policy = Arc::new(crate::policy::Policy::load(&config.refusals.rules_file)?);
+        let l = &config.limits;
+        let admission =
+            crate::admission::Admission::new(l.max_running + l.max_waiting, l.per_user_answers);
         Ok(Self {
             db,
             config,
             engine,
             policy,
+            admission,
+            stopping,
+            metrics: crate::metrics::handle(),
         })
     }
 
@@ -49,6 +64,20 @@ impl AppState {
             config: self.config.clone(),
             engine: self.engine.clone(),
             policy: self.policy.clone(),
+            stopping: self.stopping.clone(),
+        }
+    }
+
+    /// The overloaded answer: Retry-After is the configured reopening time, tomorrow morning.
+    pub fn overloaded(&self) -> AppError {
+        let l = &self.config.limits;
+        let at = crate::admission::next_reopening(
+            std::time::SystemTime::now(),
+            l.reopen_hour,
+            l.utc_offset_hours,
+        );
+        AppError::Overloaded {
+            retry_at: httpdate::fmt_http_date(at),
         }
     }
 

@@ -12,6 +12,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
 }
 
 async fn healthz() -> Json<Value> {
@@ -31,5 +32,18 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     (
         status,
         Json(json!({"database": db, "model": state.engine.info.name})),
+    )
+}
+
+/// Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
+    metrics::gauge!("moss_engine_queue_depth").set(state.engine.load() as f64);
+    metrics::gauge!("moss_admitted_answers").set(state.admission.in_use() as f64);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
     )
 }

@@ -11,10 +11,13 @@ use serde_json::json;
 use super::{normalize_email, normalize_locale, AppError, AppResult, AppState, JsonBody};
 use crate::db::waitlist;
 
+/// Signup: the `waitlist` rate-limit bucket.
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/waitlist", post(signup))
-        .route("/api/waitlist/status", get(status))
+    Router::new().route("/api/waitlist", post(signup))
+}
+
+pub fn status_router() -> Router<AppState> {
+    Router::new().route("/api/waitlist/status", get(status))
 }
 
 #[derive(Deserialize)]

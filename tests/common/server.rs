@@ -168,6 +168,8 @@ pub struct Options {
     pub smtp: bool,
     /// Slow the tiny model down (milliseconds per token) for stop/disconnect/queue tests.
     pub token_delay_ms: u64,
+    /// Keep the configured (tight) rate limits instead of effectively unlimited ones.
+    pub tight_limits: bool,
 }
 
 fn postgres_admin_url() -> Option<String> {
@@ -220,6 +222,17 @@ impl TestApp {
         config.database.url = database_url.clone();
         // The tiny model has a 512-token context and a byte-sized vocabulary: keep the system prompt short.
         config.engine.system_prompt = "You are moss, a helpful assistant.".into();
+        // Every test client is 127.0.0.1: rate limits have tests of their own (Options::tight_limits).
+        if !opts.tight_limits {
+            let wide = moss::config::Bucket {
+                per_minute: 1_000_000,
+                burst: 1_000_000,
+            };
+            config.limits.auth = wide;
+            config.limits.waitlist = wide;
+            config.limits.generate = wide;
+            config.limits.api = wide;
+        }
         if let Some(s) = &smtp {
             config.smtp.host = "127.0.0.1".into();
             config.smtp.port = s.port;
@@ -244,15 +257,16 @@ impl TestApp {
                 stop_rx,
             ));
         }
-        let state = AppState::new(db.clone(), config.clone(), engine).unwrap();
-        let router = moss::app::build_router(state);
+        let (stop_answers, stopping) = tokio::sync::watch::channel(false);
+        let state = AppState::new(db.clone(), config.clone(), engine, stopping).unwrap();
         tokio::spawn(moss::app::serve(
             listener,
-            router,
+            state,
             async {
                 let _ = rx.await;
             },
             Duration::from_secs(1),
+            stop_answers,
         ));
         Some(TestApp {
             base: format!("http://{addr}"),
