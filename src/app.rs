@@ -121,6 +121,12 @@ async fn contract_errors(req: Request, next: Next) -> Response {
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !api
+        && is_json
+        && (status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE)
+    {
+        return busy_page(resp).await;
+    }
     if !api || status.as_u16() < 400 || is_json {
         return resp;
     }
@@ -183,6 +189,34 @@ async fn refuse_oversized(
         }
         _ => next.run(req).await,
     }
+}
+
+/// A browser navigating to a page while the service is over capacity gets a small page with the
+/// same words as the JSON error (and the same status and Retry-After).
+async fn busy_page(resp: Response) -> Response {
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let text = v["error"]["message"]
+        .as_str()
+        .unwrap_or("Please try again later.")
+        .to_string();
+    let text_zh = v["error"]["message_zh"]
+        .as_str()
+        .unwrap_or("请稍后重试。")
+        .to_string();
+    let mut page = http::pages::page(
+        parts.status,
+        "message.html",
+        minijinja::context! { title => "Please try again later", title_zh => "请稍后再试", text, text_zh },
+    );
+    if let Some(retry) = parts.headers.get(header::RETRY_AFTER) {
+        page.headers_mut()
+            .insert(header::RETRY_AFTER, retry.clone());
+    }
+    page
 }
 
 /// SECURITY.md 9: a strict CSP (no inline script, no foreign images), nosniff, no referrer (links

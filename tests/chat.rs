@@ -12,6 +12,8 @@ const SLOW: Options = Options {
     smtp: false,
     token_delay_ms: 40,
     tight_limits: false,
+    configure: None,
+    db_proxy: false,
 };
 
 fn names(events: &[(String, Value)]) -> Vec<&str> {

@@ -11,6 +11,8 @@ const WITH_MAIL: Options = Options {
     smtp: true,
     token_delay_ms: 0,
     tight_limits: false,
+    configure: None,
+    db_proxy: false,
 };
 
 /// The first URL in `text` that starts with `prefix`.

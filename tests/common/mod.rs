@@ -72,4 +72,5 @@ pub fn real_model(file: &str) -> Option<PathBuf> {
 
 pub const QWEN_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 pub const GEMMA_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+pub mod proxy;
 pub mod server;

@@ -150,6 +150,7 @@ pub struct TestApp {
     pub smtp: Option<SmtpSink>,
     pub dir: tempfile::TempDir,
     pub database_url: String,
+    pub proxy: Option<super::proxy::DbProxy>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     _stop_mail: tokio::sync::watch::Sender<bool>,
 }
@@ -170,6 +171,10 @@ pub struct Options {
     pub token_delay_ms: u64,
     /// Keep the configured (tight) rate limits instead of effectively unlimited ones.
     pub tight_limits: bool,
+    /// Last changes to the configuration before the server starts.
+    pub configure: Option<fn(&mut Config)>,
+    /// PostgreSQL only: reach the database through a relay the test can cut (`TestApp::proxy`).
+    pub db_proxy: bool,
 }
 
 fn postgres_admin_url() -> Option<String> {
@@ -217,6 +222,20 @@ impl TestApp {
                 }
             },
         };
+        let mut proxy = None;
+        let database_url = if opts.db_proxy && backend == Backend::Postgres {
+            let url = url::Url::parse(&database_url).unwrap();
+            let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432))
+                .parse()
+                .unwrap();
+            let p = super::proxy::DbProxy::start(target).await;
+            let mut via = url.clone();
+            via.set_port(Some(p.addr.port())).unwrap();
+            proxy = Some(p);
+            via.to_string()
+        } else {
+            database_url
+        };
         let smtp = opts.smtp.then(|| SmtpSink::start(dir.path().join("mail")));
         let mut config = Config::load(None).unwrap();
         config.database.url = database_url.clone();
@@ -238,6 +257,9 @@ impl TestApp {
             config.smtp.port = s.port;
             config.smtp.security = "none".into();
             config.smtp.poll_secs = 1;
+        }
+        if let Some(f) = opts.configure {
+            f(&mut config);
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -276,6 +298,7 @@ impl TestApp {
             smtp,
             dir,
             database_url,
+            proxy,
             shutdown: Some(tx),
             _stop_mail: stop_mail,
         })

@@ -1,0 +1,519 @@
+//! Load shedding and faults: token buckets, busy, overloaded until tomorrow morning, queue wait,
+//! daily quotas, metrics, the database going away and coming back, and SIGTERM mid-answer.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::server::{Options, TestApp};
+use moss::config::Config;
+use serde_json::{json, Value};
+
+const SLOW: u64 = 40;
+
+fn opts(configure: fn(&mut Config)) -> Options {
+    Options {
+        smtp: false,
+        token_delay_ms: SLOW,
+        tight_limits: false,
+        configure: Some(configure),
+        db_proxy: false,
+    }
+}
+
+/// Starts an answer and returns once its first token has arrived (the answer keeps running).
+async fn running_answer(app: &TestApp, c: &reqwest::Client, max_tokens: u32) -> reqwest::Response {
+    let conv = app.conversation(c).await;
+    let mut r = c
+        .post(app.url(&format!("/api/conversations/{conv}/messages")))
+        .json(&json!({"content": "hello", "max_tokens": max_tokens}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut seen = String::new();
+    while !seen.contains("event: token") {
+        seen.push_str(&String::from_utf8_lossy(
+            &r.chunk().await.unwrap().expect("stream open"),
+        ));
+    }
+    r
+}
+
+async fn error_of(r: reqwest::Response) -> (u16, reqwest::header::HeaderMap, Value) {
+    let (s, h) = (r.status().as_u16(), r.headers().clone());
+    (s, h, r.json().await.unwrap())
+}
+
+async fn token_buckets_limit_each_client(app: TestApp) {
+    let c = app.client();
+    let login = json!({"email": "x@example.com", "password": "wrong password"});
+    let burst = app.config.limits.auth.burst;
+    for _ in 0..burst {
+        assert_eq!(
+            c.post(app.url("/api/login"))
+                .json(&login)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            401
+        );
+    }
+    // A forged X-Forwarded-For does not give the client a fresh bucket (no trusted proxy here).
+    let r = c
+        .post(app.url("/api/login"))
+        .header("x-forwarded-for", "198.51.100.1")
+        .json(&login)
+        .send()
+        .await
+        .unwrap();
+    let (status, headers, body) = error_of(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1, "Retry-After is rounded up, never 0");
+    assert!(body["error"]["message_zh"].as_str().is_some());
+    // Other buckets are separate: the waitlist still answers.
+    assert_eq!(
+        c.post(app.url("/api/waitlist"))
+            .json(&json!({"email": "w@example.com"}))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    let metrics = c
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("moss_rate_limited_total{bucket=\"auth\"}"),
+        "{metrics}"
+    );
+}
+both_backends!(
+    token_buckets_limit_each_client,
+    Options {
+        tight_limits: true,
+        ..Options::default()
+    }
+);
+
+async fn pages_over_capacity_are_small_html_pages(app: TestApp) {
+    let c = app.client();
+    for _ in 0..2 {
+        assert_eq!(c.get(app.url("/")).send().await.unwrap().status(), 200);
+    }
+    let r = c.get(app.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let html = r.text().await.unwrap();
+    assert!(
+        html.contains("Too many requests") && html.contains("请求过于频繁"),
+        "{html}"
+    );
+}
+both_backends!(
+    pages_over_capacity_are_small_html_pages,
+    Options {
+        tight_limits: true,
+        configure: Some(|c| c.limits.api = moss::config::Bucket {
+            per_minute: 1,
+            burst: 2
+        }),
+        ..Options::default()
+    }
+);
+
+async fn one_answer_per_account_at_a_time(app: TestApp) {
+    let c = app.user("busy@example.com").await;
+    let _running = running_answer(&app, &c, 200).await;
+    let conv = app.conversation(&c).await;
+    let r = c
+        .post(app.url(&format!("/api/conversations/{conv}/messages")))
+        .json(&json!({"content": "and another"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, headers, body) = error_of(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("busy"))
+    );
+    assert_eq!(headers["retry-after"], "1");
+    // the refused question was not stored
+    let msgs: Value = c
+        .get(app.url(&format!("/api/conversations/{conv}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(msgs["messages"], json!([]));
+}
+both_backends!(one_answer_per_account_at_a_time, opts(|_| {}));
+
+async fn a_full_queue_is_shed_at_once_until_tomorrow_morning(app: TestApp) {
+    let (a, b, c) = (
+        app.user("a@example.com").await,
+        app.user("b@example.com").await,
+        app.user("c@example.com").await,
+    );
+    let _first = running_answer(&app, &a, 300).await;
+    // the second waits in line (capacity: 1 running + 1 waiting)
+    let conv_b = app.conversation(&b).await;
+    let mut second = b
+        .post(app.url(&format!("/api/conversations/{conv_b}/messages")))
+        .json(&json!({"content": "hi", "max_tokens": 5}))
+        .send()
+        .await
+        .unwrap();
+    let chunk = String::from_utf8_lossy(&second.chunk().await.unwrap().unwrap()).to_string();
+    assert!(chunk.contains("event: queued"), "{chunk}");
+    // the third is shed at once, while the others still run
+    let conv_c = app.conversation(&c).await;
+    let r = c
+        .post(app.url(&format!("/api/conversations/{conv_c}/messages")))
+        .json(&json!({"content": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, headers, body) = error_of(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("overloaded"))
+    );
+    assert_eq!(
+        body["error"]["message"],
+        "The server is overloaded, please try again tomorrow morning."
+    );
+    assert_eq!(
+        body["error"]["message_zh"],
+        "服务器流量过载，请明天上午重试"
+    );
+    assert_eq!(headers["x-should-retry"], "false");
+    let at = httpdate::parse_http_date(headers["retry-after"].to_str().unwrap())
+        .expect("Retry-After is an HTTP-date");
+    let wait = at.duration_since(SystemTime::now()).expect("in the future");
+    assert!(wait <= Duration::from_secs(86_400), "{wait:?}");
+    let metrics = app
+        .client()
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("moss_shed_total{reason=\"overloaded\"}"),
+        "{metrics}"
+    );
+}
+both_backends!(
+    a_full_queue_is_shed_at_once_until_tomorrow_morning,
+    opts(|c| {
+        c.limits.max_running = 1;
+        c.limits.max_waiting = 1;
+    })
+);
+
+async fn waiting_too_long_is_shed(app: TestApp) {
+    let (a, b) = (
+        app.user("a@example.com").await,
+        app.user("b@example.com").await,
+    );
+    let _first = running_answer(&app, &a, 300).await;
+    let conv = app.conversation(&b).await;
+    let (status, events) = app
+        .chat(&b, conv, json!({"content": "hi", "max_tokens": 5}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(events.first().unwrap().0, "queued");
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.0.as_str(), last.1["code"].as_str()),
+        ("error", Some("overloaded")),
+        "{events:?}"
+    );
+    let msgs: Value = b
+        .get(app.url(&format!("/api/conversations/{conv}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        msgs["messages"],
+        json!([]),
+        "the shed question is taken back"
+    );
+}
+both_backends!(
+    waiting_too_long_is_shed,
+    opts(|c| c.limits.max_queue_wait_secs = 1)
+);
+
+async fn daily_quotas_are_counted_in_the_database(app: TestApp) {
+    let a = app.user("q@example.com").await;
+    let conv = app.conversation(&a).await;
+    let (s, events) = app
+        .chat(&a, conv, json!({"content": "hello", "max_tokens": 4}))
+        .await;
+    assert_eq!(s, 200, "{events:?}");
+    // the first answer used more than the 20-token quota: the next is refused until midnight
+    let r = a
+        .post(app.url(&format!("/api/conversations/{conv}/messages")))
+        .json(&json!({"content": "again"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, headers, body) = error_of(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("quota_exceeded"))
+    );
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=86_400).contains(&retry));
+    // usage lives in the database (shared by replicas)
+    let used: i64 = sqlx::query_scalar("SELECT tokens FROM usage_daily")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert!(used >= 20, "{used}");
+    // the service budget: another account is shed as overloaded once the day's tokens are spent
+    sqlx::query("UPDATE service_usage_daily SET tokens = 1000000")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let b = app.user("q2@example.com").await;
+    let conv_b = app.conversation(&b).await;
+    let r = b
+        .post(app.url(&format!("/api/conversations/{conv_b}/messages")))
+        .json(&json!({"content": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(r).await.2["error"]["code"], "overloaded");
+}
+both_backends!(
+    daily_quotas_are_counted_in_the_database,
+    Options {
+        configure: Some(|c| {
+            c.limits.daily_user_tokens = 20;
+            c.limits.daily_service_tokens = 100_000;
+        }),
+        ..Options::default()
+    }
+);
+
+async fn metrics_cover_requests_queue_and_tokens(app: TestApp) {
+    let c = app.user("m@example.com").await;
+    let conv = app.conversation(&c).await;
+    app.chat(&c, conv, json!({"content": "hello", "max_tokens": 3}))
+        .await;
+    let m = app.client().get(app.url("/metrics")).send().await.unwrap();
+    assert!(m.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let m = m.text().await.unwrap();
+    for name in [
+        "moss_http_requests_total",
+        "moss_http_request_duration_seconds_bucket",
+        "moss_engine_queue_depth",
+        "moss_generations_running",
+        "moss_tokens_generated_total",
+        "moss_time_to_first_token_seconds_bucket",
+    ] {
+        assert!(m.contains(name), "{name} missing from /metrics");
+    }
+    assert!(
+        m.contains("route=\"/api/conversations/{id}/messages\""),
+        "routes are labelled by pattern"
+    );
+    assert_eq!(
+        app.client()
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.client()
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+both_backends!(metrics_cover_requests_queue_and_tokens);
+
+/// PostgreSQL goes away and comes back: 503 JSON errors quickly, never a hang or a crash, and the
+/// service recovers by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_gives_503_and_recovers() {
+    let options = Options {
+        db_proxy: true,
+        configure: Some(|c| c.database.acquire_timeout_secs = 1),
+        ..Options::default()
+    };
+    let Some(app) = TestApp::start(common::server::Backend::Postgres, options).await else {
+        return;
+    };
+    let c = app.user("o@example.com").await;
+    let proxy = app.proxy.as_ref().unwrap();
+    proxy.cut();
+    for path in ["/api/conversations", "/api/me"] {
+        let t = std::time::Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(20), c.get(app.url(path)).send())
+            .await
+            .expect("no hang")
+            .unwrap();
+        let (status, headers, body) = error_of(r).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (503, Some("unavailable")),
+            "{path}"
+        );
+        assert!(headers.contains_key("retry-after"));
+        assert!(t.elapsed() < Duration::from_secs(15));
+    }
+    assert_eq!(
+        app.client()
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(
+        app.client()
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    proxy.restore().await;
+    let mut ok = false;
+    for _ in 0..50 {
+        if c.get(app.url("/api/conversations"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ok, "the service did not recover");
+    assert_eq!(
+        app.client()
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+/// SIGTERM while an answer streams: the process stops accepting, gives the answer the grace period,
+/// stores what it has, and exits 0.
+#[test]
+fn sigterm_mid_answer_keeps_the_partial_answer_and_exits_cleanly() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(dir.path(), moss::engine::Arch::Qwen2);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moss"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--model"])
+        .arg(&model)
+        .env("MOSS_DATABASE__DATA_DIR", dir.path().join("data"))
+        .env("MOSS_ENGINE__DEVICE", "cpu")
+        .env("MOSS_ENGINE__TOKEN_DELAY_MS", "50")
+        .env("MOSS_ENGINE__SYSTEM_PROMPT", "You are moss.")
+        .env("MOSS_SERVER__SHUTDOWN_GRACE_SECS", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let base = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    let invite = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    let code = invite.split("code=").nth(1).unwrap().to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = reqwest::Client::builder().cookie_store(true).build().unwrap();
+        let r = c.post(format!("{base}/api/register")).json(&json!({"invite_code": code, "email": "t@example.com", "password": "long enough pw"})).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        let conv: Value = c.post(format!("{base}/api/conversations")).send().await.unwrap().json().await.unwrap();
+        let conv = conv["id"].as_i64().unwrap();
+        let mut r = c.post(format!("{base}/api/conversations/{conv}/messages")).json(&json!({"content": "hello", "max_tokens": 400})).send().await.unwrap();
+        let mut seen = String::new();
+        while !seen.contains("event: token") {
+            seen.push_str(&String::from_utf8_lossy(&r.chunk().await.unwrap().unwrap()));
+        }
+        assert!(std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+        // the stream ends with the stored partial answer
+        let mut rest = seen;
+        while let Ok(Some(chunk)) = r.chunk().await {
+            rest.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        let events = common::server::parse_sse(&rest);
+        let done = events.iter().find(|(n, _)| n == "done").unwrap_or_else(|| panic!("no done event: {rest}"));
+        assert_eq!(done.1["finish_reason"], "cancelled");
+    });
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    // the partial answer is in the database
+    rt.block_on(async {
+        let url = format!("sqlite://{}", dir.path().join("data/moss.db").display());
+        let db = moss::db::Db::connect(&url, &Default::default())
+            .await
+            .unwrap();
+        let (reason, content): (String, String) =
+            sqlx::query_as("SELECT finish_reason, content FROM messages WHERE role = 'assistant'")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(reason, "cancelled");
+        assert!(!content.is_empty());
+    });
+}
