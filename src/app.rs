@@ -17,6 +17,11 @@ use crate::http::{self, AppState};
 /// The whole application.
 pub fn build_router(state: AppState) -> Router {
     let max_body = state.config.server.max_body_bytes;
+    // Requests other than answer streams must finish within the configured time (503 otherwise).
+    let timeout = tower_http::timeout::TimeoutLayer::with_status_code(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(state.config.server.request_timeout_secs),
+    );
     let l = &state.config.limits;
     let trusted = l
         .trusted_proxies
@@ -51,11 +56,27 @@ pub fn build_router(state: AppState) -> Router {
         .merge(http::admin::router())
         .merge(http::pages::router())
         .fallback(not_found)
+        .layer(timeout.clone())
         .layer(crate::limits::layer("api", api));
     Router::new()
-        .merge(http::accounts::auth_router().layer(crate::limits::layer("auth", auth)))
-        .merge(http::waitlist::router().layer(crate::limits::layer("waitlist", waitlist)))
-        .merge(http::chat::router().layer(crate::limits::layer("generate", generate)))
+        .merge(
+            http::accounts::auth_router()
+                .layer(timeout.clone())
+                .layer(crate::limits::layer("auth", auth)),
+        )
+        .merge(
+            http::waitlist::router()
+                .layer(timeout)
+                .layer(crate::limits::layer("waitlist", waitlist)),
+        )
+        .merge(
+            http::chat::router()
+                .route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    shed_when_full,
+                ))
+                .layer(crate::limits::layer("generate", generate)),
+        )
         .merge(http::ops::router())
         .merge(general)
         .layer(middleware::from_fn_with_state(
@@ -68,7 +89,8 @@ pub fn build_router(state: AppState) -> Router {
         .layer(middleware::from_fn(contract_errors))
         .layer(middleware::from_fn(security_headers))
         .layer(middleware::from_fn(record_metrics))
-        .layer(TraceLayer::new_for_http())
+        // 5xx answers are logged where they are made (AppError); a flood of shed 503s is not news.
+        .layer(TraceLayer::new_for_http().on_failure(()))
         .with_state(state)
 }
 
@@ -86,6 +108,19 @@ async fn not_found(req: Request) -> Response {
 
 fn wants_json(path: &str) -> bool {
     path.starts_with("/api/") || path.starts_with("/v1/")
+}
+
+/// When every generation slot is taken, new answers are refused before any other work (no session
+/// lookup, no database): the shed answer must be fast exactly when the service is busiest.
+async fn shed_when_full(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if state.admission.is_full() {
+        return state.overloaded().into_response();
+    }
+    next.run(req).await
 }
 
 /// Requests by route and status, and their latency.

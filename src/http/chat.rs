@@ -62,8 +62,19 @@ fn check_params(
     }
 }
 
-/// Daily quotas, then a generation slot: decided before any work starts.
-async fn admit(state: &AppState, user_id: i64) -> AppResult<crate::admission::Permit> {
+/// A generation slot for `user_id`, without waiting: 429 busy or 503 overloaded otherwise.
+fn take_slot(state: &AppState, user_id: i64) -> AppResult<crate::admission::Permit> {
+    state
+        .admission
+        .try_admit(user_id)
+        .map_err(|shed| match shed {
+            crate::admission::Shed::Busy => AppError::Busy,
+            crate::admission::Shed::Overloaded => state.overloaded(),
+        })
+}
+
+/// The account's and the service's daily token budgets.
+async fn check_quota(state: &AppState, user_id: i64) -> AppResult<()> {
     let l = &state.config.limits;
     let now = std::time::SystemTime::now();
     let day = crate::admission::local_day(now, l.utc_offset_hours);
@@ -79,13 +90,7 @@ async fn admit(state: &AppState, user_id: i64) -> AppResult<crate::admission::Pe
     {
         return Err(state.overloaded());
     }
-    state
-        .admission
-        .try_admit(user_id)
-        .map_err(|shed| match shed {
-            crate::admission::Shed::Busy => AppError::Busy,
-            crate::admission::Shed::Overloaded => state.overloaded(),
-        })
+    Ok(())
 }
 
 async fn check_cooldown(state: &AppState, user_id: i64) -> AppResult<()> {
@@ -116,17 +121,21 @@ async fn send(
         return Err(AppError::PromptTooLong { max_chars });
     }
     let max_tokens = check_params(&state, b.temperature, b.max_tokens)?;
+    let deps = state.chat_deps();
+    let refusal = chat::refusal_for(&deps, &content);
+    // A refusal needs no model, so it takes no slot; anything else takes one first, before any
+    // database work, so that shedding stays cheap when the service is busiest.
+    let permit = match refusal {
+        Some(_) => None,
+        None => Some(take_slot(&state, user.id)?),
+    };
     chats::conversation(&state.db, user.id, id)
         .await?
         .ok_or(AppError::NotFound)?;
     check_cooldown(&state, user.id).await?;
-    let deps = state.chat_deps();
-    let refusal = chat::refusal_for(&deps, &content);
-    // A refusal needs no model, so it takes no slot; anything else is admitted (or shed) first.
-    let permit = match refusal {
-        Some(_) => None,
-        None => Some(admit(&state, user.id).await?),
-    };
+    if permit.is_some() {
+        check_quota(&state, user.id).await?;
+    }
     // The question is stored before the answer starts.
     let m = NewMessage {
         role: "user",
@@ -198,8 +207,11 @@ async fn regenerate(
         .and_then(|q| chat::refusal_for(&deps, &q.content));
     let permit = match refusal {
         Some(_) => None,
-        None => Some(admit(&state, user.id).await?),
+        None => Some(take_slot(&state, user.id)?),
     };
+    if permit.is_some() {
+        check_quota(&state, user.id).await?;
+    }
     chats::truncate_from(&state.db, answer.conversation_id, answer.id).await?;
     let events = match (refusal, permit) {
         (Some(text), _) => chat::refuse(&deps, user.id, answer.conversation_id, text).await,

@@ -22,6 +22,9 @@ const env = {
   MOSS_ENGINE__MAX_TOKENS: "80",
   MOSS_ENGINE__SYSTEM_PROMPT: "You are moss.",
   RUST_LOG: "warn",
+  // one browser clicking through everything in seconds: widen the general bucket (its own tests cover it)
+  MOSS_LIMITS__API__PER_MINUTE: "6000",
+  MOSS_LIMITS__API__BURST: "1000",
 };
 let server, browser, page, base, adminInvite;
 
