@@ -156,11 +156,7 @@ pub async fn session_user(db: &Db, token: &str, idle_ms: i64) -> DbResult<Option
     let sql = format!(
         "SELECT {} FROM sessions s JOIN users u ON u.id = s.user_id \
          WHERE s.id_hash = $1 AND s.expires_at > $2 AND s.last_seen_at > $3",
-        USER_COLS
-            .split(", ")
-            .map(|c| format!("u.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        super::prefixed(USER_COLS, "u")
     );
     let user = sqlx::query_as::<_, User>(&sql)
         .bind(&hash)

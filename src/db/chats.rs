@@ -71,11 +71,7 @@ pub async fn messages(db: &Db, user_id: i64, conversation_id: i64) -> DbResult<V
     let sql = format!(
         "SELECT {} FROM messages m JOIN conversations c ON c.id = m.conversation_id \
          WHERE m.conversation_id = $1 AND c.user_id = $2 ORDER BY m.id",
-        MSG_COLS
-            .split(", ")
-            .map(|c| format!("m.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        super::prefixed(MSG_COLS, "m")
     );
     Ok(sqlx::query_as::<_, Message>(&sql)
         .bind(conversation_id)
@@ -279,7 +275,7 @@ pub async fn rating_counts(db: &Db) -> DbResult<(i64, i64)> {
 pub async fn owned_message(db: &Db, user_id: i64, message_id: i64) -> DbResult<Option<Message>> {
     let sql = format!(
         "SELECT {} FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.id = $1 AND c.user_id = $2",
-        MSG_COLS.split(", ").map(|c| format!("m.{c}")).collect::<Vec<_>>().join(", ")
+        super::prefixed(MSG_COLS, "m")
     );
     Ok(sqlx::query_as::<_, Message>(&sql)
         .bind(message_id)
