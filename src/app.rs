@@ -53,6 +53,7 @@ pub fn build_router(state: AppState) -> Router {
         .merge(http::waitlist::status_router())
         .merge(http::conversations::router())
         .merge(http::keys::router())
+        .merge(http::openai::models_router())
         .merge(http::admin::router())
         .merge(http::pages::router())
         .fallback(not_found)
@@ -68,6 +69,14 @@ pub fn build_router(state: AppState) -> Router {
             http::waitlist::router()
                 .layer(timeout)
                 .layer(crate::limits::layer("waitlist", waitlist)),
+        )
+        .merge(
+            http::openai::router()
+                .route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    shed_when_full,
+                ))
+                .layer(crate::limits::layer("generate", generate.clone())),
         )
         .merge(
             http::chat::router()

@@ -59,6 +59,18 @@ pub struct Turn {
     pub temperature: Option<f64>,
     /// The admission slot, held until the answer ends.
     pub permit: crate::admission::Permit,
+    /// Set for the OpenAI-compatible API: the caller brings the whole conversation, and nothing
+    /// is stored in the browser history.
+    pub stateless: Option<Stateless>,
+}
+
+/// A self-contained request (OpenAI API).
+pub struct Stateless {
+    /// The conversation; a system message in it replaces the configured system prompt.
+    pub messages: Vec<ChatMessage>,
+    pub top_p: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
 }
 
 /// Everything the answer task shares.
@@ -150,12 +162,31 @@ pub async fn start_answer(
     deps: &ChatDeps,
     turn: Turn,
 ) -> Result<mpsc::Receiver<StreamEvent>, StartError> {
-    let messages = chats::messages(&deps.db, turn.user_id, turn.conversation_id).await?;
     let cfg = &deps.config.engine;
-    let system = Some(cfg.system_prompt.as_str()).filter(|s| !s.is_empty());
+    let (system, history) = match &turn.stateless {
+        Some(st) => {
+            let own = st
+                .messages
+                .iter()
+                .find(|m| m.role == Role::System)
+                .map(|m| m.content.clone());
+            let rest = st
+                .messages
+                .iter()
+                .filter(|m| m.role != Role::System)
+                .cloned()
+                .collect();
+            (own.unwrap_or_else(|| cfg.system_prompt.clone()), rest)
+        }
+        None => {
+            let messages = chats::messages(&deps.db, turn.user_id, turn.conversation_id).await?;
+            (cfg.system_prompt.clone(), history(&messages))
+        }
+    };
+    let system = Some(system.as_str()).filter(|s| !s.is_empty());
     let prompt = deps
         .engine
-        .prompt(system, &history(&messages), turn.max_tokens)
+        .prompt(system, &history, turn.max_tokens)
         .map_err(|e| match e {
             crate::engine::PromptError::TooLong { .. } => StartError::PromptTooLong,
             other => StartError::Internal(other.to_string()),
@@ -164,12 +195,22 @@ pub async fn start_answer(
     if let Some(t) = turn.temperature {
         sampling.temperature = t;
     }
+    let mut stop = cfg.stop.clone();
+    if let Some(st) = &turn.stateless {
+        if let Some(p) = st.top_p {
+            sampling.top_p = Some(p).filter(|p| *p > 0.0 && *p < 1.0);
+        }
+        if st.seed.is_some() {
+            sampling.seed = st.seed;
+        }
+        stop.extend(st.stop.iter().cloned());
+    }
     let ahead = deps.engine.load();
     let request = GenerateRequest {
         prompt: prompt.ids,
         sampling,
         max_tokens: turn.max_tokens,
-        stop: cfg.stop.clone(),
+        stop,
         ignore_eos: false,
     };
     let events = deps.engine.generate(request).map_err(|e| match e {
@@ -299,7 +340,20 @@ async fn relay(
         prompt_tokens: usage.prompt_tokens as i64,
         completion_tokens: usage.completion_tokens as i64,
     };
-    let stored = store_with_retry(&deps.db, turn.user_id, turn.conversation_id, &m).await;
+    let stored = match &turn.stateless {
+        // Nothing is kept for API requests; message id 0 says so.
+        Some(_) => Some(Message {
+            id: 0,
+            conversation_id: 0,
+            role: "assistant".into(),
+            content: String::new(),
+            finish_reason: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            created_at: 0,
+        }),
+        None => store_with_retry(&deps.db, turn.user_id, turn.conversation_id, &m).await,
+    };
     let spent = (usage.prompt_tokens + usage.completion_tokens) as i64;
     if spent > 0 {
         let day = crate::admission::local_day(

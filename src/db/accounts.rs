@@ -274,3 +274,11 @@ impl DbError {
         matches!(self, DbError::Conflict)
     }
 }
+
+pub async fn user_by_id(db: &Db, id: i64) -> DbResult<Option<User>> {
+    let sql = format!("SELECT {USER_COLS} FROM users WHERE id = $1");
+    Ok(sqlx::query_as::<_, User>(&sql)
+        .bind(id)
+        .fetch_optional(&db.pool)
+        .await?)
+}

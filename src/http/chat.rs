@@ -63,7 +63,7 @@ fn check_params(
 }
 
 /// A generation slot for `user_id`, without waiting: 429 busy or 503 overloaded otherwise.
-fn take_slot(state: &AppState, user_id: i64) -> AppResult<crate::admission::Permit> {
+pub(crate) fn take_slot(state: &AppState, user_id: i64) -> AppResult<crate::admission::Permit> {
     state
         .admission
         .try_admit(user_id)
@@ -74,7 +74,7 @@ fn take_slot(state: &AppState, user_id: i64) -> AppResult<crate::admission::Perm
 }
 
 /// The account's and the service's daily token budgets.
-async fn check_quota(state: &AppState, user_id: i64) -> AppResult<()> {
+pub(crate) async fn check_quota(state: &AppState, user_id: i64) -> AppResult<()> {
     let l = &state.config.limits;
     let now = std::time::SystemTime::now();
     let day = crate::admission::local_day(now, l.utc_offset_hours);
@@ -162,6 +162,7 @@ async fn send(
                 max_tokens,
                 temperature: b.temperature,
                 permit,
+                stateless: None,
             };
             chat::start_answer(&deps, turn).await
         }
@@ -223,6 +224,7 @@ async fn regenerate(
                 max_tokens,
                 temperature: b.temperature,
                 permit,
+                stateless: None,
             };
             chat::start_answer(&deps, turn).await
         }
@@ -231,7 +233,7 @@ async fn regenerate(
     events.map(stream).map_err(|e| start_error(&state, e))
 }
 
-fn start_error(state: &AppState, e: StartError) -> AppError {
+pub(crate) fn start_error(state: &AppState, e: StartError) -> AppError {
     match e {
         StartError::PromptTooLong => AppError::PromptTooLong { max_chars: 0 },
         StartError::Overloaded => state.overloaded(),

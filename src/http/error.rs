@@ -12,6 +12,9 @@ use crate::db::DbError;
 pub enum AppError {
     #[error("unauthenticated")]
     Unauthenticated,
+    /// A missing, unknown or revoked API key (401).
+    #[error("invalid api key")]
+    InvalidApiKey,
     #[error("forbidden")]
     Forbidden,
     #[error("cross-site request refused")]
@@ -117,6 +120,12 @@ impl AppError {
         let s = |x: &str| x.to_string();
         match self {
             Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated", s("Please sign in."), s("请先登录。")),
+            InvalidApiKey => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                s("The API key is missing, unknown or revoked."),
+                s("API 密钥缺失、无效或已撤销。"),
+            ),
             Forbidden => (StatusCode::FORBIDDEN, "forbidden", s("You may not do this."), s("你没有权限执行此操作。")),
             CrossSite => (
                 StatusCode::FORBIDDEN,

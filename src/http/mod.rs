@@ -8,6 +8,7 @@ pub mod chat;
 pub mod conversations;
 pub mod error;
 pub mod keys;
+pub mod openai;
 pub mod ops;
 pub mod pages;
 pub mod waitlist;

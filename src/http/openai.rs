@@ -1,0 +1,390 @@
+//! The OpenAI-compatible API: `GET /v1/models`, `POST /v1/chat/completions` (plain and streamed),
+//! with per-user `Bearer moss_…` keys. Same refusal policy, limits, quotas and overload answers as
+//! the browser, in OpenAI's error shape. API requests are not stored in the browser history.
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::chat::{check_quota, start_error, take_slot};
+use super::{AppError, AppState};
+use crate::chat::{self, Stateless, StreamEvent, Turn};
+use crate::db::{accounts, keys};
+use crate::engine::{ChatMessage, Role};
+
+/// Completions: the `generate` rate-limit bucket, shed early when full.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/chat/completions", post(completions))
+}
+
+pub fn models_router() -> Router<AppState> {
+    Router::new().route("/v1/models", get(models))
+}
+
+/// An error in OpenAI's shape (plus our Chinese text), keeping status and headers.
+pub struct ApiError(AppError);
+
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl From<crate::db::DbError> for ApiError {
+    fn from(e: crate::db::DbError) -> Self {
+        ApiError(e.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let resp = self.0.into_response();
+        let (parts, body) = resp.into_parts();
+        let status = parts.status;
+        let fut = axum::body::to_bytes(body, 64 * 1024);
+        // The contract body is already in memory (a small JSON value): convert it synchronously.
+        let bytes = futures_util::FutureExt::now_or_never(fut)
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let code = v["error"]["code"]
+            .as_str()
+            .unwrap_or("internal")
+            .to_string();
+        let kind = match status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        };
+        let body = json!({"error": {"message": v["error"]["message"], "message_zh": v["error"]["message_zh"], "type": kind, "param": null, "code": code}});
+        let mut out = (status, Json(body)).into_response();
+        for (k, val) in parts.headers.iter() {
+            if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+                out.headers_mut().insert(k.clone(), val.clone());
+            }
+        }
+        out
+    }
+}
+
+/// The owner of a valid API key.
+pub struct ApiUser(pub accounts::User);
+
+impl FromRequestParts<AppState> for ApiUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let key = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|k| k.starts_with("moss_") && k.len() < 200)
+            .ok_or(ApiError(AppError::InvalidApiKey))?;
+        let user_id = keys::authenticate(&state.db, key)
+            .await?
+            .ok_or(ApiError(AppError::InvalidApiKey))?;
+        let user = accounts::user_by_id(&state.db, user_id)
+            .await?
+            .ok_or(ApiError(AppError::InvalidApiKey))?;
+        Ok(ApiUser(user))
+    }
+}
+
+fn model_id(state: &AppState) -> String {
+    state
+        .engine
+        .info
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "moss".into())
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn models(State(state): State<AppState>, _: ApiUser) -> Json<Value> {
+    Json(
+        json!({"object": "list", "data": [{"id": model_id(&state), "object": "model", "created": 0, "owned_by": "moss"}]}),
+    )
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    #[allow(dead_code)]
+    model: Option<String>,
+    messages: Vec<ApiMessage>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    max_tokens: Option<usize>,
+    max_completion_tokens: Option<usize>,
+    stop: Option<StopField>,
+    seed: Option<u64>,
+    n: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct ApiMessage {
+    role: String,
+    content: Content,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+fn invalid(field: &'static str, message: &str) -> ApiError {
+    ApiError(AppError::invalid(field, message, "请求参数无效。"))
+}
+
+fn to_messages(msgs: Vec<ApiMessage>) -> Result<Vec<ChatMessage>, ApiError> {
+    msgs.into_iter()
+        .map(|m| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => Role::System,
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                _ => {
+                    return Err(invalid(
+                        "messages",
+                        "roles must be system, user or assistant",
+                    ))
+                }
+            };
+            let content = match m.content {
+                Content::Text(t) => t,
+                Content::Parts(parts) => {
+                    if parts.iter().any(|p| p.kind != "text") {
+                        return Err(invalid("messages", "only text content is supported"));
+                    }
+                    parts
+                        .into_iter()
+                        .filter_map(|p| p.text)
+                        .collect::<Vec<_>>()
+                        .join("")
+                }
+            };
+            Ok(ChatMessage::new(role, content))
+        })
+        .collect()
+}
+
+async fn completions(
+    State(state): State<AppState>,
+    ApiUser(user): ApiUser,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = serde_json::from_slice(&body)
+        .map_err(|e| invalid("body", &format!("invalid request body: {e}")))?;
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(invalid("n", "only n = 1 is supported"));
+    }
+    let messages = to_messages(req.messages)?;
+    let last_user = messages
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::User)
+        .ok_or_else(|| invalid("messages", "there is no user message"))?;
+    let chars: usize = messages.iter().map(|m| m.content.chars().count()).sum();
+    if chars > state.config.chat.max_message_chars * 4 {
+        return Err(ApiError(AppError::PromptTooLong {
+            max_chars: state.config.chat.max_message_chars * 4,
+        }));
+    }
+    if req.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t))
+        || req.top_p.is_some_and(|p| !(0.0..=1.0).contains(&p))
+    {
+        return Err(invalid(
+            "temperature",
+            "temperature must be in 0..2 and top_p in 0..1",
+        ));
+    }
+    let limit = state.config.chat.max_tokens_limit;
+    let max_tokens = req
+        .max_completion_tokens
+        .or(req.max_tokens)
+        .unwrap_or(state.config.engine.max_tokens.min(limit));
+    if max_tokens == 0 || max_tokens > limit {
+        return Err(invalid(
+            "max_tokens",
+            &format!("max_tokens must be between 1 and {limit}"),
+        ));
+    }
+    let stop = match req.stop {
+        None => vec![],
+        Some(StopField::One(s)) => vec![s],
+        Some(StopField::Many(v)) if v.len() <= 4 => v,
+        Some(_) => return Err(invalid("stop", "at most 4 stop sequences")),
+    };
+    let id = format!("chatcmpl-{}", &crate::secrets::token()[..24]);
+    let model = model_id(&state);
+    let deps = state.chat_deps();
+    let events = match chat::refusal_for(&deps, &last_user.content) {
+        Some(answer) => refusal_events(answer),
+        None => {
+            let permit = take_slot(&state, user.id)?;
+            check_quota(&state, user.id).await?;
+            let stateless = Stateless {
+                messages,
+                top_p: req.top_p,
+                seed: req.seed,
+                stop,
+            };
+            let turn = Turn {
+                user_id: user.id,
+                conversation_id: 0,
+                question_id: None,
+                max_tokens,
+                temperature: req.temperature,
+                permit,
+                stateless: Some(stateless),
+            };
+            chat::start_answer(&deps, turn)
+                .await
+                .map_err(|e| ApiError(start_error(&state, e)))?
+        }
+    };
+    if req.stream {
+        Ok(stream(events, id, model))
+    } else {
+        complete(events, id, model).await
+    }
+}
+
+fn refusal_events(answer: String) -> tokio::sync::mpsc::Receiver<StreamEvent> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let _ = tx.try_send(StreamEvent::Token { text: answer });
+    let _ = tx.try_send(StreamEvent::Done {
+        message_id: 0,
+        finish_reason: "refused".into(),
+        usage: Default::default(),
+        html: String::new(),
+    });
+    rx
+}
+
+fn finish(reason: &str) -> &'static str {
+    match reason {
+        "length" => "length",
+        "refused" => "content_filter",
+        _ => "stop",
+    }
+}
+
+async fn complete(
+    mut events: tokio::sync::mpsc::Receiver<StreamEvent>,
+    id: String,
+    model: String,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    while let Some(ev) = events.recv().await {
+        match ev {
+            StreamEvent::Token { text: t } => text.push_str(&t),
+            StreamEvent::Queued { .. } => {}
+            StreamEvent::Done {
+                finish_reason,
+                usage,
+                ..
+            } => {
+                let body = json!({
+                    "id": id, "object": "chat.completion", "created": now_secs(), "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish(&finish_reason), "logprobs": null}],
+                    "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.prompt_tokens + usage.completion_tokens},
+                });
+                return Ok(Json(body).into_response());
+            }
+            StreamEvent::Error { code, .. } if code == "overloaded" => {
+                return Err(ApiError(AppError::Overloaded {
+                    retry_at: String::new(),
+                }));
+            }
+            StreamEvent::Error { message, .. } => {
+                return Err(ApiError(AppError::Internal(message)))
+            }
+        }
+    }
+    Err(ApiError(AppError::Internal(
+        "the answer ended early".into(),
+    )))
+}
+
+fn stream(rx: tokio::sync::mpsc::Receiver<StreamEvent>, id: String, model: String) -> Response {
+    let created = now_secs();
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]})
+    };
+    let first = chunk(json!({"role": "assistant", "content": ""}), None);
+    // Stages: 0 = role chunk next, 1 = relaying, 2 = [DONE] next, 3 = finished.
+    let events = futures_util::stream::unfold(
+        (rx, first, chunk, 0u8),
+        |(mut rx, first, chunk, stage)| async move {
+            let event = |data: String| Ok::<_, Infallible>(Event::default().data(data));
+            match stage {
+                0 => return Some((event(first.to_string()), (rx, first, chunk, 1))),
+                2 => return Some((event("[DONE]".into()), (rx, first, chunk, 3))),
+                3 => return None,
+                _ => {}
+            }
+            loop {
+                match rx.recv().await {
+                    Some(StreamEvent::Token { text }) => {
+                        let data = chunk(json!({"content": text}), None).to_string();
+                        return Some((event(data), (rx, first, chunk, 1)));
+                    }
+                    Some(StreamEvent::Queued { .. }) => continue,
+                    Some(StreamEvent::Done { finish_reason, .. }) => {
+                        let data = chunk(json!({}), Some(finish(&finish_reason))).to_string();
+                        return Some((event(data), (rx, first, chunk, 2)));
+                    }
+                    Some(StreamEvent::Error { code, message }) => {
+                        let data = json!({"error": {"message": message, "type": "server_error", "code": code}}).to_string();
+                        return Some((event(data), (rx, first, chunk, 3)));
+                    }
+                    None => return None,
+                }
+            }
+        },
+    );
+    let mut resp = Sse::new(events).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
