@@ -71,6 +71,8 @@ pub struct Stateless {
     pub top_p: Option<f64>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// Keep the exchange in the user's history (`Turn::conversation_id`), as asked by `store: true`.
+    pub keep: bool,
 }
 
 /// Everything the answer task shares.
@@ -341,8 +343,8 @@ async fn relay(
         completion_tokens: usage.completion_tokens as i64,
     };
     let stored = match &turn.stateless {
-        // Nothing is kept for API requests; message id 0 says so.
-        Some(_) => Some(Message {
+        // Nothing is kept for API requests unless asked; message id 0 says so.
+        Some(st) if !st.keep => Some(Message {
             id: 0,
             conversation_id: 0,
             role: "assistant".into(),
@@ -352,7 +354,7 @@ async fn relay(
             completion_tokens: 0,
             created_at: 0,
         }),
-        None => store_with_retry(&deps.db, turn.user_id, turn.conversation_id, &m).await,
+        _ => store_with_retry(&deps.db, turn.user_id, turn.conversation_id, &m).await,
     };
     let spent = (usage.prompt_tokens + usage.completion_tokens) as i64;
     if spent > 0 {

@@ -141,6 +141,9 @@ struct CompletionRequest {
     n: Option<u32>,
     #[serde(default)]
     stream: bool,
+    /// OpenAI's switch for keeping a completion: here it files the exchange in the browser history.
+    #[serde(default)]
+    store: bool,
 }
 
 #[derive(Deserialize)]
@@ -261,15 +264,21 @@ async fn completions(
         None => {
             let permit = take_slot(&state, user.id)?;
             check_quota(&state, user.id).await?;
+            let conversation_id = if req.store {
+                keep_exchange(&state, user.id, &messages).await?
+            } else {
+                0
+            };
             let stateless = Stateless {
                 messages,
                 top_p: req.top_p,
                 seed: req.seed,
                 stop,
+                keep: req.store,
             };
             let turn = Turn {
                 user_id: user.id,
-                conversation_id: 0,
+                conversation_id,
                 question_id: None,
                 max_tokens,
                 temperature: req.temperature,
@@ -286,6 +295,40 @@ async fn completions(
     } else {
         complete(events, id, model).await
     }
+}
+
+/// `store: true`: a new conversation in the user's history holding the request's turns (the
+/// answer is added when it is complete).
+async fn keep_exchange(
+    state: &AppState,
+    user_id: i64,
+    messages: &[ChatMessage],
+) -> Result<i64, ApiError> {
+    use crate::db::chats::{self, NewMessage};
+    let first = messages
+        .iter()
+        .find(|m| m.role == Role::User)
+        .map(|m| m.content.as_str())
+        .unwrap_or("");
+    let title: String = first.chars().take(state.config.chat.title_chars).collect();
+    let conv = chats::create_conversation(&state.db, user_id, title.trim(), "web").await?;
+    for m in messages.iter().filter(|m| m.role != Role::System) {
+        let role = if m.role == Role::Assistant {
+            "assistant"
+        } else {
+            "user"
+        };
+        let finish = (m.role == Role::Assistant).then_some("stop");
+        let nm = NewMessage {
+            role,
+            content: &m.content,
+            finish_reason: finish,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        };
+        chats::add_message(&state.db, user_id, conv.id, &nm).await?;
+    }
+    Ok(conv.id)
 }
 
 fn refusal_events(answer: String) -> tokio::sync::mpsc::Receiver<StreamEvent> {
