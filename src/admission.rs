@@ -46,6 +46,25 @@ impl Drop for Permit {
     }
 }
 
+/// A slot taken before anyone is known (the first thing a generation request does); it becomes a
+/// `Permit` once the account is known, or is freed when dropped.
+pub struct Slot(OwnedSemaphorePermit);
+
+/// A slot shared through request extensions between the middleware that takes it and the
+/// handler that claims it.
+#[derive(Clone, Default)]
+pub struct SlotCell(Arc<Mutex<Option<Slot>>>);
+
+impl SlotCell {
+    pub fn new(slot: Slot) -> Self {
+        Self(Arc::new(Mutex::new(Some(slot))))
+    }
+
+    pub fn take(&self) -> Option<Slot> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 impl Admission {
     pub fn new(capacity: usize, per_user: usize) -> Self {
         Self {
@@ -56,23 +75,45 @@ impl Admission {
         }
     }
 
-    /// Takes a slot for `user` without waiting.
-    pub fn try_admit(&self, user: i64) -> Result<Permit, Shed> {
+    /// Takes a slot without waiting and without knowing who asks: a full service sheds here,
+    /// before any other work.
+    pub fn try_slot(&self) -> Result<Slot, Shed> {
+        self.slots
+            .clone()
+            .try_acquire_owned()
+            .map(Slot)
+            .map_err(|_| Shed::Overloaded)
+    }
+
+    /// Gives a slot to `user`, unless they already have their answers in progress (the slot is
+    /// then freed).
+    pub fn claim(&self, slot: Slot, user: i64) -> Result<Permit, Shed> {
         let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         if users.get(&user).copied().unwrap_or(0) >= self.per_user {
             return Err(Shed::Busy);
         }
-        let slot = self
-            .slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Shed::Overloaded)?;
         *users.entry(user).or_insert(0) += 1;
         Ok(Permit {
-            _slot: slot,
+            _slot: slot.0,
             user,
             users: self.users.clone(),
         })
+    }
+
+    /// Takes a slot for `user` without waiting (`try_slot` then `claim`).
+    pub fn try_admit(&self, user: i64) -> Result<Permit, Shed> {
+        let busy = self
+            .users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&user)
+            .copied()
+            .unwrap_or(0)
+            >= self.per_user;
+        if busy {
+            return Err(Shed::Busy);
+        }
+        self.claim(self.try_slot()?, user)
     }
 
     /// True when no slot is free (a cheap early check; `try_admit` decides).

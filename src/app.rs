@@ -72,18 +72,12 @@ pub fn build_router(state: AppState) -> Router {
         )
         .merge(
             http::openai::router()
-                .route_layer(middleware::from_fn_with_state(
-                    state.clone(),
-                    shed_when_full,
-                ))
+                .route_layer(middleware::from_fn_with_state(state.clone(), reserve_slot))
                 .layer(crate::limits::layer("generate", generate.clone())),
         )
         .merge(
             http::chat::router()
-                .route_layer(middleware::from_fn_with_state(
-                    state.clone(),
-                    shed_when_full,
-                ))
+                .route_layer(middleware::from_fn_with_state(state.clone(), reserve_slot))
                 .layer(crate::limits::layer("generate", generate)),
         )
         .merge(http::ops::router())
@@ -119,17 +113,22 @@ fn wants_json(path: &str) -> bool {
     path.starts_with("/api/") || path.starts_with("/v1/")
 }
 
-/// When every generation slot is taken, new answers are refused before any other work (no session
-/// lookup, no database): the shed answer must be fast exactly when the service is busiest.
-async fn shed_when_full(
+/// The first thing a request for an answer does is take a generation slot, before any other work
+/// (no session lookup, no database): when every slot is taken the shed answer is immediate, exactly
+/// when the service is busiest. The handler claims the slot for the account (or drops it).
+async fn reserve_slot(
     axum::extract::State(state): axum::extract::State<AppState>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
-    if state.admission.is_full() {
-        return state.overloaded().into_response();
+    match state.admission.try_slot() {
+        Ok(slot) => {
+            req.extensions_mut()
+                .insert(crate::admission::SlotCell::new(slot));
+            next.run(req).await
+        }
+        Err(_) => state.overloaded().into_response(),
     }
-    next.run(req).await
 }
 
 /// Requests by route and status, and their latency.

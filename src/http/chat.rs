@@ -9,7 +9,7 @@ use axum::http::{header, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::Router;
+use axum::{Extension, Router};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -62,11 +62,16 @@ fn check_params(
     }
 }
 
-/// A generation slot for `user_id`, without waiting: 429 busy or 503 overloaded otherwise.
-pub(crate) fn take_slot(state: &AppState, user_id: i64) -> AppResult<crate::admission::Permit> {
+/// Claims the slot that `reserve_slot` took for this request for `user_id`.
+pub(crate) fn take_slot(
+    state: &AppState,
+    cell: &crate::admission::SlotCell,
+    user_id: i64,
+) -> AppResult<crate::admission::Permit> {
+    let slot = cell.take().ok_or_else(|| state.overloaded())?;
     state
         .admission
-        .try_admit(user_id)
+        .claim(slot, user_id)
         .map_err(|shed| match shed {
             crate::admission::Shed::Busy => AppError::Busy,
             crate::admission::Shed::Overloaded => state.overloaded(),
@@ -105,6 +110,7 @@ async fn check_cooldown(state: &AppState, user_id: i64) -> AppResult<()> {
 async fn send(
     State(state): State<AppState>,
     CurrentUser(user): CurrentUser,
+    Extension(cell): Extension<crate::admission::SlotCell>,
     Path(id): Path<i64>,
     JsonBody(b): JsonBody<SendBody>,
 ) -> AppResult<Response> {
@@ -127,7 +133,7 @@ async fn send(
     // database work, so that shedding stays cheap when the service is busiest.
     let permit = match refusal {
         Some(_) => None,
-        None => Some(take_slot(&state, user.id)?),
+        None => Some(take_slot(&state, &cell, user.id)?),
     };
     chats::conversation(&state.db, user.id, id)
         .await?
@@ -181,6 +187,7 @@ async fn send(
 async fn regenerate(
     State(state): State<AppState>,
     CurrentUser(user): CurrentUser,
+    Extension(cell): Extension<crate::admission::SlotCell>,
     Path(id): Path<i64>,
     OptionalJson(b): OptionalJson<RegenerateBody>,
 ) -> AppResult<Response> {
@@ -208,7 +215,7 @@ async fn regenerate(
         .and_then(|q| chat::refusal_for(&deps, &q.content));
     let permit = match refusal {
         Some(_) => None,
-        None => Some(take_slot(&state, user.id)?),
+        None => Some(take_slot(&state, &cell, user.id)?),
     };
     if permit.is_some() {
         check_quota(&state, user.id).await?;

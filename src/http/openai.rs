@@ -11,7 +11,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -212,6 +212,7 @@ fn to_messages(msgs: Vec<ApiMessage>) -> Result<Vec<ChatMessage>, ApiError> {
 async fn completions(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
+    Extension(cell): Extension<crate::admission::SlotCell>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = serde_json::from_slice(&body)
@@ -262,7 +263,7 @@ async fn completions(
     let events = match chat::refusal_for(&deps, &last_user.content) {
         Some(answer) => refusal_events(answer),
         None => {
-            let permit = take_slot(&state, user.id)?;
+            let permit = take_slot(&state, &cell, user.id)?;
             check_quota(&state, user.id).await?;
             let conversation_id = if req.store {
                 keep_exchange(&state, user.id, &messages).await?
