@@ -116,11 +116,6 @@ impl Admission {
         self.claim(self.try_slot()?, user)
     }
 
-    /// True when no slot is free (a cheap early check; `try_admit` decides).
-    pub fn is_full(&self) -> bool {
-        self.slots.available_permits() == 0
-    }
-
     /// Answers in the system now.
     pub fn in_use(&self) -> usize {
         self.capacity - self.slots.available_permits()
