@@ -158,22 +158,7 @@ both_backends!(harmful_requests_are_refused_and_repeated_ones_cool_down);
 async fn leaving_mid_answer_keeps_the_partial_answer(app: TestApp) {
     let c = app.user("d@example.com").await;
     let conv = app.conversation(&c).await;
-    let r = c
-        .post(app.url(&format!("/api/conversations/{conv}/messages")))
-        .json(&json!({"content": "hello", "max_tokens": 400}))
-        .send()
-        .await
-        .unwrap();
-    let mut body = r;
-    let mut seen = String::new();
-    while !seen.contains("event: token") {
-        let chunk = body
-            .chunk()
-            .await
-            .unwrap()
-            .unwrap_or_else(|| panic!("stream ended: {seen}"));
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let body = app.answer_in_progress(&c, conv, 400).await;
     drop(body); // the browser goes away
     let mut msgs = Vec::new();
     for _ in 0..100 {
@@ -204,14 +189,7 @@ async fn a_second_request_waits_in_line(app: TestApp) {
     let a = app.user("qa@example.com").await;
     let b = app.user("qb@example.com").await;
     let (ca, cb) = (app.conversation(&a).await, app.conversation(&b).await);
-    let first = a
-        .post(app.url(&format!("/api/conversations/{ca}/messages")))
-        .json(&json!({"content": "hello", "max_tokens": 20}))
-        .send()
-        .await
-        .unwrap();
-    let mut first_body = first;
-    first_body.chunk().await.unwrap(); // the first answer is running
+    let _first = app.answer_in_progress(&a, ca, 20).await;
     let (_, events) = app
         .chat(&b, cb, json!({"content": "hello", "max_tokens": 3}))
         .await;

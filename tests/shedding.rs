@@ -21,23 +21,10 @@ fn opts(configure: fn(&mut Config)) -> Options {
     }
 }
 
-/// Starts an answer and returns once its first token has arrived (the answer keeps running).
+/// Starts an answer in a new conversation and returns once its first token has arrived.
 async fn running_answer(app: &TestApp, c: &reqwest::Client, max_tokens: u32) -> reqwest::Response {
     let conv = app.conversation(c).await;
-    let mut r = c
-        .post(app.url(&format!("/api/conversations/{conv}/messages")))
-        .json(&json!({"content": "hello", "max_tokens": max_tokens}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let mut seen = String::new();
-    while !seen.contains("event: token") {
-        seen.push_str(&String::from_utf8_lossy(
-            &r.chunk().await.unwrap().expect("stream open"),
-        ));
-    }
-    r
+    app.answer_in_progress(c, conv, max_tokens).await
 }
 
 async fn error_of(r: reqwest::Response) -> (u16, reqwest::header::HeaderMap, Value) {

@@ -327,6 +327,34 @@ impl TestApp {
         (status, parse_sse(&r.text().await.unwrap()))
     }
 
+    /// Starts an answer in `conversation` and returns the open response once its first token has
+    /// arrived (the answer keeps running until the response is dropped).
+    pub async fn answer_in_progress(
+        &self,
+        c: &reqwest::Client,
+        conversation: i64,
+        max_tokens: u32,
+    ) -> reqwest::Response {
+        let url = self.url(&format!("/api/conversations/{conversation}/messages"));
+        let mut r = c
+            .post(url)
+            .json(&serde_json::json!({"content": "hello", "max_tokens": max_tokens}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let mut seen = String::new();
+        while !seen.contains("event: token") {
+            let chunk = r
+                .chunk()
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("stream ended: {seen}"));
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        r
+    }
+
     pub async fn conversation(&self, c: &reqwest::Client) -> i64 {
         let v: serde_json::Value = c
             .post(self.url("/api/conversations"))
