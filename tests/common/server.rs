@@ -205,12 +205,36 @@ impl TestApp {
     /// Starts a server on `backend`; None for PostgreSQL when MOSS_TEST_POSTGRES_URL is unset
     /// (CI sets it, and with MOSS_REQUIRE_POSTGRES=1 a missing URL fails instead).
     pub async fn start(backend: Backend, opts: Options) -> Option<TestApp> {
+        Self::start_on(backend, opts, None).await
+    }
+
+    /// A fresh PostgreSQL database for several servers to share (None when not configured).
+    pub async fn shared_postgres() -> Option<String> {
+        match postgres_admin_url() {
+            Some(url) => Some(fresh_postgres(&url).await),
+            None => {
+                assert!(
+                    std::env::var("MOSS_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                    "MOSS_TEST_POSTGRES_URL is not set"
+                );
+                None
+            }
+        }
+    }
+
+    /// Like `start`, on an existing database when `database_url` is given (replicas).
+    pub async fn start_on(
+        backend: Backend,
+        opts: Options,
+        database_url: Option<String>,
+    ) -> Option<TestApp> {
         let dir = tempfile::tempdir().unwrap();
-        let database_url = match backend {
-            Backend::Sqlite => {
+        let database_url = match (backend, database_url) {
+            (_, Some(url)) => url,
+            (Backend::Sqlite, None) => {
                 format!("sqlite://{}?mode=rwc", dir.path().join("moss.db").display())
             }
-            Backend::Postgres => match postgres_admin_url() {
+            (Backend::Postgres, None) => match postgres_admin_url() {
                 Some(url) => fresh_postgres(&url).await,
                 None => {
                     assert!(

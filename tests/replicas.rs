@@ -1,0 +1,101 @@
+//! Several `moss serve` replicas on one PostgreSQL database (issue 9, first half): migrations when
+//! replicas start together, sessions, invite redemption and daily quotas shared across them.
+
+mod common;
+
+use common::server::{Backend, Options, TestApp};
+use serde_json::{json, Value};
+
+async fn two_replicas(opts: Options) -> Option<(TestApp, TestApp)> {
+    let url = TestApp::shared_postgres().await?;
+    // Both start (and migrate) at the same time.
+    let (a, b) = tokio::join!(
+        TestApp::start_on(Backend::Postgres, opts, Some(url.clone())),
+        TestApp::start_on(Backend::Postgres, opts, Some(url))
+    );
+    Some((a.unwrap(), b.unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_and_invites_work_across_replicas() {
+    let Some((a, b)) = two_replicas(Options::default()).await else {
+        return;
+    };
+    assert_ne!(a.base, b.base);
+    // a session made on one replica works on the other (cookies are per host, not per port)
+    let c = a.user("r@example.com").await;
+    let me: Value = c
+        .get(b.url("/api/me"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["user"]["email"], "r@example.com");
+    assert_eq!(
+        c.post(b.url("/api/logout")).send().await.unwrap().status(),
+        204
+    );
+    assert_eq!(
+        c.get(a.url("/api/me")).send().await.unwrap().status(),
+        401,
+        "logout on one replica ends the session on all"
+    );
+    // 50 simultaneous registrations with one single-use code, spread over both replicas
+    let code = a.invite(moss::db::invites::InviteSpec::default()).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let url = if i % 2 == 0 {
+            a.url("/api/register")
+        } else {
+            b.url("/api/register")
+        };
+        let code = code.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"invite_code": code, "email": format!("racer{i}@example.com"), "password": "long enough pw"});
+            reqwest::Client::new().post(url).json(&body).send().await.unwrap().status().as_u16()
+        }));
+    }
+    let mut created = 0;
+    for t in tasks {
+        if t.await.unwrap() == 201 {
+            created += 1;
+        }
+    }
+    assert_eq!(created, 1);
+    let racers: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE email LIKE 'racer%'")
+        .fetch_one(&a.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(racers, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daily_quota_is_shared_by_replicas() {
+    let opts = Options {
+        configure: Some(|c| c.limits.daily_user_tokens = 20),
+        ..Options::default()
+    };
+    let Some((a, b)) = two_replicas(opts).await else {
+        return;
+    };
+    let c = a.user("q@example.com").await;
+    let conv = a.conversation(&c).await;
+    let (status, _) = a
+        .chat(&c, conv, json!({"content": "hello", "max_tokens": 4}))
+        .await;
+    assert_eq!(status, 200);
+    // the tokens spent through replica A count on replica B
+    let r = c
+        .post(b.url(&format!("/api/conversations/{conv}/messages")))
+        .json(&json!({"content": "again"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "quota_exceeded"
+    );
+}
