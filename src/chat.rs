@@ -342,19 +342,12 @@ async fn relay(
         prompt_tokens: usage.prompt_tokens as i64,
         completion_tokens: usage.completion_tokens as i64,
     };
-    let stored = match &turn.stateless {
+    let stored_id = match &turn.stateless {
         // Nothing is kept for API requests unless asked; message id 0 says so.
-        Some(st) if !st.keep => Some(Message {
-            id: 0,
-            conversation_id: 0,
-            role: "assistant".into(),
-            content: String::new(),
-            finish_reason: None,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            created_at: 0,
-        }),
-        _ => store_with_retry(&deps.db, turn.user_id, turn.conversation_id, &m).await,
+        Some(st) if !st.keep => Some(0),
+        _ => store_with_retry(&deps.db, turn.user_id, turn.conversation_id, &m)
+            .await
+            .map(|msg| msg.id),
     };
     let spent = (usage.prompt_tokens + usage.completion_tokens) as i64;
     if spent > 0 {
@@ -367,20 +360,20 @@ async fn relay(
         }
     }
     drop(turn.permit); // the slot is free before the client hears "done"
-    match (stored, finish) {
-        (Some(msg), FinishReason::Error) => {
+    match (stored_id, finish) {
+        (Some(id), FinishReason::Error) => {
             let _ = tx
                 .send(StreamEvent::Error {
                     code: "generation_failed".into(),
-                    message: format!("The answer failed (kept as message {}).", msg.id),
+                    message: format!("The answer failed (kept as message {}).", id),
                 })
                 .await;
         }
-        (Some(msg), f) => {
+        (Some(id), f) => {
             let html = crate::render::markdown(&text);
             let _ = tx
                 .send(StreamEvent::Done {
-                    message_id: msg.id,
+                    message_id: id,
                     finish_reason: f.as_str().into(),
                     usage,
                     html,

@@ -206,38 +206,24 @@ async fn sessions_expire_and_rotate(app: TestApp) {
     .await;
     // a new session id at every login; the old one stops working
     let login = json!({"email": "s@example.com", "password": "a good long password"});
-    let r1 = c
-        .post(app.url("/api/login"))
-        .json(&login)
-        .send()
-        .await
-        .unwrap();
-    let s1 = r1
-        .headers()
-        .get("set-cookie")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    let r2 = c
-        .post(app.url("/api/login"))
-        .json(&login)
-        .send()
-        .await
-        .unwrap();
-    let s2 = r2
-        .headers()
-        .get("set-cookie")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
+    // the session cookie a sign-in sets, as "name=value"
+    let login_cookie = || async {
+        let r = c
+            .post(app.url("/api/login"))
+            .json(&login)
+            .send()
+            .await
+            .unwrap();
+        r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let s1 = login_cookie().await;
+    let s2 = login_cookie().await;
     assert_ne!(s1, s2);
     let raw = reqwest::Client::new();
     assert_eq!(

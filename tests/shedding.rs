@@ -333,24 +333,8 @@ async fn metrics_cover_requests_queue_and_tokens(app: TestApp) {
         m.contains("route=\"/api/conversations/{id}/messages\""),
         "routes are labelled by pattern"
     );
-    assert_eq!(
-        app.client()
-            .get(app.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        app.client()
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.status("/healthz").await, 200);
+    assert_eq!(app.status("/readyz").await, 200);
 }
 both_backends!(metrics_cover_requests_queue_and_tokens);
 
@@ -384,24 +368,8 @@ async fn database_outage_gives_503_and_recovers() {
         assert!(headers.contains_key("retry-after"));
         assert!(t.elapsed() < Duration::from_secs(15));
     }
-    assert_eq!(
-        app.client()
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
-    assert_eq!(
-        app.client()
-            .get(app.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.status("/readyz").await, 503);
+    assert_eq!(app.status("/healthz").await, 200);
     proxy.restore().await;
     let mut ok = false;
     for _ in 0..50 {
@@ -418,15 +386,7 @@ async fn database_outage_gives_503_and_recovers() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(ok, "the service did not recover");
-    assert_eq!(
-        app.client()
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.status("/readyz").await, 200);
 }
 
 /// SIGTERM while an answer streams: the process stops accepting, gives the answer the grace period,

@@ -261,6 +261,14 @@ pub fn error_body(status: StatusCode, code: &str, message: &str, message_zh: &st
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
+        self.respond(error_body)
+    }
+}
+
+impl AppError {
+    /// The response for this error with its body in the shape `body` writes (the contract's, or
+    /// OpenAI's for /v1): logging, metrics and headers (Retry-After, x-should-retry) are shared.
+    pub fn respond(self, body: impl FnOnce(StatusCode, &str, &str, &str) -> Response) -> Response {
         let (status, code, message, message_zh) = self.parts();
         match &self {
             AppError::Overloaded { .. } => {
@@ -274,7 +282,7 @@ impl IntoResponse for AppError {
             AppError::Unavailable(detail) => tracing::warn!(%detail, "database unavailable"),
             _ => {}
         }
-        let mut resp = error_body(status, code, &message, &message_zh);
+        let mut resp = body(status, code, &message, &message_zh);
         let h = resp.headers_mut();
         match &self {
             AppError::Cooldown { retry_after_secs } => {

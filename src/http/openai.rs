@@ -47,35 +47,18 @@ impl From<crate::db::DbError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let resp = self.0.into_response();
-        let (parts, body) = resp.into_parts();
-        let status = parts.status;
-        let fut = axum::body::to_bytes(body, 64 * 1024);
-        // The contract body is already in memory (a small JSON value): convert it synchronously.
-        let bytes = futures_util::FutureExt::now_or_never(fut)
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-        let code = v["error"]["code"]
-            .as_str()
-            .unwrap_or("internal")
-            .to_string();
-        let kind = match status {
-            StatusCode::UNAUTHORIZED => "authentication_error",
-            StatusCode::FORBIDDEN => "permission_error",
-            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
-            StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
-            s if s.is_server_error() => "server_error",
-            _ => "invalid_request_error",
-        };
-        let body = json!({"error": {"message": v["error"]["message"], "message_zh": v["error"]["message_zh"], "type": kind, "param": null, "code": code}});
-        let mut out = (status, Json(body)).into_response();
-        for (k, val) in parts.headers.iter() {
-            if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
-                out.headers_mut().insert(k.clone(), val.clone());
-            }
-        }
-        out
+        self.0.respond(|status, code, message, message_zh| {
+            let kind = match status {
+                StatusCode::UNAUTHORIZED => "authentication_error",
+                StatusCode::FORBIDDEN => "permission_error",
+                StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+                StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
+                s if s.is_server_error() => "server_error",
+                _ => "invalid_request_error",
+            };
+            let body = json!({"error": {"message": message, "message_zh": message_zh, "type": kind, "param": null, "code": code}});
+            (status, Json(body)).into_response()
+        })
     }
 }
 

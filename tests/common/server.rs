@@ -379,6 +379,16 @@ impl TestApp {
         r
     }
 
+    /// The status of a GET from a new, signed-out client.
+    pub async fn status(&self, path: &str) -> reqwest::StatusCode {
+        self.client()
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
     pub async fn conversation(&self, c: &reqwest::Client) -> i64 {
         let v: serde_json::Value = c
             .post(self.url("/api/conversations"))
