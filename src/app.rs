@@ -1,6 +1,5 @@
 //! `build_router(state)` and `serve(listener, …)`: every layer is added here.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request};
@@ -110,7 +109,7 @@ async fn not_found(req: Request) -> Response {
 }
 
 fn wants_json(path: &str) -> bool {
-    path.starts_with("/api/") || path.starts_with("/v1/")
+    path.starts_with("/api/") || path.starts_with("/v1/") || matches!(path, "/readyz" | "/healthz")
 }
 
 /// The first thing a request for an answer does is take a generation slot, before any other work
@@ -299,30 +298,55 @@ pub async fn serve(
     grace: Duration,
     stop_answers: tokio::sync::watch::Sender<bool>,
 ) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
     let admission = state.admission.clone();
+    let header_timeout = Duration::from_secs(state.config.server.header_timeout_secs);
     let router = build_router(state);
-    let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = began_tx.send(());
-    });
-    let server = tokio::spawn(async move { server.await });
-    tokio::pin!(server);
-    tokio::select! {
-        r = &mut server => return Ok(r??),
-        _ = async { let _ = began_rx.await; } => {}
+    // HTTP/1.1 with a header-read timeout: a client that trickles its request headers, or keeps
+    // an idle connection open, is cut off after `server.header_timeout_secs` (SECURITY.md 12).
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            tower::ServiceExt::oneshot(router.clone(), req)
+        });
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
     }
-    if tokio::time::timeout(grace, &mut server).await.is_err() {
+    drop(listener); // stop accepting: new connections are refused
+    let connections = graceful.shutdown();
+    tokio::pin!(connections);
+    if tokio::time::timeout(grace, &mut connections).await.is_err() {
         tracing::warn!("grace period over: stopping running answers");
         let _ = stop_answers.send(true);
         if !admission.drained(Duration::from_secs(5)).await {
             tracing::warn!("some answers did not finish storing in time");
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut connections).await;
     }
     Ok(())
 }

@@ -9,10 +9,8 @@ use tokio::sync::mpsc;
 use crate::config::Config;
 use crate::db::chats::{self, Message, NewMessage};
 use crate::db::{now_ms, Db};
-use crate::engine::{
-    ChatMessage, EngineHandle, Event, FinishReason, GenerateRequest, Role, SamplingParams,
-    SubmitError, Usage,
-};
+use crate::engine::{ChatMessage, Event, FinishReason, Role, SamplingParams, Usage};
+use crate::inference::{AnswerRequest, Inference};
 use crate::policy::Policy;
 
 /// What the client hears while an answer is made.
@@ -41,7 +39,7 @@ pub enum StreamEvent {
 pub enum StartError {
     #[error("the prompt does not fit the context window")]
     PromptTooLong,
-    #[error("the engine queue is full")]
+    #[error("the engine queue is full or no upstream can take the request")]
     Overloaded,
     #[error("{0}")]
     Db(#[from] crate::db::DbError),
@@ -55,6 +53,9 @@ pub struct Turn {
     pub conversation_id: i64,
     /// The stored question (taken back if the answer is shed while waiting).
     pub question_id: Option<i64>,
+    /// Regenerate: the answer this one replaces. It is left out of the prompt and removed only
+    /// once the new answer has started, so a refused start loses nothing.
+    pub replaces: Option<i64>,
     pub max_tokens: usize,
     pub temperature: Option<f64>,
     /// The admission slot, held until the answer ends.
@@ -80,7 +81,7 @@ pub struct Stateless {
 pub struct ChatDeps {
     pub db: Db,
     pub config: Arc<Config>,
-    pub engine: EngineHandle,
+    pub engine: Inference,
     pub policy: Arc<Policy>,
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
@@ -181,18 +182,15 @@ pub async fn start_answer(
             (own.unwrap_or_else(|| cfg.system_prompt.clone()), rest)
         }
         None => {
-            let messages = chats::messages(&deps.db, turn.user_id, turn.conversation_id).await?;
+            let mut messages =
+                chats::messages(&deps.db, turn.user_id, turn.conversation_id).await?;
+            if let Some(old) = turn.replaces {
+                messages.retain(|m| m.id < old);
+            }
             (cfg.system_prompt.clone(), history(&messages))
         }
     };
-    let system = Some(system.as_str()).filter(|s| !s.is_empty());
-    let prompt = deps
-        .engine
-        .prompt(system, &history, turn.max_tokens)
-        .map_err(|e| match e {
-            crate::engine::PromptError::TooLong { .. } => StartError::PromptTooLong,
-            other => StartError::Internal(other.to_string()),
-        })?;
+    let system = Some(system).filter(|s| !s.is_empty());
     let mut sampling: SamplingParams = cfg.sampling.params();
     if let Some(t) = turn.temperature {
         sampling.temperature = t;
@@ -208,18 +206,21 @@ pub async fn start_answer(
         stop.extend(st.stop.iter().cloned());
     }
     let ahead = deps.engine.load();
-    let request = GenerateRequest {
-        prompt: prompt.ids,
-        sampling,
+    let request = AnswerRequest {
+        system,
+        history,
         max_tokens: turn.max_tokens,
+        sampling,
         stop,
-        ignore_eos: false,
     };
-    let events = deps.engine.generate(request).map_err(|e| match e {
-        SubmitError::TooLong { .. } => StartError::PromptTooLong,
-        SubmitError::QueueFull | SubmitError::Stopped => StartError::Overloaded,
-        SubmitError::EmptyPrompt => StartError::Internal("empty prompt".into()),
-    })?;
+    let events = deps.engine.start(request).await?;
+    if let Some(old) = turn.replaces {
+        // The new answer is under way: the old one goes (before the new one can be stored).
+        if let Err(e) = chats::truncate_from(&deps.db, turn.conversation_id, old).await {
+            drop(events);
+            return Err(e.into());
+        }
+    }
     let (tx, rx) = mpsc::channel(64);
     if ahead > 0 {
         let _ = tx.try_send(StreamEvent::Queued { position: ahead });
@@ -236,7 +237,7 @@ async fn wait_turn(
     tx: &mpsc::Sender<StreamEvent>,
     ahead: usize,
 ) -> Result<(), &'static str> {
-    let stats = &deps.engine.stats;
+    let stats = deps.engine.stats();
     let finished_at_start = stats
         .requests_finished
         .load(std::sync::atomic::Ordering::Relaxed);

@@ -78,6 +78,7 @@ pub struct ServerConfig {
     pub public_url: String,
     pub max_body_bytes: usize,
     pub request_timeout_secs: u64,
+    pub header_timeout_secs: u64,
     pub shutdown_grace_secs: u64,
 }
 
@@ -175,6 +176,8 @@ pub struct ConsentConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
+    /// `local` (the GGUF model in this process) or `openai` (an OpenAI-compatible server).
+    pub backend: String,
     pub model: String,
     pub device: String,
     pub max_context: usize,
@@ -184,6 +187,32 @@ pub struct EngineConfig {
     pub system_prompt: String,
     pub token_delay_ms: u64,
     pub sampling: SamplingConfig,
+    pub upstream: UpstreamConfig,
+}
+
+/// `engine.backend = "openai"`: where answers are generated instead of a local model.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub urls: Vec<String>,
+    pub model: String,
+    pub api_key: String,
+    pub connect_timeout_secs: u64,
+    pub response_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub failure_cooldown_secs: u64,
+    pub max_prompt_chars: usize,
+}
+
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("urls", &self.urls)
+            .field("model", &self.model)
+            .field("api_key", &"***")
+            .field("response_timeout_secs", &self.response_timeout_secs)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -245,6 +274,38 @@ impl Config {
             "engine.queue_capacity must be at least 1"
         );
         anyhow::ensure!(e.max_tokens >= 1, "engine.max_tokens must be at least 1");
+        match e.backend.as_str() {
+            "local" => {}
+            "openai" => {
+                let u = &e.upstream;
+                anyhow::ensure!(
+                    !u.urls.is_empty(),
+                    "engine.upstream.urls must list at least one URL when engine.backend = \"openai\""
+                );
+                for url in &u.urls {
+                    anyhow::ensure!(
+                        (url.starts_with("http://") || url.starts_with("https://"))
+                            && reqwest::Url::parse(url).is_ok(),
+                        "engine.upstream.urls: `{url}` is not an http(s) URL"
+                    );
+                }
+                anyhow::ensure!(
+                    !u.model.is_empty(),
+                    "engine.upstream.model must name the upstream's model"
+                );
+                anyhow::ensure!(
+                    u.connect_timeout_secs >= 1
+                        && u.response_timeout_secs >= 1
+                        && u.idle_timeout_secs >= 1,
+                    "engine.upstream timeouts must be at least 1 second"
+                );
+                anyhow::ensure!(
+                    u.max_prompt_chars >= 100,
+                    "engine.upstream.max_prompt_chars must be at least 100"
+                );
+            }
+            other => anyhow::bail!("engine.backend must be \"local\" or \"openai\", not `{other}`"),
+        }
         anyhow::ensure!(
             matches!(self.smtp.security.as_str(), "starttls" | "tls" | "none"),
             "smtp.security must be starttls, tls or none"
@@ -252,6 +313,10 @@ impl Config {
         anyhow::ensure!(
             self.accounts.min_password_chars >= 8,
             "accounts.min_password_chars must be at least 8"
+        );
+        anyhow::ensure!(
+            self.server.header_timeout_secs >= 1,
+            "server.header_timeout_secs must be at least 1"
         );
         anyhow::ensure!(
             self.server.max_body_bytes >= 1024,

@@ -10,7 +10,7 @@ async fn two_replicas(opts: Options) -> Option<(TestApp, TestApp)> {
     let url = TestApp::shared_postgres().await?;
     // Both start (and migrate) at the same time.
     let (a, b) = tokio::join!(
-        TestApp::start_on(Backend::Postgres, opts, Some(url.clone())),
+        TestApp::start_on(Backend::Postgres, opts.clone(), Some(url.clone())),
         TestApp::start_on(Backend::Postgres, opts, Some(url))
     );
     Some((a.unwrap(), b.unwrap()))

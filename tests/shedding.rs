@@ -18,6 +18,7 @@ fn opts(configure: fn(&mut Config)) -> Options {
         tight_limits: false,
         configure: Some(configure),
         db_proxy: false,
+        upstream: None,
     }
 }
 
@@ -464,3 +465,43 @@ fn sigterm_mid_answer_keeps_the_partial_answer_and_exits_cleanly() {
         assert!(!content.is_empty());
     });
 }
+
+/// SECURITY.md 12: request headers trickled in (slowloris) and idle keep-alive connections do not
+/// hold a socket past `server.header_timeout_secs`.
+async fn slow_headers_and_idle_connections_are_cut_off(app: TestApp) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: moss\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), slow.read_to_end(&mut got))
+        .await
+        .expect("the server hangs up on unfinished headers")
+        .ok();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        got.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "no answer to half a request: {text}"
+    );
+
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: moss\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), idle.read_to_end(&mut got))
+        .await
+        .expect("the server closes an idle keep-alive connection")
+        .ok();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.contains("\"ok\""),
+        "the request itself was answered: {text}"
+    );
+}
+both_backends!(
+    slow_headers_and_idle_connections_are_cut_off,
+    opts(|c| c.server.header_timeout_secs = 1)
+);

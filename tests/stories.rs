@@ -13,6 +13,7 @@ const WITH_MAIL: Options = Options {
     tight_limits: false,
     configure: None,
     db_proxy: false,
+    upstream: None,
 };
 
 /// The first URL in `text` that starts with `prefix`.

@@ -10,6 +10,8 @@ use crate::config::Config;
 use crate::db::invites::{self, InviteSpec};
 use crate::db::{accounts, Db, PoolSettings};
 use crate::http::AppState;
+use crate::inference::Inference;
+use crate::upstream::Upstream;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -51,6 +53,20 @@ pub async fn first_admin_invite(db: &Db, config: &Config) -> anyhow::Result<Opti
     )))
 }
 
+/// The local engine (loading, and on first use fetching, the model), or the upstream client.
+pub fn inference(config: &Config, model: &ModelArgs) -> anyhow::Result<Inference> {
+    if config.engine.backend == "openai" {
+        let u = &config.engine.upstream;
+        tracing::info!(
+            "answers come from {} (model {}); no model is loaded here",
+            u.urls.join(", "),
+            u.model
+        );
+        return Ok(Inference::Upstream(Upstream::new(u)?));
+    }
+    Ok(super::start_engine(config, model)?.into())
+}
+
 pub fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.addr {
         config.server.addr = addr;
@@ -60,7 +76,7 @@ pub fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let db = open_db(&config).await?;
-        let engine = super::start_engine(&config, &args.model)?;
+        let engine = inference(&config, &args.model)?;
         let listener = tokio::net::TcpListener::bind(&config.server.addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.addr))?;

@@ -165,6 +165,7 @@ async fn send(
                 user_id: user.id,
                 conversation_id: id,
                 question_id: Some(question.id),
+                replaces: None,
                 max_tokens,
                 temperature: b.temperature,
                 permit,
@@ -220,14 +221,17 @@ async fn regenerate(
     if permit.is_some() {
         check_quota(&state, user.id).await?;
     }
-    chats::truncate_from(&state.db, answer.conversation_id, answer.id).await?;
     let events = match (refusal, permit) {
-        (Some(text), _) => chat::refuse(&deps, user.id, answer.conversation_id, text).await,
+        (Some(text), _) => {
+            chats::truncate_from(&state.db, answer.conversation_id, answer.id).await?;
+            chat::refuse(&deps, user.id, answer.conversation_id, text).await
+        }
         (None, Some(permit)) => {
             let turn = Turn {
                 user_id: user.id,
                 conversation_id: answer.conversation_id,
                 question_id: None,
+                replaces: Some(answer.id),
                 max_tokens,
                 temperature: b.temperature,
                 permit,

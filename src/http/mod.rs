@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use crate::config::Config;
 use crate::db::Db;
-use crate::engine::EngineHandle;
+use crate::inference::Inference;
 pub use error::{AppError, AppResult};
 
 /// Everything a handler may need: cheap handles only.
@@ -28,7 +28,7 @@ pub use error::{AppError, AppResult};
 pub struct AppState {
     pub db: Db,
     pub config: Arc<Config>,
-    pub engine: EngineHandle,
+    pub engine: Inference,
     pub policy: Arc<crate::policy::Policy>,
     pub admission: crate::admission::Admission,
     /// Tells running answers to stop and store what they have (set at shutdown).
@@ -41,7 +41,7 @@ impl AppState {
     pub fn new(
         db: Db,
         config: Arc<Config>,
-        engine: EngineHandle,
+        engine: Inference,
         stopping: tokio::sync::watch::Receiver<bool>,
     ) -> anyhow::Result<Self> {
         let policy = Arc::new(crate::policy::Policy::load(&config.refusals.rules_file)?);

@@ -88,13 +88,7 @@ impl FromRequestParts<AppState> for ApiUser {
 }
 
 fn model_id(state: &AppState) -> String {
-    state
-        .engine
-        .info
-        .path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "moss".into())
+    state.engine.model_id()
 }
 
 fn now_secs() -> u64 {
@@ -127,6 +121,14 @@ struct CompletionRequest {
     /// OpenAI's switch for keeping a completion: here it files the exchange in the browser history.
     #[serde(default)]
     store: bool,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    /// Send a last chunk (empty `choices`) with the token counts, as OpenAI does.
+    #[serde(default)]
+    include_usage: bool,
 }
 
 #[derive(Deserialize)]
@@ -264,6 +266,7 @@ async fn completions(
                 user_id: user.id,
                 conversation_id,
                 question_id: None,
+                replaces: None,
                 max_tokens,
                 temperature: req.temperature,
                 permit,
@@ -275,7 +278,8 @@ async fn completions(
         }
     };
     if req.stream {
-        Ok(stream(events, id, model))
+        let usage = req.stream_options.is_some_and(|o| o.include_usage);
+        Ok(stream(events, id, model, usage))
     } else {
         complete(events, id, model).await
     }
@@ -372,38 +376,62 @@ async fn complete(
     )))
 }
 
-fn stream(rx: tokio::sync::mpsc::Receiver<StreamEvent>, id: String, model: String) -> Response {
+fn stream(
+    rx: tokio::sync::mpsc::Receiver<StreamEvent>,
+    id: String,
+    model: String,
+    include_usage: bool,
+) -> Response {
+    use std::collections::VecDeque;
     let created = now_secs();
-    let chunk = move |delta: Value, finish: Option<&str>| {
-        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]})
+    let chunk = move |choices: Value, usage: Option<Value>| {
+        let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": choices});
+        if include_usage {
+            c["usage"] = usage.unwrap_or(Value::Null);
+        }
+        c.to_string()
     };
-    let first = chunk(json!({"role": "assistant", "content": ""}), None);
-    // Stages: 0 = role chunk next, 1 = relaying, 2 = [DONE] next, 3 = finished.
+    let choice = |delta: Value, finish: Option<&str>| json!([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]);
+    // What is ready to send goes to `out`; `None` there ends the stream.
+    let mut out: VecDeque<Option<String>> = VecDeque::new();
+    out.push_back(Some(chunk(
+        choice(json!({"role": "assistant", "content": ""}), None),
+        None,
+    )));
     let events = futures_util::stream::unfold(
-        (rx, first, chunk, 0u8),
-        |(mut rx, first, chunk, stage)| async move {
+        (rx, out, chunk),
+        move |(mut rx, mut out, chunk)| async move {
             let event = |data: String| Ok::<_, Infallible>(Event::default().data(data));
-            match stage {
-                0 => return Some((event(first.to_string()), (rx, first, chunk, 1))),
-                2 => return Some((event("[DONE]".into()), (rx, first, chunk, 3))),
-                3 => return None,
-                _ => {}
-            }
             loop {
+                if let Some(next) = out.pop_front() {
+                    return next.map(|data| (event(data), (rx, out, chunk)));
+                }
                 match rx.recv().await {
                     Some(StreamEvent::Token { text }) => {
-                        let data = chunk(json!({"content": text}), None).to_string();
-                        return Some((event(data), (rx, first, chunk, 1)));
+                        out.push_back(Some(chunk(choice(json!({"content": text}), None), None)));
                     }
-                    Some(StreamEvent::Queued { .. }) => continue,
-                    Some(StreamEvent::Done { finish_reason, .. }) => {
-                        let data = chunk(json!({}), Some(finish(&finish_reason))).to_string();
-                        return Some((event(data), (rx, first, chunk, 2)));
+                    Some(StreamEvent::Queued { .. }) => {}
+                    Some(StreamEvent::Done {
+                        finish_reason,
+                        usage,
+                        ..
+                    }) => {
+                        out.push_back(Some(chunk(
+                            choice(json!({}), Some(finish(&finish_reason))),
+                            None,
+                        )));
+                        if include_usage {
+                            let u = json!({"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.prompt_tokens + usage.completion_tokens});
+                            out.push_back(Some(chunk(json!([]), Some(u))));
+                        }
+                        out.push_back(Some("[DONE]".into()));
+                        out.push_back(None);
                     }
                     Some(StreamEvent::Error { code, message }) => {
                         let data = json!({"error": {"message": message, "type": "server_error", "code": code}}).to_string();
-                        return Some((event(data), (rx, first, chunk, 3)));
+                        out.push_back(Some(data));
+                        out.push_back(None);
                     }
                     None => return None,
                 }

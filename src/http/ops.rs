@@ -19,19 +19,28 @@ async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready when the database answers (the model is loaded before the server starts listening).
+/// Ready when the database answers and answers can be made: a local model is loaded before the
+/// server starts listening; in upstream mode at least one upstream must answer.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let db = tokio::time::timeout(std::time::Duration::from_secs(3), state.db.ping())
-        .await
-        .unwrap_or(false);
-    let status = if db {
+    let wait = std::time::Duration::from_secs(3);
+    let (db, inference) = tokio::join!(
+        async {
+            tokio::time::timeout(wait, state.db.ping())
+                .await
+                .unwrap_or(false)
+        },
+        state.engine.readiness()
+    );
+    let status = if db && inference.ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         status,
-        Json(json!({"database": db, "model": state.engine.info.name})),
+        Json(
+            json!({"database": db, "model": state.engine.model_id(), "inference": inference.detail}),
+        ),
     )
 }
 

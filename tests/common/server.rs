@@ -164,7 +164,7 @@ impl Drop for TestApp {
 }
 
 /// Options for `TestApp::start`.
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone)]
 pub struct Options {
     pub smtp: bool,
     /// Slow the tiny model down (milliseconds per token) for stop/disconnect/queue tests.
@@ -175,6 +175,16 @@ pub struct Options {
     pub configure: Option<fn(&mut Config)>,
     /// PostgreSQL only: reach the database through a relay the test can cut (`TestApp::proxy`).
     pub db_proxy: bool,
+    /// Answer through upstream OpenAI-compatible servers instead of a local tiny model.
+    pub upstream: Option<UpstreamOptions>,
+}
+
+/// `engine.backend = "openai"` for a test server.
+#[derive(Clone)]
+pub struct UpstreamOptions {
+    pub urls: Vec<String>,
+    pub api_key: String,
+    pub response_timeout_secs: u64,
 }
 
 fn postgres_admin_url() -> Option<String> {
@@ -282,6 +292,17 @@ impl TestApp {
             config.smtp.security = "none".into();
             config.smtp.poll_secs = 1;
         }
+        if let Some(u) = &opts.upstream {
+            let c = &mut config.engine.upstream;
+            config.engine.backend = "openai".into();
+            c.urls = u.urls.clone();
+            c.model = "tiny".into();
+            c.api_key = u.api_key.clone();
+            c.connect_timeout_secs = 1;
+            c.response_timeout_secs = u.response_timeout_secs;
+            c.idle_timeout_secs = 10;
+            c.failure_cooldown_secs = 1;
+        }
         if let Some(f) = opts.configure {
             f(&mut config);
         }
@@ -291,8 +312,14 @@ impl TestApp {
         let db = moss::cli::serve::open_db(&config)
             .await
             .expect("database opens and migrates");
-        let model = super::tiny_model(dir.path(), Arch::Qwen2);
-        let engine = super::start(&model, Duration::from_millis(opts.token_delay_ms));
+        let engine: moss::inference::Inference = if opts.upstream.is_some() {
+            moss::inference::Inference::Upstream(
+                moss::upstream::Upstream::new(&config.engine.upstream).unwrap(),
+            )
+        } else {
+            let model = super::tiny_model(dir.path(), Arch::Qwen2);
+            super::start(&model, Duration::from_millis(opts.token_delay_ms)).into()
+        };
         let config = Arc::new(config);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (stop_mail, stop_rx) = tokio::sync::watch::channel(false);

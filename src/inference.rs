@@ -1,0 +1,126 @@
+//! Where answers come from: the local engine (a GGUF model in this process) or upstream
+//! OpenAI-compatible servers. The chat code sees one interface: start an answer, get a stream of
+//! engine `Event`s; dropping the stream cancels it either way.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::chat::StartError;
+use crate::engine::{
+    ChatMessage, EngineHandle, EngineStats, EventStream, GenerateRequest, SamplingParams,
+    SubmitError,
+};
+use crate::upstream::{TargetHealth, Upstream, UpstreamRequest};
+
+#[derive(Clone)]
+pub enum Inference {
+    Local(EngineHandle),
+    Upstream(Upstream),
+}
+
+impl From<EngineHandle> for Inference {
+    fn from(e: EngineHandle) -> Self {
+        Inference::Local(e)
+    }
+}
+
+/// One answer to generate.
+pub struct AnswerRequest {
+    pub system: Option<String>,
+    pub history: Vec<ChatMessage>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+/// What `/readyz` reports about inference.
+pub struct Readiness {
+    pub ready: bool,
+    pub detail: serde_json::Value,
+}
+
+impl Inference {
+    /// The model's name, as shown in `/readyz` and `/v1/models`.
+    pub fn model_id(&self) -> String {
+        match self {
+            Inference::Local(e) => e
+                .info
+                .path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| e.info.name.clone()),
+            Inference::Upstream(u) => u.model().to_string(),
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        match self {
+            Inference::Local(e) => &e.stats,
+            Inference::Upstream(u) => u.stats(),
+        }
+    }
+
+    /// Requests waiting or running (for a local engine: how many are ahead of a new one).
+    pub fn load(&self) -> usize {
+        self.stats().in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Starts generating; for an upstream this waits for its response headers.
+    pub async fn start(&self, req: AnswerRequest) -> Result<EventStream, StartError> {
+        match self {
+            Inference::Local(engine) => {
+                let prompt = engine
+                    .prompt(req.system.as_deref(), &req.history, req.max_tokens)
+                    .map_err(|e| match e {
+                        crate::engine::PromptError::TooLong { .. } => StartError::PromptTooLong,
+                        other => StartError::Internal(other.to_string()),
+                    })?;
+                let request = GenerateRequest {
+                    prompt: prompt.ids,
+                    sampling: req.sampling,
+                    max_tokens: req.max_tokens,
+                    stop: req.stop,
+                    ignore_eos: false,
+                };
+                engine.generate(request).map_err(|e| match e {
+                    SubmitError::TooLong { .. } => StartError::PromptTooLong,
+                    SubmitError::QueueFull | SubmitError::Stopped => StartError::Overloaded,
+                    SubmitError::EmptyPrompt => StartError::Internal("empty prompt".into()),
+                })
+            }
+            Inference::Upstream(up) => {
+                let messages = up.fit(req.system.as_deref(), &req.history)?;
+                let request = UpstreamRequest {
+                    messages,
+                    max_tokens: req.max_tokens,
+                    temperature: req.sampling.temperature,
+                    top_p: req.sampling.top_p,
+                    seed: req.sampling.seed,
+                    stop: req.stop,
+                };
+                up.generate(request).await
+            }
+        }
+    }
+
+    /// Local: the model is loaded before the server listens. Upstream: at least one answers.
+    pub async fn readiness(&self) -> Readiness {
+        match self {
+            Inference::Local(e) => Readiness {
+                ready: true,
+                detail: serde_json::json!({"backend": "local", "model": e.info.name}),
+            },
+            Inference::Upstream(u) => {
+                let health: Vec<TargetHealth> = u.health().await;
+                Readiness {
+                    ready: health.iter().any(|h| h.up),
+                    detail: serde_json::json!({
+                        "backend": "openai",
+                        "model": u.model(),
+                        "upstream": health,
+                    }),
+                }
+            }
+        }
+    }
+}

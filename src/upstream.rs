@@ -1,0 +1,573 @@
+//! Upstream inference (`engine.backend = "openai"`): answers come from OpenAI-compatible servers
+//! (vLLM, TGI, llama.cpp's server, another moss) over streamed `POST {url}/chat/completions`.
+//!
+//! Requests go to the listed URLs in turn; a URL that refuses the connection, times out or
+//! answers 429/5xx is skipped for `failure_cooldown_secs` and the next one is tried. When none
+//! can take the request the caller gets `StartError::Overloaded` — the same fast "try again
+//! tomorrow morning" answer as a full local queue, never a 500. The stream is relayed as engine
+//! `Event`s; dropping the receiver closes the upstream connection, which cancels the upstream's
+//! generation.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::chat::StartError;
+use crate::config::UpstreamConfig;
+use crate::engine::{
+    ChatMessage, EngineStats, Event, EventStream, FinishReason, Role, Timings, Usage,
+};
+
+/// One upstream server and how it has been doing.
+struct Target {
+    /// Base URL without a trailing slash (`…/v1`).
+    base: String,
+    /// Skipped until then after a failure.
+    down_until: Mutex<Option<Instant>>,
+}
+
+impl Target {
+    fn is_down(&self) -> bool {
+        self.down_until
+            .lock()
+            .unwrap()
+            .is_some_and(|t| t > Instant::now())
+    }
+}
+
+/// A cheap, cloneable client for the configured upstream servers.
+#[derive(Clone)]
+pub struct Upstream {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: reqwest::Client,
+    targets: Vec<Target>,
+    next: AtomicUsize,
+    cfg: UpstreamConfig,
+    stats: Arc<EngineStats>,
+}
+
+/// What one answer needs from the upstream.
+pub struct UpstreamRequest {
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: usize,
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+/// How one attempt on one target ended, when it did not give a stream.
+enum Attempt {
+    /// The target cannot take it now (refused, timed out, 429, 5xx): try the next one.
+    Next(String),
+    /// The request itself is the problem; another target would say the same.
+    Final(StartError),
+}
+
+/// The health of each upstream URL, for `/readyz`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TargetHealth {
+    pub url: String,
+    pub up: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the upstream HTTP client: {e}"))?;
+        let targets = cfg
+            .urls
+            .iter()
+            .map(|u| Target {
+                base: u.trim_end_matches('/').to_string(),
+                down_until: Mutex::new(None),
+            })
+            .collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                targets,
+                next: AtomicUsize::new(0),
+                cfg: cfg.clone(),
+                stats: Arc::default(),
+            }),
+        })
+    }
+
+    pub fn model(&self) -> &str {
+        &self.inner.cfg.model
+    }
+
+    pub fn stats(&self) -> &Arc<EngineStats> {
+        &self.inner.stats
+    }
+
+    /// The conversation cut to `max_prompt_chars`, oldest turns first, starting on a user turn;
+    /// the system message is always kept. `PromptTooLong` when even the last message does not fit.
+    pub fn fit(
+        &self,
+        system: Option<&str>,
+        history: &[ChatMessage],
+    ) -> Result<Vec<ChatMessage>, StartError> {
+        let budget = self
+            .inner
+            .cfg
+            .max_prompt_chars
+            .saturating_sub(system.map_or(0, |s| s.chars().count()));
+        let mut used = 0;
+        let mut start = history.len();
+        for (i, m) in history.iter().enumerate().rev() {
+            let n = m.content.chars().count();
+            if used + n > budget {
+                break;
+            }
+            used += n;
+            start = i;
+        }
+        while start < history.len() && history[start].role != Role::User {
+            start += 1;
+        }
+        if start >= history.len() {
+            return Err(StartError::PromptTooLong);
+        }
+        let mut out = Vec::with_capacity(history.len() - start + 1);
+        if let Some(s) = system {
+            out.push(ChatMessage::new(Role::System, s.to_string()));
+        }
+        out.extend(history[start..].iter().cloned());
+        Ok(out)
+    }
+
+    /// Sends the request to the first upstream that takes it; the stream yields its events.
+    pub async fn generate(&self, req: UpstreamRequest) -> Result<EventStream, StartError> {
+        let inner = &self.inner;
+        let body = request_body(&inner.cfg.model, &req);
+        let n = inner.targets.len();
+        let first = inner.next.fetch_add(1, Ordering::Relaxed);
+        let order: Vec<usize> = (0..n)
+            .map(|i| (first + i) % n)
+            .filter(|&i| !inner.targets[i].is_down())
+            .collect();
+        if order.is_empty() {
+            metrics::counter!("moss_upstream_failures_total", "reason" => "all_down").increment(1);
+            return Err(StartError::Overloaded);
+        }
+        let prompt_chars: usize = req.messages.iter().map(|m| m.content.chars().count()).sum();
+        let submitted = Instant::now();
+        for i in order {
+            let target = &inner.targets[i];
+            match self.attempt(target, &body).await {
+                Ok(response) => {
+                    *target.down_until.lock().unwrap() = None;
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    inner.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+                    inner.stats.requests_started.fetch_add(1, Ordering::Relaxed);
+                    let _ = tx.send(Event::Started);
+                    tokio::spawn(pump(self.clone(), response, tx, submitted, prompt_chars));
+                    return Ok(rx);
+                }
+                Err(Attempt::Next(why)) => {
+                    tracing::warn!(upstream = %target.base, "upstream skipped: {why}");
+                    metrics::counter!("moss_upstream_failures_total", "reason" => "unavailable")
+                        .increment(1);
+                    self.mark_down(target);
+                }
+                Err(Attempt::Final(e)) => return Err(e),
+            }
+        }
+        Err(StartError::Overloaded)
+    }
+
+    fn mark_down(&self, target: &Target) {
+        let until = Instant::now() + Duration::from_secs(self.inner.cfg.failure_cooldown_secs);
+        *target.down_until.lock().unwrap() = Some(until);
+    }
+
+    fn post(&self, target: &Target, body: &Value) -> reqwest::RequestBuilder {
+        let mut rb = self
+            .inner
+            .client
+            .post(format!("{}/chat/completions", target.base))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .body(body.to_string());
+        if !self.inner.cfg.api_key.is_empty() {
+            rb = rb.bearer_auth(&self.inner.cfg.api_key);
+        }
+        rb
+    }
+
+    async fn attempt(&self, target: &Target, body: &Value) -> Result<reqwest::Response, Attempt> {
+        let wait = Duration::from_secs(self.inner.cfg.response_timeout_secs);
+        let response = match tokio::time::timeout(wait, self.post(target, body).send()).await {
+            Err(_) => return Err(Attempt::Next("no response headers in time".into())),
+            Ok(Err(e)) => return Err(Attempt::Next(format!("request failed: {e}"))),
+            Ok(Ok(r)) => r,
+        };
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let text = tokio::time::timeout(Duration::from_secs(2), response.text())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let text: String = text.chars().take(500).collect();
+        match status.as_u16() {
+            429 | 500..=599 => Err(Attempt::Next(format!("answered {status}: {text}"))),
+            400 | 413 | 422
+                if text.contains("context")
+                    || text.contains("too long")
+                    || text.contains("prompt_too_long") =>
+            {
+                Err(Attempt::Final(StartError::PromptTooLong))
+            }
+            // A wrong key or model name is the operator's to fix; another URL may be set up right.
+            _ => {
+                tracing::error!(upstream = %target.base, "upstream refused the request: {status}: {text}");
+                Err(Attempt::Next(format!("answered {status}")))
+            }
+        }
+    }
+
+    /// Asks every upstream for its model list; an upstream that answers is usable again at once.
+    pub async fn health(&self) -> Vec<TargetHealth> {
+        let checks = self.inner.targets.iter().map(|t| async move {
+            let mut rb = self
+                .inner
+                .client
+                .get(format!("{}/models", t.base))
+                .timeout(Duration::from_secs(self.inner.cfg.connect_timeout_secs + 2));
+            if !self.inner.cfg.api_key.is_empty() {
+                rb = rb.bearer_auth(&self.inner.cfg.api_key);
+            }
+            let error = match rb.send().await {
+                Ok(r) if r.status().is_success() => None,
+                Ok(r) => Some(format!("answered {}", r.status())),
+                Err(e) => Some(format!("unreachable: {e}")),
+            };
+            match &error {
+                None => *t.down_until.lock().unwrap() = None,
+                Some(_) => self.mark_down(t),
+            }
+            TargetHealth {
+                url: t.base.clone(),
+                up: error.is_none(),
+                error,
+            }
+        });
+        futures_util::future::join_all(checks).await
+    }
+}
+
+fn request_body(model: &str, req: &UpstreamRequest) -> Value {
+    let messages: Vec<Value> = req
+        .messages
+        .iter()
+        .map(|m| {
+            let role = match m.role {
+                Role::System => "system",
+                Role::User => "user",
+                Role::Assistant => "assistant",
+            };
+            json!({"role": role, "content": m.content})
+        })
+        .collect();
+    let mut body = json!({
+        "model": model,
+        "messages": messages,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+    });
+    if let Some(p) = req.top_p {
+        body["top_p"] = json!(p);
+    }
+    if let Some(s) = req.seed {
+        body["seed"] = json!(s);
+    }
+    if !req.stop.is_empty() {
+        // OpenAI's API takes at most four.
+        body["stop"] = json!(req.stop.iter().take(4).collect::<Vec<_>>());
+    }
+    body
+}
+
+/// Counts a request in `in_flight` until dropped, whatever way the stream ends.
+struct InFlight(Arc<EngineStats>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.requests_finished.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Reads the upstream's event stream and forwards it; stops (closing the connection) as soon as
+/// nobody listens.
+async fn pump(
+    up: Upstream,
+    response: reqwest::Response,
+    tx: mpsc::UnboundedSender<Event>,
+    submitted: Instant,
+    prompt_chars: usize,
+) {
+    let stats = up.inner.stats.clone();
+    let _count = InFlight(stats.clone());
+    let idle = Duration::from_secs(up.inner.cfg.idle_timeout_secs);
+    let mut body = response.bytes_stream();
+    let mut parser = SseParser::default();
+    let mut state = StreamState::default();
+    let started = Instant::now();
+    let end = loop {
+        let next = tokio::select! {
+            _ = tx.closed() => {
+                stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+                return; // dropping `body` closes the connection: the upstream stops generating
+            }
+            next = tokio::time::timeout(idle, body.next()) => next,
+        };
+        let bytes = match next {
+            Err(_) => break Err("the upstream went silent".to_string()),
+            Ok(None) if state.finish.is_some() || state.done => break Ok(()),
+            Ok(None) => break Err("the upstream closed the stream early".to_string()),
+            Ok(Some(Err(e))) => break Err(format!("reading the upstream stream failed: {e}")),
+            Ok(Some(Ok(b))) => b,
+        };
+        let mut failed = None;
+        for data in parser.push(&bytes) {
+            match state.apply(&data) {
+                Ok(Some(text)) => {
+                    stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
+                    let _ = tx.send(Event::Text(text));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            break Err(e);
+        }
+        if state.done {
+            break Ok(());
+        }
+    };
+    match end {
+        Ok(()) => {
+            let usage = state.usage.unwrap_or(Usage {
+                // No usage from the upstream: estimate (about four characters a token).
+                prompt_tokens: prompt_chars.div_ceil(4),
+                completion_tokens: state.pieces,
+            });
+            let _ = tx.send(Event::Done {
+                finish_reason: state.finish.unwrap_or(FinishReason::Stop),
+                usage,
+                timings: Timings {
+                    queued: started - submitted,
+                    prefill: Duration::ZERO,
+                    decode: started.elapsed(),
+                },
+            });
+        }
+        Err(e) => {
+            metrics::counter!("moss_upstream_failures_total", "reason" => "stream").increment(1);
+            let _ = tx.send(Event::Error(e));
+        }
+    }
+}
+
+/// Splits a byte stream into server-sent events and returns each event's `data`.
+#[derive(Default)]
+struct SseParser {
+    buf: Vec<u8>,
+}
+
+impl SseParser {
+    fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+        self.buf.extend(bytes.iter().filter(|b| **b != b'\r'));
+        let mut out = Vec::new();
+        while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = self.buf.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&event[..end]);
+            let data: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                .collect();
+            if !data.is_empty() {
+                out.push(data.join("\n"));
+            }
+        }
+        out
+    }
+}
+
+/// What the chunks so far have said.
+#[derive(Default)]
+struct StreamState {
+    finish: Option<FinishReason>,
+    usage: Option<Usage>,
+    pieces: usize,
+    done: bool,
+}
+
+impl StreamState {
+    /// Applies one chunk; returns the text it adds, if any.
+    fn apply(&mut self, data: &str) -> Result<Option<String>, String> {
+        if data.trim() == "[DONE]" {
+            self.done = true;
+            return Ok(None);
+        }
+        let v: Value = serde_json::from_str(data)
+            .map_err(|e| format!("the upstream sent a chunk that is not JSON: {e}"))?;
+        if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
+            let message = err
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown error");
+            return Err(format!("the upstream failed: {message}"));
+        }
+        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+            let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0) as usize;
+            self.usage = Some(Usage {
+                prompt_tokens: n("prompt_tokens"),
+                completion_tokens: n("completion_tokens"),
+            });
+        }
+        let choice = v.get("choices").and_then(|c| c.get(0));
+        if let Some(reason) = choice
+            .and_then(|c| c.get("finish_reason"))
+            .and_then(Value::as_str)
+        {
+            self.finish = Some(match reason {
+                "length" => FinishReason::Length,
+                _ => FinishReason::Stop,
+            });
+        }
+        let text = choice
+            .and_then(|c| c.get("delta"))
+            .and_then(|d| d.get("content"))
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string);
+        if text.is_some() {
+            self.pieces += 1;
+        }
+        Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_events_split_across_reads() {
+        let mut p = SseParser::default();
+        assert!(p.push(b"data: {\"a\"").is_empty());
+        assert_eq!(p.push(b":1}\r\n\r\ndata: [DONE]\n"), vec!["{\"a\":1}"]);
+        assert_eq!(p.push(b"\n: comment\n\n"), vec!["[DONE]"]);
+    }
+
+    #[test]
+    fn chunks_give_text_finish_and_usage() {
+        let mut s = StreamState::default();
+        let role = r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
+        assert_eq!(s.apply(role).unwrap(), None);
+        let piece = r#"{"choices":[{"index":0,"delta":{"content":"你好"},"finish_reason":null}]}"#;
+        assert_eq!(s.apply(piece).unwrap().as_deref(), Some("你好"));
+        let end = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#;
+        assert_eq!(s.apply(end).unwrap(), None);
+        let usage = r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}"#;
+        s.apply(usage).unwrap();
+        s.apply("[DONE]").unwrap();
+        assert!(s.done);
+        assert_eq!(s.finish, Some(FinishReason::Length));
+        assert_eq!(
+            s.usage,
+            Some(Usage {
+                prompt_tokens: 7,
+                completion_tokens: 3
+            })
+        );
+        assert!(s
+            .apply(r#"{"error":{"message":"boom"}}"#)
+            .unwrap_err()
+            .contains("boom"));
+        assert!(s.apply("not json").is_err());
+    }
+
+    fn cfg(max_prompt_chars: usize) -> UpstreamConfig {
+        UpstreamConfig {
+            urls: vec!["http://127.0.0.1:1/v1".into()],
+            model: "m".into(),
+            api_key: String::new(),
+            connect_timeout_secs: 1,
+            response_timeout_secs: 1,
+            idle_timeout_secs: 1,
+            failure_cooldown_secs: 1,
+            max_prompt_chars,
+        }
+    }
+
+    #[test]
+    fn history_is_cut_oldest_first_and_starts_on_a_user_turn() {
+        let up = Upstream::new(&cfg(30)).unwrap();
+        let h = vec![
+            ChatMessage::new(Role::User, "u".repeat(10)),
+            ChatMessage::new(Role::Assistant, "a".repeat(10)),
+            ChatMessage::new(Role::User, "v".repeat(10)),
+            ChatMessage::new(Role::Assistant, "b".repeat(5)),
+            ChatMessage::new(Role::User, "w".repeat(5)),
+        ];
+        let out = up.fit(Some("sys"), &h).unwrap();
+        let roles: Vec<Role> = out.iter().map(|m| m.role).collect();
+        assert_eq!(
+            roles,
+            vec![Role::System, Role::User, Role::Assistant, Role::User]
+        );
+        assert_eq!(out[1].content, "v".repeat(10));
+        let too_long = vec![ChatMessage::new(Role::User, "x".repeat(40))];
+        assert!(matches!(
+            up.fit(None, &too_long),
+            Err(StartError::PromptTooLong)
+        ));
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_overloaded_then_skipped() {
+        let up = Upstream::new(&cfg(1000)).unwrap();
+        let req = || UpstreamRequest {
+            messages: vec![ChatMessage::new(Role::User, "hi")],
+            max_tokens: 4,
+            temperature: 0.0,
+            top_p: None,
+            seed: None,
+            stop: vec![],
+        };
+        assert!(matches!(
+            up.generate(req()).await,
+            Err(StartError::Overloaded)
+        ));
+        assert!(up.inner.targets[0].is_down());
+        let health = up.health().await;
+        assert!(!health[0].up && health[0].error.is_some());
+    }
+}
