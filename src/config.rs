@@ -179,6 +179,7 @@ pub struct EngineConfig {
     /// `local` (the GGUF model in this process) or `openai` (an OpenAI-compatible server).
     pub backend: String,
     pub model: String,
+    pub implementation: String,
     pub device: String,
     pub max_context: usize,
     pub queue_capacity: usize,
@@ -274,6 +275,10 @@ impl Config {
             "engine.queue_capacity must be at least 1"
         );
         anyhow::ensure!(e.max_tokens >= 1, "engine.max_tokens must be at least 1");
+        anyhow::ensure!(
+            matches!(e.implementation.as_str(), "moss" | "candle"),
+            "engine.implementation must be \"moss\" or \"candle\""
+        );
         match e.backend.as_str() {
             "local" => {}
             "openai" => {

@@ -4,8 +4,10 @@
 
 pub mod detok;
 pub mod gguf;
+pub mod kernels;
 pub mod model;
 pub mod prompt;
+pub mod qwen2;
 pub mod sampler;
 pub mod template;
 pub mod tiny;
@@ -37,6 +39,8 @@ pub struct EngineOptions {
     pub queue_capacity: usize,
     /// Test knob: sleep this long after each generated token (slow generation on a tiny model).
     pub token_delay: Duration,
+    /// Which Qwen2 implementation to run (moss's by default; candle-transformers' to compare).
+    pub implementation: model::Implementation,
 }
 
 impl EngineOptions {
@@ -47,6 +51,7 @@ impl EngineOptions {
             max_context: 8192,
             queue_capacity: 64,
             token_delay: Duration::ZERO,
+            implementation: Default::default(),
         }
     }
 }

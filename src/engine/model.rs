@@ -1,12 +1,24 @@
-//! The transformer itself: one of candle-transformers' quantized implementations, picked by
-//! `general.architecture`, behind one small interface (reset, forward → last-token logits).
+//! The transformer itself, picked by `general.architecture`, behind one small interface (reset,
+//! forward → last-token logits): moss's own Qwen2 (`qwen2.rs`, with moss's kernels and a
+//! quantized embedding) or one of candle-transformers' quantized implementations.
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen2};
 
 use super::gguf::{Arch, LoadError, ModelFile};
 
+/// Which Qwen2 implementation runs (the other architectures always use candle-transformers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Implementation {
+    /// moss's (`qwen2.rs`): SIMD kernels for Q5_0/Q8_0, embedding kept quantized.
+    #[default]
+    Moss,
+    /// candle-transformers' `quantized_qwen2`, unchanged (the baseline in benchmarks and tests).
+    Candle,
+}
+
 enum Weights {
+    MossQwen2(super::qwen2::Qwen2),
     Qwen2(quantized_qwen2::ModelWeights),
     Llama(quantized_llama::ModelWeights),
     /// Gemma 3 has no way to clear its KV cache, so a pristine copy (tensors are shared,
@@ -27,7 +39,11 @@ pub struct Model {
 
 impl Model {
     /// Reads every weight of `file` onto `device` (consuming the file's header).
-    pub fn load(file: ModelFile, device: &Device) -> Result<Self, LoadError> {
+    pub fn load(
+        file: ModelFile,
+        device: &Device,
+        implementation: Implementation,
+    ) -> Result<Self, LoadError> {
         let ModelFile {
             path,
             content,
@@ -41,7 +57,7 @@ impl Model {
         // A hand-made file can have tensor shapes that make the implementation panic;
         // that must be an error naming the file, not a crash.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            load_weights(arch, content, &mut reader, device)
+            load_weights(arch, content, &mut reader, device, implementation)
         }));
         let (weights, max_positions) = match result {
             Ok(Ok(w)) => w,
@@ -58,6 +74,7 @@ impl Model {
     /// Forgets the current sequence (empties the KV cache).
     pub fn reset(&mut self) {
         match &mut self.weights {
+            Weights::MossQwen2(m) => m.clear_kv_cache(),
             Weights::Qwen2(m) => m.clear_kv_cache(),
             Weights::Llama(m) => m.clear_kv_cache(),
             Weights::Gemma3 { pristine, live } => *live = pristine.clone(),
@@ -66,8 +83,12 @@ impl Model {
 
     /// Runs `tokens` at positions `pos..` and returns the logits of the last one (f32, 1-D).
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
+        if let Weights::MossQwen2(m) = &mut self.weights {
+            return m.forward(tokens, pos)?.squeeze(0)?.to_dtype(DType::F32);
+        }
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let logits = match &mut self.weights {
+            Weights::MossQwen2(_) => unreachable!("handled above"),
             Weights::Qwen2(m) => m.forward(&input, pos)?,
             Weights::Llama(m) => m.forward(&input, pos)?,
             Weights::Gemma3 { live, .. } => live.forward(&input, pos)?,
@@ -81,8 +102,14 @@ fn load_weights(
     content: candle_core::quantized::gguf_file::Content,
     reader: &mut std::io::BufReader<std::fs::File>,
     device: &Device,
+    implementation: Implementation,
 ) -> candle_core::Result<(Weights, usize)> {
     Ok(match arch {
+        Arch::Qwen2 if implementation == Implementation::Moss => {
+            let m = super::qwen2::Qwen2::from_gguf(&content, reader, device)?;
+            let ctx = m.context_length;
+            (Weights::MossQwen2(m), ctx)
+        }
         Arch::Qwen2 => {
             let ctx = content
                 .metadata

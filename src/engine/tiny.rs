@@ -27,6 +27,9 @@ pub struct TinySpec {
     pub layers: usize,
     pub context: usize,
     pub seed: u64,
+    /// The type of the embedding and layer matrices (Q8_0 by default; Q5_0 exercises moss's
+    /// kernels the way the default model does).
+    pub matrices: GgmlDType,
 }
 
 impl TinySpec {
@@ -40,6 +43,7 @@ impl TinySpec {
             layers: 2,
             context: 512,
             seed: 42,
+            matrices: GgmlDType::Q8_0,
         }
     }
 }
@@ -261,7 +265,7 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> anyhow::Result<()> {
         }
     }
 
-    let q8 = GgmlDType::Q8_0;
+    let q8 = spec.matrices;
     let n_vocab = vocab.tokens.len();
     let q_dim = head_dim * spec.heads;
     let mut tensors: Vec<(String, QTensor)> = vec![

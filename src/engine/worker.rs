@@ -138,7 +138,7 @@ pub(super) fn load(options: &EngineOptions) -> Result<(Model, ModelInfo), LoadEr
         })
         .unwrap_or_else(|| "model".into());
     let (path, arch) = (file.path.clone(), file.arch);
-    let model = Model::load(file, &device)?;
+    let model = Model::load(file, &device, options.implementation)?;
     let context_length = model_ctx
         .min(options.max_context)
         .min(model.max_positions)

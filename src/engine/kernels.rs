@@ -1,0 +1,585 @@
+//! Quantized matrix products for the GGUF block types candle 0.11 leaves scalar on x86: Q5_0
+//! (two thirds of the bytes of the default Q4_K_M model) and, for completeness, Q8_0.
+//!
+//! `W` is a GGUF weight matrix of `n` rows of `k` values (blocks of 32); `X` is `m` rows of `k`
+//! f32 activations. `matmul` quantises each row of X to Q8_0 once, then computes every output
+//! with an integer dot product: AVX2 when the CPU has it (checked at run time, so a portable build
+//! is fast too), else a plain scalar loop. Work is split over weight rows on candle's own thread
+//! pool; each weight row is read once for all rows of X (prefill and batched decode).
+//!
+//! `QuantizedType` lets a candle `QTensor` hold these blocks, so `QMatMul` uses them unchanged.
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
+use candle_core::{CpuStorage, Result};
+use half::f16;
+
+/// Values per block (Q5_0 and Q8_0).
+pub const QK: usize = 32;
+
+/// GGUF Q5_0: 32 values `d * (q - 16)`, q 5 bits: low 4 bits in `qs` (value j in the low nibble
+/// of byte j, value j+16 in its high nibble), 5th bit j in bit j of `qh`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ5_0 {
+    pub d: u16,
+    pub qh: [u8; 4],
+    pub qs: [u8; 16],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
+
+/// GGUF Q8_0: 32 values `d * q`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockQ8_0 {
+    pub d: u16,
+    pub qs: [i8; 32],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+
+/// Which implementation runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Avx2,
+    Scalar,
+}
+
+/// The best implementation this CPU supports; `MOSS_KERNELS=scalar` forces the fallback
+/// (benchmarks and tests compare the two).
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var("MOSS_KERNELS").as_deref() == Ok("scalar") {
+            return Isa::Scalar;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+        Isa::Scalar
+    })
+}
+
+#[inline]
+fn half(bits: u16) -> f32 {
+    f16::from_bits(bits).to_f32()
+}
+
+/// A block type these kernels handle.
+pub trait Block: Copy + Send + Sync + 'static {
+    const DTYPE: GgmlDType;
+    fn dequantize(blocks: &[Self], out: &mut [f32]);
+    fn dot(isa: Isa, xs: &[Self], ys: &[BlockQ8_0]) -> f32;
+    fn quantize(xs: &[f32], out: &mut [Self]);
+}
+
+impl Block for BlockQ5_0 {
+    const DTYPE: GgmlDType = GgmlDType::Q5_0;
+
+    fn dequantize(blocks: &[Self], out: &mut [f32]) {
+        for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+            let d = half(b.d);
+            let qh = u32::from_le_bytes(b.qh);
+            for j in 0..16 {
+                let lo = (b.qs[j] & 0x0F) as u32 | ((qh >> j) & 1) << 4;
+                let hi = (b.qs[j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+                out[j] = d * (lo as i32 - 16) as f32;
+                out[j + 16] = d * (hi as i32 - 16) as f32;
+            }
+        }
+    }
+
+    fn dot(isa: Isa, xs: &[Self], ys: &[BlockQ8_0]) -> f32 {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2` is only chosen when the CPU reports AVX2 and FMA.
+            Isa::Avx2 => unsafe { avx2::dot_q5_0(xs, ys) },
+            _ => dot_q5_0_scalar(xs, ys),
+        }
+    }
+
+    fn quantize(xs: &[f32], out: &mut [Self]) {
+        for (x, b) in xs.chunks_exact(QK).zip(out.iter_mut()) {
+            // The value of largest magnitude maps to -16, as GGML does.
+            let max = x
+                .iter()
+                .copied()
+                .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let d = max / -16.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut qh = 0u32;
+            for j in 0..16 {
+                let q0 = ((x[j] * id + 16.5) as i32).clamp(0, 31) as u32;
+                let q1 = ((x[j + 16] * id + 16.5) as i32).clamp(0, 31) as u32;
+                b.qs[j] = (q0 & 0x0F) as u8 | ((q1 & 0x0F) as u8) << 4;
+                qh |= ((q0 >> 4) & 1) << j | ((q1 >> 4) & 1) << (j + 16);
+            }
+            b.qh = qh.to_le_bytes();
+            b.d = f16::from_f32(d).to_bits();
+        }
+    }
+}
+
+impl Block for BlockQ8_0 {
+    const DTYPE: GgmlDType = GgmlDType::Q8_0;
+
+    fn dequantize(blocks: &[Self], out: &mut [f32]) {
+        for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
+            let d = half(b.d);
+            for (o, q) in out.iter_mut().zip(b.qs) {
+                *o = d * q as f32;
+            }
+        }
+    }
+
+    fn dot(isa: Isa, xs: &[Self], ys: &[BlockQ8_0]) -> f32 {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx2 => unsafe { avx2::dot_q8_0(xs, ys) },
+            _ => dot_q8_0_scalar(xs, ys),
+        }
+    }
+
+    fn quantize(xs: &[f32], out: &mut [Self]) {
+        quantize_q8_0(xs, out)
+    }
+}
+
+/// Rounds activations to Q8_0 blocks (the other operand of every dot product).
+pub fn quantize_q8_0(xs: &[f32], out: &mut [BlockQ8_0]) {
+    for (x, b) in xs.chunks_exact(QK).zip(out.iter_mut()) {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        for (q, v) in b.qs.iter_mut().zip(x) {
+            *q = (v * id).round() as i8;
+        }
+        b.d = f16::from_f32(d).to_bits();
+    }
+}
+
+fn dot_q5_0_scalar(xs: &[BlockQ5_0], ys: &[BlockQ8_0]) -> f32 {
+    let mut sum = 0f32;
+    for (x, y) in xs.iter().zip(ys) {
+        let qh = u32::from_le_bytes(x.qh);
+        let mut acc = 0i32;
+        for j in 0..16 {
+            let lo = ((x.qs[j] & 0x0F) as u32 | ((qh >> j) & 1) << 4) as i32 - 16;
+            let hi = ((x.qs[j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4) as i32 - 16;
+            acc += lo * y.qs[j] as i32 + hi * y.qs[j + 16] as i32;
+        }
+        sum += half(x.d) * half(y.d) * acc as f32;
+    }
+    sum
+}
+
+fn dot_q8_0_scalar(xs: &[BlockQ8_0], ys: &[BlockQ8_0]) -> f32 {
+    let mut sum = 0f32;
+    for (x, y) in xs.iter().zip(ys) {
+        let acc: i32 =
+            x.qs.iter()
+                .zip(y.qs)
+                .map(|(a, b)| *a as i32 * b as i32)
+                .sum();
+        sum += half(x.d) * half(y.d) * acc as f32;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{half, BlockQ5_0, BlockQ8_0};
+    use std::arch::x86_64::*;
+
+    /// Signed 8-bit dot products of 32 lanes, summed in pairs to 8 i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_i8(x: __m256i, y: __m256i) -> __m256i {
+        // maddubs multiplies unsigned by signed: move x's sign onto y.
+        let ax = _mm256_sign_epi8(x, x);
+        let sy = _mm256_sign_epi8(y, x);
+        let pairs = _mm256_maddubs_epi16(ax, sy);
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The 32 values of a Q5_0 block as signed bytes (q - 16), in value order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn unpack_q5_0(b: &BlockQ5_0) -> __m256i {
+        let q = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(q, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+        let nibbles = _mm256_set_m128i(hi, lo);
+        // Byte i of `bits` holds byte i/8 of qh (lanes are 16 bytes: lane 1 reads qh[2..4]).
+        let qh = _mm256_set1_epi32(i32::from_le_bytes(b.qh));
+        let pick = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
+            3, 3, 3,
+        );
+        let bytes = _mm256_shuffle_epi8(qh, pick);
+        // Byte i tests bit i % 8.
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+        // q - 16 = nibble when the 5th bit is set, nibble - 16 (nibble | 0xF0 as i8) when not.
+        let minus16 = _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8));
+        _mm256_or_si256(nibbles, minus16)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q5_0(xs: &[BlockQ5_0], ys: &[BlockQ8_0]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (x, y) in xs.iter().zip(ys) {
+            let qx = unpack_q5_0(x);
+            let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+            let p = _mm256_cvtepi32_ps(dot_i8(qx, qy));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(x.d) * half(y.d)), p, acc);
+        }
+        hsum(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q8_0(xs: &[BlockQ8_0], ys: &[BlockQ8_0]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (x, y) in xs.iter().zip(ys) {
+            let qx = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+            let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+            let p = _mm256_cvtepi32_ps(dot_i8(qx, qy));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(x.d) * half(y.d)), p, acc);
+        }
+        hsum(acc)
+    }
+}
+
+/// `dst[i][j] = X[i] · W[j]` for `m` rows of X (`k` f32 each) and `n` rows of W.
+pub fn matmul<B: Block>(
+    isa: Isa,
+    (m, k, n): (usize, usize, usize),
+    lhs: &[f32],
+    w: &[B],
+    dst: &mut [f32],
+) -> Result<()> {
+    if k % QK != 0 || lhs.len() != m * k || w.len() != n * (k / QK) || dst.len() < m * n {
+        candle_core::bail!(
+            "quantized matmul: shapes do not fit (m {m}, k {k}, n {n}, lhs {}, blocks {})",
+            lhs.len(),
+            w.len()
+        );
+    }
+    let kb = k / QK;
+    let mut xq = vec![BlockQ8_0 { d: 0, qs: [0; 32] }; m * kb];
+    for (row, out) in lhs.chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
+        quantize_q8_0(row, out);
+    }
+    let xq = &xq;
+    let dst_ptr = dst.as_mut_ptr() as usize;
+    // Groups of weight rows; each group is read once for all rows of X.
+    const GROUP: usize = 8;
+    let groups = n.div_ceil(GROUP);
+    candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
+        for g in range {
+            for j in g * GROUP..((g + 1) * GROUP).min(n) {
+                let wrow = &w[j * kb..(j + 1) * kb];
+                for i in 0..m {
+                    let v = B::dot(isa, wrow, &xq[i * kb..(i + 1) * kb]);
+                    // SAFETY: each (i, j) is written by exactly one work item, within m * n.
+                    unsafe { *(dst_ptr as *mut f32).add(i * n + j) = v };
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Blocks held for candle: a `QTensor` whose matmul runs these kernels.
+pub struct FastBlocks<B: Block> {
+    blocks: Vec<B>,
+    isa: Isa,
+}
+
+impl<B: Block> FastBlocks<B> {
+    /// Copies raw GGUF bytes into blocks.
+    pub fn from_bytes(data: &[u8]) -> Result<Self> {
+        let size = std::mem::size_of::<B>();
+        if data.len() % size != 0 {
+            candle_core::bail!("{} bytes are not whole {:?} blocks", data.len(), B::DTYPE);
+        }
+        let mut blocks = Vec::<B>::with_capacity(data.len() / size);
+        // SAFETY: B is a plain `repr(C)` struct of integers (any bit pattern is valid); the
+        // capacity holds data.len() bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                blocks.as_mut_ptr() as *mut u8,
+                data.len(),
+            );
+            blocks.set_len(data.len() / size);
+        }
+        Ok(Self { blocks, isa: isa() })
+    }
+
+    pub fn blocks(&self) -> &[B] {
+        &self.blocks
+    }
+
+    /// Dequantises rows `ids` of a `rows` × `hidden` matrix (an embedding lookup).
+    pub fn rows(&self, ids: &[u32], hidden: usize) -> Result<Vec<f32>> {
+        let per_row = hidden / QK;
+        let rows = self.blocks.len() / per_row.max(1);
+        let mut out = vec![0f32; ids.len() * hidden];
+        for (o, &id) in out.chunks_exact_mut(hidden).zip(ids) {
+            let id = id as usize;
+            if id >= rows {
+                candle_core::bail!("token id {id} is out of range for {rows} rows");
+            }
+            B::dequantize(&self.blocks[id * per_row..(id + 1) * per_row], o);
+        }
+        Ok(out)
+    }
+}
+
+impl<B: Block> QuantizedType for FastBlocks<B> {
+    fn dtype(&self) -> GgmlDType {
+        B::DTYPE
+    }
+
+    fn matmul_t(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+        matmul(self.isa, mkn, lhs, &self.blocks, dst)
+    }
+
+    fn matmul_t_f16(&self, _: (usize, usize, usize), _: &[f16], _: &mut [f16]) -> Result<()> {
+        candle_core::bail!("f16 activations are not supported by moss's kernels")
+    }
+
+    fn embedding(&self, ids: &[u32], _rows: usize, hidden: usize) -> Result<CpuStorage> {
+        Ok(CpuStorage::F32(self.rows(ids, hidden)?))
+    }
+
+    fn dequantize(&self, elem_count: usize) -> Result<CpuStorage> {
+        let mut out = vec![0f32; elem_count];
+        B::dequantize(&self.blocks, &mut out);
+        Ok(CpuStorage::F32(out))
+    }
+
+    fn storage_size_in_bytes(&self) -> usize {
+        self.blocks.len() * std::mem::size_of::<B>()
+    }
+
+    fn as_ptr(&self) -> *const u8 {
+        self.blocks.as_ptr() as *const u8
+    }
+
+    fn block_size(&self) -> usize {
+        QK
+    }
+
+    fn from_float(&mut self, xs: &[f32]) {
+        B::quantize(xs, &mut self.blocks)
+    }
+
+    fn from_float_imatrix(&mut self, xs: &[f32], _: &[f32], _: usize) {
+        B::quantize(xs, &mut self.blocks)
+    }
+
+    fn size(&self) -> usize {
+        self.storage_size_in_bytes()
+    }
+}
+
+/// The same tensor with its blocks in moss's kernels when its type has them (CPU only);
+/// otherwise the tensor unchanged.
+pub fn accelerate(t: QTensor) -> Result<QTensor> {
+    if !t.device().is_cpu() {
+        return Ok(t);
+    }
+    let storage: Box<dyn QuantizedType> = match t.dtype() {
+        GgmlDType::Q5_0 => Box::new(FastBlocks::<BlockQ5_0>::from_bytes(&data(&t)?)?),
+        GgmlDType::Q8_0 if isa() == Isa::Avx2 && !candle_has_q8_0_tiles() => {
+            Box::new(FastBlocks::<BlockQ8_0>::from_bytes(&data(&t)?)?)
+        }
+        _ => return Ok(t),
+    };
+    QTensor::new(QStorage::Cpu(storage), t.shape().clone())
+}
+
+fn data(t: &QTensor) -> Result<Cow<'_, [u8]>> {
+    t.data()
+}
+
+/// candle 0.11 has its own repacked Q8_0 kernels on AVX-512 machines; those stay in use there.
+fn candle_has_q8_0_tiles() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random_q5_0(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<BlockQ5_0> {
+        (0..n)
+            .map(|_| BlockQ5_0 {
+                d: f16::from_f32(rng.random_range(-0.05..0.05)).to_bits(),
+                qh: rng.random(),
+                qs: rng.random(),
+            })
+            .collect()
+    }
+
+    fn random_q8_0(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<BlockQ8_0> {
+        (0..n)
+            .map(|_| BlockQ8_0 {
+                d: f16::from_f32(rng.random_range(-0.05..0.05)).to_bits(),
+                // Activations never hold -128 (quantize_q8_0 maps to -127..=127), and the SIMD
+                // sign trick relies on it.
+                qs: std::array::from_fn(|_| rng.random_range(-127..=127)),
+            })
+            .collect()
+    }
+
+    /// Dequantise W, multiply in f64: the reference every kernel is held to.
+    fn reference<B: Block>(m: usize, k: usize, n: usize, x: &[f32], w: &[B]) -> Vec<f32> {
+        let mut wf = vec![0f32; n * k];
+        B::dequantize(w, &mut wf);
+        let mut out = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k)
+                    .map(|t| x[i * k + t] as f64 * wf[j * k + t] as f64)
+                    .sum();
+                out[i * n + j] = s as f32;
+            }
+        }
+        out
+    }
+
+    fn check<B: Block>(w: &[B], m: usize, k: usize, n: usize, rng: &mut rand::rngs::StdRng) {
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let want = reference(m, k, n, &x, w);
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        assert!(scale > 0.0, "non-trivial data");
+        // The kernels round X to 8 bits per block (half a step, step = block max / 127, its
+        // scale kept in f16): the error of each output is at most sum |w| * that.
+        let mut wf = vec![0f32; n * k];
+        B::dequantize(w, &mut wf);
+        let bound = |i: usize, j: usize| -> f32 {
+            (0..k / QK)
+                .map(|b| {
+                    let xs = &x[i * k + b * QK..i * k + (b + 1) * QK];
+                    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let ws: f32 = wf[j * k + b * QK..j * k + (b + 1) * QK]
+                        .iter()
+                        .map(|v| v.abs())
+                        .sum();
+                    ws * (amax / 127.0 * 0.5 + amax * 2e-3)
+                })
+                .sum::<f32>()
+                + 1e-5
+        };
+        for isa in [Isa::Scalar, super::isa()] {
+            let mut got = vec![0f32; m * n];
+            matmul(isa, (m, k, n), &x, w, &mut got).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let (g, r) = (got[i * n + j], want[i * n + j]);
+                    assert!(
+                        (g - r).abs() <= bound(i, j),
+                        "{:?} {isa:?} m={m} [{i},{j}]: {g} vs {r} (bound {})",
+                        B::DTYPE,
+                        bound(i, j)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q5_0_kernels_match_the_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for (m, k, n) in [(1, 64, 3), (1, 896, 37), (3, 896, 16), (8, 4864, 9)] {
+            let w = random_q5_0(&mut rng, n * k / QK);
+            check(&w, m, k, n, &mut rng);
+        }
+    }
+
+    #[test]
+    fn q8_0_kernels_match_the_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        for (m, k, n) in [(1, 64, 3), (1, 896, 37), (5, 896, 16)] {
+            let w = random_q8_0(&mut rng, n * k / QK);
+            check(&w, m, k, n, &mut rng);
+        }
+    }
+
+    #[test]
+    fn simd_and_scalar_dot_products_agree_exactly_on_integers() {
+        // Same integer sums, same per-block scaling: only the float summation order differs.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let x = random_q5_0(&mut rng, 28);
+        let y = random_q8_0(&mut rng, 28);
+        let a = BlockQ5_0::dot(Isa::Scalar, &x, &y);
+        let b = BlockQ5_0::dot(isa(), &x, &y);
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+    }
+
+    #[test]
+    fn q5_0_quantize_round_trips_within_a_step() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let x: Vec<f32> = (0..256).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut b = vec![random_q5_0(&mut rng, 1)[0]; 8];
+        BlockQ5_0::quantize(&x, &mut b);
+        let mut back = vec![0f32; 256];
+        BlockQ5_0::dequantize(&b, &mut back);
+        for (blk, (xs, ys)) in x.chunks(QK).zip(back.chunks(QK)).enumerate() {
+            let step = half(b[blk].d).abs();
+            for (a, r) in xs.iter().zip(ys) {
+                // Half a step, except the far end opposite the largest value, which GGML's
+                // scheme clamps (+16 is not representable): one step there.
+                assert!(
+                    (a - r).abs() <= step * 1.01 + 1e-6,
+                    "{a} vs {r} (step {step})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn embedding_rows_are_the_dequantized_rows() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let blocks = random_q5_0(&mut rng, 4 * 2); // 4 rows of 64
+        let bytes: Vec<u8> = blocks
+            .iter()
+            .flat_map(|b| {
+                let mut v = b.d.to_le_bytes().to_vec();
+                v.extend(b.qh);
+                v.extend(b.qs);
+                v
+            })
+            .collect();
+        let fast = FastBlocks::<BlockQ5_0>::from_bytes(&bytes).unwrap();
+        let rows = fast.rows(&[2, 0], 64).unwrap();
+        let mut all = vec![0f32; 256];
+        BlockQ5_0::dequantize(&blocks, &mut all);
+        assert_eq!(&rows[..64], &all[128..192]);
+        assert_eq!(&rows[64..], &all[..64]);
+        assert!(fast.rows(&[4], 64).is_err());
+    }
+}
