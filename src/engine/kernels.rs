@@ -41,24 +41,46 @@ const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 /// Which implementation runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX2 with AVX-512 VNNI's 8-bit dot product on 256-bit registers.
+    Avx512Vnni,
     Avx2,
     Scalar,
 }
 
-/// The best implementation this CPU supports; `MOSS_KERNELS=scalar` forces the fallback
-/// (benchmarks and tests compare the two).
+/// The best implementation this CPU supports; `MOSS_KERNELS=avx2` or `=scalar` caps it
+/// (benchmarks and tests compare them).
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
-        if std::env::var("MOSS_KERNELS").as_deref() == Ok("scalar") {
-            return Isa::Scalar;
+        let cap = std::env::var("MOSS_KERNELS").unwrap_or_default();
+        let best = detect();
+        match (cap.as_str(), best) {
+            ("scalar", _) => Isa::Scalar,
+            ("avx2", Isa::Avx512Vnni) => Isa::Avx2,
+            _ => best,
         }
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+    })
+}
+
+/// Every implementation this CPU can run, best first.
+pub fn available() -> Vec<Isa> {
+    let all = [Isa::Avx512Vnni, Isa::Avx2, Isa::Scalar];
+    let best = all.iter().position(|i| *i == detect()).unwrap_or(2);
+    all[best..].to_vec()
+}
+
+fn detect() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        if avx2 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+            return Isa::Avx512Vnni;
+        }
+        if avx2 {
             return Isa::Avx2;
         }
-        Isa::Scalar
-    })
+    }
+    Isa::Scalar
 }
 
 #[inline]
@@ -70,8 +92,41 @@ fn half(bits: u16) -> f32 {
 pub trait Block: Copy + Send + Sync + 'static {
     const DTYPE: GgmlDType;
     fn dequantize(blocks: &[Self], out: &mut [f32]);
-    fn dot(isa: Isa, xs: &[Self], ys: &[BlockQ8_0]) -> f32;
+    /// Dot products of one weight row with N activation rows (`yd`: their block scales as f32).
+    fn rows<const N: usize>(
+        isa: Isa,
+        w: &[Self],
+        ys: [&[BlockQ8_0]; N],
+        yd: [&[f32]; N],
+    ) -> [f32; N];
     fn quantize(xs: &[f32], out: &mut [Self]);
+
+    /// One dot product (tests and references).
+    fn dot(isa: Isa, xs: &[Self], ys: &[BlockQ8_0]) -> f32 {
+        let yd: Vec<f32> = ys.iter().map(|y| half(y.d)).collect();
+        Self::rows::<1>(isa, xs, [ys], [&yd])[0]
+    }
+}
+
+/// Runs `simd::<level>::$kernel` for the SIMD levels, `$scalar` otherwise.
+macro_rules! dispatch {
+    ($isa:expr, $kernel:ident, $scalar:ident, $w:expr, $ys:expr, $yd:expr) => {
+        match $isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: each level is only chosen when the CPU reports its features (`detect`).
+            Isa::Avx512Vnni => unsafe { simd::vnni::$kernel($w, $ys, $yd) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx2 => unsafe { simd::avx2::$kernel($w, $ys, $yd) },
+            _ => {
+                let mut out = [0f32; N];
+                for r in 0..N {
+                    out[r] = $scalar($w, $ys[r], $yd[r]);
+                }
+                out
+            }
+        }
+    };
 }
 
 impl Block for BlockQ5_0 {
@@ -90,13 +145,13 @@ impl Block for BlockQ5_0 {
         }
     }
 
-    fn dot(isa: Isa, xs: &[Self], ys: &[BlockQ8_0]) -> f32 {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2` is only chosen when the CPU reports AVX2 and FMA.
-            Isa::Avx2 => unsafe { avx2::dot_q5_0(xs, ys) },
-            _ => dot_q5_0_scalar(xs, ys),
-        }
+    fn rows<const N: usize>(
+        isa: Isa,
+        w: &[Self],
+        ys: [&[BlockQ8_0]; N],
+        yd: [&[f32]; N],
+    ) -> [f32; N] {
+        dispatch!(isa, rows_q5_0, dot_q5_0_scalar, w, ys, yd)
     }
 
     fn quantize(xs: &[f32], out: &mut [Self]) {
@@ -133,13 +188,13 @@ impl Block for BlockQ8_0 {
         }
     }
 
-    fn dot(isa: Isa, xs: &[Self], ys: &[BlockQ8_0]) -> f32 {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Isa::Avx2 => unsafe { avx2::dot_q8_0(xs, ys) },
-            _ => dot_q8_0_scalar(xs, ys),
-        }
+    fn rows<const N: usize>(
+        isa: Isa,
+        w: &[Self],
+        ys: [&[BlockQ8_0]; N],
+        yd: [&[f32]; N],
+    ) -> [f32; N] {
+        dispatch!(isa, rows_q8_0, dot_q8_0_scalar, w, ys, yd)
     }
 
     fn quantize(xs: &[f32], out: &mut [Self]) {
@@ -160,9 +215,9 @@ pub fn quantize_q8_0(xs: &[f32], out: &mut [BlockQ8_0]) {
     }
 }
 
-fn dot_q5_0_scalar(xs: &[BlockQ5_0], ys: &[BlockQ8_0]) -> f32 {
+fn dot_q5_0_scalar(xs: &[BlockQ5_0], ys: &[BlockQ8_0], yd: &[f32]) -> f32 {
     let mut sum = 0f32;
-    for (x, y) in xs.iter().zip(ys) {
+    for ((x, y), yd) in xs.iter().zip(ys).zip(yd) {
         let qh = u32::from_le_bytes(x.qh);
         let mut acc = 0i32;
         for j in 0..16 {
@@ -170,39 +225,28 @@ fn dot_q5_0_scalar(xs: &[BlockQ5_0], ys: &[BlockQ8_0]) -> f32 {
             let hi = ((x.qs[j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4) as i32 - 16;
             acc += lo * y.qs[j] as i32 + hi * y.qs[j + 16] as i32;
         }
-        sum += half(x.d) * half(y.d) * acc as f32;
+        sum += half(x.d) * yd * acc as f32;
     }
     sum
 }
 
-fn dot_q8_0_scalar(xs: &[BlockQ8_0], ys: &[BlockQ8_0]) -> f32 {
+fn dot_q8_0_scalar(xs: &[BlockQ8_0], ys: &[BlockQ8_0], yd: &[f32]) -> f32 {
     let mut sum = 0f32;
-    for (x, y) in xs.iter().zip(ys) {
+    for ((x, y), yd) in xs.iter().zip(ys).zip(yd) {
         let acc: i32 =
             x.qs.iter()
                 .zip(y.qs)
                 .map(|(a, b)| *a as i32 * b as i32)
                 .sum();
-        sum += half(x.d) * half(y.d) * acc as f32;
+        sum += half(x.d) * yd * acc as f32;
     }
     sum
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod simd {
     use super::{half, BlockQ5_0, BlockQ8_0};
     use std::arch::x86_64::*;
-
-    /// Signed 8-bit dot products of 32 lanes, summed in pairs to 8 i32 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_i8(x: __m256i, y: __m256i) -> __m256i {
-        // maddubs multiplies unsigned by signed: move x's sign onto y.
-        let ax = _mm256_sign_epi8(x, x);
-        let sy = _mm256_sign_epi8(y, x);
-        let pairs = _mm256_maddubs_epi16(ax, sy);
-        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
-    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -222,7 +266,7 @@ mod avx2 {
         let lo = _mm_and_si128(q, mask);
         let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
         let nibbles = _mm256_set_m128i(hi, lo);
-        // Byte i of `bits` holds byte i/8 of qh (lanes are 16 bytes: lane 1 reads qh[2..4]).
+        // Byte i of `bytes` holds byte i/8 of qh (lanes are 16 bytes: lane 1 reads qh[2..4]).
         let qh = _mm256_set1_epi32(i32::from_le_bytes(b.qh));
         let pick = _mm256_setr_epi8(
             0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
@@ -237,28 +281,86 @@ mod avx2 {
         _mm256_or_si256(nibbles, minus16)
     }
 
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q5_0(xs: &[BlockQ5_0], ys: &[BlockQ8_0]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (x, y) in xs.iter().zip(ys) {
-            let qx = unpack_q5_0(x);
-            let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-            let p = _mm256_cvtepi32_ps(dot_i8(qx, qy));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(x.d) * half(y.d)), p, acc);
-        }
-        hsum(acc)
+    unsafe fn unpack_q8_0(b: &BlockQ8_0) -> __m256i {
+        _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q8_0(xs: &[BlockQ8_0], ys: &[BlockQ8_0]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (x, y) in xs.iter().zip(ys) {
-            let qx = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
-            let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-            let p = _mm256_cvtepi32_ps(dot_i8(qx, qy));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(x.d) * half(y.d)), p, acc);
+    /// One weight row against N activation rows: each weight block is unpacked once for all N.
+    /// `$dot` turns (|x| unsigned, y with x's sign) bytes into 8 lanes of i32 sums.
+    macro_rules! rows_kernel {
+        ($features:literal, $name:ident, $unpack:ident, $W:ty, $dot:ident) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const N: usize>(
+                w: &[$W],
+                ys: [&[BlockQ8_0]; N],
+                yd: [&[f32]; N],
+            ) -> [f32; N] {
+                for r in 0..N {
+                    assert!(ys[r].len() >= w.len() && yd[r].len() >= w.len());
+                }
+                let mut acc = [_mm256_setzero_ps(); N];
+                for (b, x) in w.iter().enumerate() {
+                    let qx = $unpack(x);
+                    // maddubs / dpbusd multiply unsigned by signed bytes: |x| and y with x's sign
+                    // (activations never hold -128, so the sign flip cannot overflow).
+                    let ax = _mm256_sign_epi8(qx, qx);
+                    let dw = half(x.d);
+                    for r in 0..N {
+                        let y = ys[r].get_unchecked(b);
+                        let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                        let sy = _mm256_sign_epi8(qy, qx);
+                        let p = _mm256_cvtepi32_ps($dot(ax, sy));
+                        let scale = _mm256_set1_ps(dw * *yd[r].get_unchecked(b));
+                        acc[r] = _mm256_fmadd_ps(scale, p, acc[r]);
+                    }
+                }
+                let mut out = [0f32; N];
+                for r in 0..N {
+                    out[r] = hsum(acc[r]);
+                }
+                out
+            }
+        };
+    }
+
+    pub mod avx2 {
+        use super::*;
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn dot(ax: __m256i, sy: __m256i) -> __m256i {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
         }
-        hsum(acc)
+
+        rows_kernel!("avx2,fma", rows_q5_0, unpack_q5_0, BlockQ5_0, dot);
+        rows_kernel!("avx2,fma", rows_q8_0, unpack_q8_0, BlockQ8_0, dot);
+    }
+
+    pub mod vnni {
+        use super::*;
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+        unsafe fn dot(ax: __m256i, sy: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+        }
+
+        rows_kernel!(
+            "avx2,fma,avx512vnni,avx512vl",
+            rows_q5_0,
+            unpack_q5_0,
+            BlockQ5_0,
+            dot
+        );
+        rows_kernel!(
+            "avx2,fma,avx512vnni,avx512vl",
+            rows_q8_0,
+            unpack_q8_0,
+            BlockQ8_0,
+            dot
+        );
     }
 }
 
@@ -282,7 +384,9 @@ pub fn matmul<B: Block>(
     for (row, out) in lhs.chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
         quantize_q8_0(row, out);
     }
-    let xq = &xq;
+    let xd: Vec<f32> = xq.iter().map(|b| half(b.d)).collect();
+    let (xq, xd) = (&xq, &xd);
+    let row = |i: usize| (&xq[i * kb..(i + 1) * kb], &xd[i * kb..(i + 1) * kb]);
     let dst_ptr = dst.as_mut_ptr() as usize;
     // Groups of weight rows; each group is read once for all rows of X.
     const GROUP: usize = 8;
@@ -291,10 +395,41 @@ pub fn matmul<B: Block>(
         for g in range {
             for j in g * GROUP..((g + 1) * GROUP).min(n) {
                 let wrow = &w[j * kb..(j + 1) * kb];
-                for i in 0..m {
-                    let v = B::dot(isa, wrow, &xq[i * kb..(i + 1) * kb]);
+                let put = |i: usize, v: f32| {
                     // SAFETY: each (i, j) is written by exactly one work item, within m * n.
                     unsafe { *(dst_ptr as *mut f32).add(i * n + j) = v };
+                };
+                let mut i = 0;
+                while i + 8 <= m {
+                    let r: [(&[BlockQ8_0], &[f32]); 8] = std::array::from_fn(|t| row(i + t));
+                    let v = B::rows::<8>(
+                        isa,
+                        wrow,
+                        std::array::from_fn(|t| r[t].0),
+                        std::array::from_fn(|t| r[t].1),
+                    );
+                    for (t, v) in v.into_iter().enumerate() {
+                        put(i + t, v);
+                    }
+                    i += 8;
+                }
+                while i + 4 <= m {
+                    let (r0, r1, r2, r3) = (row(i), row(i + 1), row(i + 2), row(i + 3));
+                    let v = B::rows::<4>(
+                        isa,
+                        wrow,
+                        [r0.0, r1.0, r2.0, r3.0],
+                        [r0.1, r1.1, r2.1, r3.1],
+                    );
+                    for (t, v) in v.into_iter().enumerate() {
+                        put(i + t, v);
+                    }
+                    i += 4;
+                }
+                while i < m {
+                    let r = row(i);
+                    put(i, B::rows::<1>(isa, wrow, [r.0], [r.1])[0]);
+                    i += 1;
                 }
             }
         }
@@ -405,7 +540,7 @@ pub fn accelerate(t: QTensor) -> Result<QTensor> {
     }
     let storage: Box<dyn QuantizedType> = match t.dtype() {
         GgmlDType::Q5_0 => Box::new(FastBlocks::<BlockQ5_0>::from_bytes(&data(&t)?)?),
-        GgmlDType::Q8_0 if isa() == Isa::Avx2 && !candle_has_q8_0_tiles() => {
+        GgmlDType::Q8_0 if isa() != Isa::Scalar => {
             Box::new(FastBlocks::<BlockQ8_0>::from_bytes(&data(&t)?)?)
         }
         _ => return Ok(t),
@@ -415,18 +550,6 @@ pub fn accelerate(t: QTensor) -> Result<QTensor> {
 
 fn data(t: &QTensor) -> Result<Cow<'_, [u8]>> {
     t.data()
-}
-
-/// candle 0.11 has its own repacked Q8_0 kernels on AVX-512 machines; those stay in use there.
-fn candle_has_q8_0_tiles() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        true
-    }
 }
 
 #[cfg(test)]
@@ -494,7 +617,7 @@ mod tests {
                 .sum::<f32>()
                 + 1e-5
         };
-        for isa in [Isa::Scalar, super::isa()] {
+        for isa in available() {
             let mut got = vec![0f32; m * n];
             matmul(isa, (m, k, n), &x, w, &mut got).unwrap();
             for i in 0..m {
@@ -536,8 +659,13 @@ mod tests {
         let x = random_q5_0(&mut rng, 28);
         let y = random_q8_0(&mut rng, 28);
         let a = BlockQ5_0::dot(Isa::Scalar, &x, &y);
-        let b = BlockQ5_0::dot(isa(), &x, &y);
-        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+        for isa in available() {
+            let b = BlockQ5_0::dot(isa, &x, &y);
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                "{isa:?}: {a} vs {b}"
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,151 @@
+//! Each quantized matrix product per type and batch size: moss's kernels (SIMD chosen at run
+//! time, and the scalar fallback) next to candle's own for the same type, with the memory-
+//! bandwidth ceiling measured in the same run.
+//!
+//!     cargo bench --bench kernels [-- --quick]
+//!
+//! Shapes are the default model's (Qwen2.5-0.5B: hidden 896, feed-forward 4864). "GB/s" is
+//! weight bytes read per second; "of ceiling" compares it with the machine's copy bandwidth.
+
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use moss::engine::kernels;
+
+/// Bytes per second of a large memcpy (read + write counted as read only, like a matmul's
+/// weight stream): the ceiling for a product that reads its weights once.
+fn bandwidth() -> f64 {
+    let n = 256 << 20;
+    let src = vec![1u8; n];
+    let mut dst = vec![0u8; n];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(&dst);
+    }
+    // A copy reads n and writes n bytes.
+    2.0 * n as f64 / best
+}
+
+fn time(mut f: impl FnMut(), reps: usize) -> f64 {
+    f();
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    best
+}
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let dev = Device::Cpu;
+    let bw = bandwidth();
+    println!(
+        "memory bandwidth (memcpy, read+write): {:.1} GB/s; SIMD path: {:?}; threads: {}",
+        bw / 1e9,
+        kernels::isa(),
+        candle_core::utils::get_num_threads()
+    );
+    println!(
+        "{:<6} {:>5} {:>11} {:>3} | {:>10} {:>10} {:>10} | {:>8} {:>8} | {:>7}",
+        "type",
+        "m",
+        "n x k",
+        "",
+        "candle µs",
+        "moss µs",
+        "scalar µs",
+        "moss/cdl",
+        "GB/s",
+        "ceiling"
+    );
+    let shapes = [(4864usize, 896usize), (896, 896), (896, 4864)];
+    let batches: &[usize] = if quick { &[1, 8] } else { &[1, 4, 8, 32] };
+    for dtype in [GgmlDType::Q5_0, GgmlDType::Q8_0] {
+        for &(n, k) in &shapes {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
+                .collect();
+            let w = Tensor::from_vec(w, (n, k), &dev)?;
+            let candle = QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?;
+            let q = QTensor::quantize(&w, dtype)?;
+            let bytes = q.storage_size_in_bytes() as f64;
+            let raw = q.data()?.into_owned();
+            let ours = QMatMul::from_qtensor(kernels::accelerate(q)?)?;
+            for &m in batches {
+                let x: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
+                let x = Tensor::from_vec(x, (m, k), &dev)?;
+                let reps = if m >= 32 { 5 } else { 30 };
+                let t_candle = time(
+                    || {
+                        std::hint::black_box(candle.forward(&x).unwrap());
+                    },
+                    reps,
+                );
+                let t_moss = time(
+                    || {
+                        std::hint::black_box(ours.forward(&x).unwrap());
+                    },
+                    reps,
+                );
+                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let mut dst = vec![0f32; m * n];
+                let t_scalar = match dtype {
+                    GgmlDType::Q5_0 => {
+                        let b = kernels::FastBlocks::<kernels::BlockQ5_0>::from_bytes(&raw)?;
+                        time(
+                            || {
+                                kernels::matmul(
+                                    kernels::Isa::Scalar,
+                                    (m, k, n),
+                                    &xs,
+                                    b.blocks(),
+                                    &mut dst,
+                                )
+                                .unwrap()
+                            },
+                            reps.min(5),
+                        )
+                    }
+                    _ => {
+                        let b = kernels::FastBlocks::<kernels::BlockQ8_0>::from_bytes(&raw)?;
+                        time(
+                            || {
+                                kernels::matmul(
+                                    kernels::Isa::Scalar,
+                                    (m, k, n),
+                                    &xs,
+                                    b.blocks(),
+                                    &mut dst,
+                                )
+                                .unwrap()
+                            },
+                            reps.min(5),
+                        )
+                    }
+                };
+                println!(
+                    "{:<6} {:>5} {:>11} {:>3} | {:>10.1} {:>10.1} {:>10.1} | {:>7.2}x {:>8.1} | {:>6.0}%",
+                    format!("{dtype:?}"),
+                    m,
+                    format!("{n}x{k}"),
+                    "",
+                    t_candle * 1e6,
+                    t_moss * 1e6,
+                    t_scalar * 1e6,
+                    t_candle / t_moss,
+                    bytes / t_moss / 1e9,
+                    100.0 * (bytes / t_moss) / bw
+                );
+            }
+        }
+    }
+    Ok(())
+}
