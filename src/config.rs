@@ -180,6 +180,8 @@ pub struct EngineConfig {
     pub backend: String,
     pub model: String,
     pub implementation: String,
+    pub max_batch: usize,
+    pub kv_cache_mb: usize,
     pub device: String,
     pub max_context: usize,
     pub queue_capacity: usize,
@@ -278,6 +280,11 @@ impl Config {
         anyhow::ensure!(
             matches!(e.implementation.as_str(), "moss" | "candle"),
             "engine.implementation must be \"moss\" or \"candle\""
+        );
+        anyhow::ensure!(e.max_batch >= 1, "engine.max_batch must be at least 1");
+        anyhow::ensure!(
+            e.kv_cache_mb >= 16,
+            "engine.kv_cache_mb must be at least 16"
         );
         match e.backend.as_str() {
             "local" => {}

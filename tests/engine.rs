@@ -281,3 +281,119 @@ fn moss_qwen2_matches_candle_transformers() {
         }
     }
 }
+
+fn q5_engine(dir: &std::path::Path, max_batch: usize) -> moss::engine::EngineHandle {
+    let path = dir.join("tiny-q5.gguf");
+    if !path.exists() {
+        let mut spec = moss::engine::tiny::TinySpec::new(Arch::Qwen2);
+        spec.matrices = candle_core::quantized::GgmlDType::Q5_0;
+        moss::engine::tiny::write_tiny_model(&path, &spec).unwrap();
+    }
+    let mut opts = moss::engine::EngineOptions::new(&path);
+    opts.device = "cpu".into();
+    opts.max_batch = max_batch;
+    moss::engine::EngineHandle::start(opts).unwrap()
+}
+
+/// Continuous batching changes nothing but speed: eight different prompts generated together,
+/// in one batch, give exactly the tokens each gives alone.
+#[test]
+fn eight_prompts_in_one_batch_match_each_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = q5_engine(dir.path(), 8);
+    let questions = [
+        "hello",
+        "what is the capital of france?",
+        "你好世界",
+        "moss and paris",
+        "the world is the world",
+        "北京是",
+        "and you?",
+        "what is moss, and what is the capital of the world?",
+    ];
+    let prompts: Vec<Vec<u32>> = questions
+        .iter()
+        .map(|q| {
+            engine
+                .prompt(None, &[ChatMessage::new(Role::User, *q)], 32)
+                .unwrap()
+                .ids
+        })
+        .collect();
+    let request = |p: &Vec<u32>| {
+        let mut r = greedy(p.clone(), 24);
+        r.ignore_eos = true;
+        r
+    };
+    let alone: Vec<Vec<String>> = prompts
+        .iter()
+        .map(|p| collect(&engine, request(p)).0)
+        .collect();
+    assert_eq!(engine.stats.batch_peak.load(Ordering::Relaxed), 1);
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| engine.generate(request(p)).unwrap())
+        .collect();
+    let together: Vec<Vec<String>> = streams
+        .into_iter()
+        .map(|mut rx| {
+            let mut pieces = Vec::new();
+            while let Some(ev) = rx.blocking_recv() {
+                match ev {
+                    Event::Text(t) => pieces.push(t),
+                    Event::Done { finish_reason, .. } => {
+                        assert_eq!(finish_reason, FinishReason::Length);
+                        break;
+                    }
+                    Event::Error(e) => panic!("{e}"),
+                    Event::Started => {}
+                }
+            }
+            pieces
+        })
+        .collect();
+    assert_eq!(
+        engine.stats.batch_peak.load(Ordering::Relaxed),
+        8,
+        "all eight advanced in one step"
+    );
+    for (q, (a, b)) in questions.iter().zip(alone.iter().zip(&together)) {
+        assert_eq!(a.concat(), b.concat(), "{q:?}");
+    }
+}
+
+/// The next turn of a conversation continues from the cached keys and values of the last one,
+/// and says the same as a fresh engine that recomputes everything.
+#[test]
+fn the_next_turn_reuses_the_conversation_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = q5_engine(dir.path(), 8);
+    let mut history = vec![ChatMessage::new(
+        Role::User,
+        "what is the capital of france?",
+    )];
+    let p1 = engine
+        .prompt(Some("You are moss."), &history, 32)
+        .unwrap()
+        .ids;
+    let (answer, _, _) = collect(&engine, greedy(p1.clone(), 16));
+    history.push(ChatMessage::new(Role::Assistant, answer.concat()));
+    history.push(ChatMessage::new(Role::User, "and of the world?"));
+    let p2 = engine
+        .prompt(Some("You are moss."), &history, 32)
+        .unwrap()
+        .ids;
+    assert!(p2.len() > p1.len() + 8);
+    let before = engine.stats.prefix_tokens_reused.load(Ordering::Relaxed);
+    let (second, _, _) = collect(&engine, greedy(p2.clone(), 16));
+    let reused = engine.stats.prefix_tokens_reused.load(Ordering::Relaxed) - before;
+    assert!(
+        reused as usize >= p1.len(),
+        "the first turn's {} prompt tokens were not reused ({reused})",
+        p1.len()
+    );
+    let fresh = q5_engine(dir.path(), 8);
+    let (recomputed, _, _) = collect(&fresh, greedy(p2, 16));
+    assert_eq!(fresh.stats.prefix_tokens_reused.load(Ordering::Relaxed), 0);
+    assert_eq!(second.concat(), recomputed.concat());
+}

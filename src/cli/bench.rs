@@ -26,6 +26,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Instead: a conversation of this many turns, printing each turn's time to first token
+    /// (the prompt grows with the history; the prefix cache should keep the time flat).
+    #[arg(long)]
+    pub turns: Option<usize>,
 }
 
 /// The figures `moss bench` reports.
@@ -42,8 +46,10 @@ pub struct BenchReport {
     pub decode_tok_s: f64,
     /// Mean time from submitting a request to its first text.
     pub ttft_ms: f64,
-    /// Generated tokens of all streams per second of wall time.
+    /// Generated tokens of all streams per second of wall time (prefill included).
     pub aggregate_tok_s: f64,
+    /// Tokens per second of all streams together while every one of them is decoding.
+    pub aggregate_decode_tok_s: f64,
 }
 
 /// A prompt of exactly `n` tokens cut from ordinary English text.
@@ -78,13 +84,16 @@ pub fn measure(
         .map(|mut rx| {
             std::thread::spawn(move || {
                 let mut first: Option<f64> = None;
+                let mut pieces = Vec::new();
                 while let Some(ev) = rx.blocking_recv() {
                     match ev {
-                        Event::Text(_) if first.is_none() => {
-                            first = Some(start.elapsed().as_secs_f64())
+                        Event::Text(_) => {
+                            let now = start.elapsed().as_secs_f64();
+                            first.get_or_insert(now);
+                            pieces.push(now);
                         }
                         Event::Done { usage, timings, .. } => {
-                            return Ok((first.unwrap_or(f64::NAN), usage, timings))
+                            return Ok((first.unwrap_or(f64::NAN), usage, timings, pieces))
                         }
                         Event::Error(e) => return Err(anyhow::anyhow!(e)),
                         _ => {}
@@ -103,9 +112,26 @@ pub fn measure(
     }
     let wall = start.elapsed().as_secs_f64();
     let n = results.len() as f64;
-    let mean = |f: &dyn Fn(&(f64, crate::engine::Usage, crate::engine::Timings)) -> f64| {
-        results.iter().map(f).sum::<f64>() / n
+    // The window in which every stream is decoding: after the last first piece, before the
+    // first stream's last piece.
+    let from = results.iter().map(|r| r.0).fold(0.0, f64::max);
+    let to = results
+        .iter()
+        .map(|r| r.3.last().copied().unwrap_or(0.0))
+        .fold(f64::MAX, f64::min);
+    let inside: usize = results
+        .iter()
+        .map(|r| r.3.iter().filter(|t| **t > from && **t <= to).count())
+        .sum();
+    let aggregate_decode_tok_s = if to > from {
+        inside as f64 / (to - from)
+    } else {
+        f64::NAN
     };
+    let mean =
+        |f: &dyn Fn(&(f64, crate::engine::Usage, crate::engine::Timings, Vec<f64>)) -> f64| {
+            results.iter().map(f).sum::<f64>() / n
+        };
     let completion: usize = results.iter().map(|r| r.1.completion_tokens).sum();
     Ok(BenchReport {
         model: engine.info.name.clone(),
@@ -119,6 +145,7 @@ pub fn measure(
         }),
         ttft_ms: mean(&|r| r.0 * 1000.0),
         aggregate_tok_s: completion as f64 / wall,
+        aggregate_decode_tok_s,
     })
 }
 
@@ -126,6 +153,9 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.gen_tokens >= 2, "--gen-tokens must be at least 2");
     let engine = start_engine(config, &args.model)?;
     measure(&engine, 8, 4, 1)?; // warm-up: first-touch allocations, caches
+    if let Some(turns) = args.turns {
+        return conversation(&engine, config, turns, args.gen_tokens);
+    }
     let report = measure(
         &engine,
         args.prompt_tokens,
@@ -143,7 +173,84 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         println!("prefill          {:.1} tok/s", report.prefill_tok_s);
         println!("decode           {:.1} tok/s", report.decode_tok_s);
         println!("first token      {:.0} ms", report.ttft_ms);
-        println!("aggregate        {:.1} tok/s", report.aggregate_tok_s);
+        println!(
+            "aggregate        {:.1} tok/s (prefill included), {:.1} tok/s while all decode",
+            report.aggregate_tok_s, report.aggregate_decode_tok_s
+        );
     }
+    Ok(())
+}
+
+/// A conversation of `turns` turns with the configured system prompt; prints each turn's prompt
+/// length and time to first token.
+fn conversation(
+    engine: &EngineHandle,
+    config: &Config,
+    turns: usize,
+    gen: usize,
+) -> anyhow::Result<()> {
+    use crate::engine::{ChatMessage, Role};
+    let topics = [
+        "the history of Paris",
+        "how bridges carry load",
+        "why the sky is blue",
+        "the rules of chess",
+        "how bread rises",
+        "what a compiler does",
+        "the water cycle",
+        "how vaccines work",
+        "the life of bees",
+        "how tides happen",
+    ];
+    let system = config.engine.system_prompt.as_str();
+    let mut history: Vec<ChatMessage> = Vec::new();
+    let mut first_ttft = None;
+    for turn in 0..turns {
+        let topic = topics[turn % topics.len()];
+        history.push(ChatMessage::new(
+            Role::User,
+            format!("Please tell me about {topic}, in a few sentences, for a curious student."),
+        ));
+        let prompt = engine.prompt(Some(system), &history, gen)?.ids;
+        let n = prompt.len();
+        let request = GenerateRequest {
+            prompt,
+            sampling: SamplingParams::greedy(),
+            max_tokens: gen,
+            stop: vec![],
+            ignore_eos: false,
+        };
+        let start = Instant::now();
+        let mut rx = engine.generate(request)?;
+        let (mut ttft, mut answer) = (None, String::new());
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                Event::Text(t) => {
+                    ttft.get_or_insert(start.elapsed().as_secs_f64() * 1000.0);
+                    answer.push_str(&t);
+                }
+                Event::Done { .. } => break,
+                Event::Error(e) => anyhow::bail!(e),
+                Event::Started => {}
+            }
+        }
+        let ttft = ttft.unwrap_or(f64::NAN);
+        let first = *first_ttft.get_or_insert(ttft);
+        println!(
+            "turn {:>2}: prompt {:>5} tokens, first token {:>7.0} ms ({:.2}x turn 1)",
+            turn + 1,
+            n,
+            ttft,
+            ttft / first
+        );
+        history.push(ChatMessage::new(Role::Assistant, answer));
+    }
+    println!(
+        "prefix tokens reused: {}",
+        engine
+            .stats
+            .prefix_tokens_reused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     Ok(())
 }

@@ -146,6 +146,8 @@ pub fn engine_options(config: &Config, args: &ModelArgs) -> anyhow::Result<Engin
         max_context: e.max_context,
         queue_capacity: e.queue_capacity,
         token_delay: Duration::from_millis(e.token_delay_ms),
+        max_batch: e.max_batch,
+        kv_cache_bytes: e.kv_cache_mb << 20,
         implementation: match e.implementation.as_str() {
             "candle" => crate::engine::model::Implementation::Candle,
             _ => crate::engine::model::Implementation::Moss,

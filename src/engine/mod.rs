@@ -2,9 +2,10 @@
 //! `GenerateRequest` and read a stream of `Event`s. Dropping the stream cancels the generation
 //! within one token step. Requests run one at a time, in arrival order.
 
+pub mod batch;
 pub mod detok;
 pub mod gguf;
-pub mod kernels;
+pub use moss_kernels as kernels;
 pub mod model;
 pub mod prompt;
 pub mod qwen2;
@@ -41,6 +42,11 @@ pub struct EngineOptions {
     pub token_delay: Duration,
     /// Which Qwen2 implementation to run (moss's by default; candle-transformers' to compare).
     pub implementation: model::Implementation,
+    /// Most sequences advanced together in one step (models with batching: moss's Qwen2).
+    pub max_batch: usize,
+    /// KV-cache memory for running sequences (each reserves prompt + max_tokens positions; one
+    /// runs whatever its size); half as much again keeps finished sequences for prefix reuse.
+    pub kv_cache_bytes: usize,
 }
 
 impl EngineOptions {
@@ -52,6 +58,8 @@ impl EngineOptions {
             queue_capacity: 64,
             token_delay: Duration::ZERO,
             implementation: Default::default(),
+            max_batch: 8,
+            kv_cache_bytes: 1 << 30,
         }
     }
 }
@@ -163,6 +171,10 @@ pub struct EngineStats {
     pub requests_started: AtomicU64,
     pub tokens_generated: AtomicU64,
     pub requests_cancelled: AtomicU64,
+    /// Prompt tokens whose keys and values came from the prefix cache instead of the model.
+    pub prefix_tokens_reused: AtomicU64,
+    /// Most sequences ever advanced in one step.
+    pub batch_peak: std::sync::atomic::AtomicUsize,
 }
 
 struct Job {

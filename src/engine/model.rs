@@ -71,6 +71,14 @@ impl Model {
         })
     }
 
+    /// moss's Qwen2, which can advance several sequences in one step.
+    pub fn batched(&self) -> Option<&super::qwen2::Qwen2> {
+        match &self.weights {
+            Weights::MossQwen2(m) => Some(m),
+            _ => None,
+        }
+    }
+
     /// Forgets the current sequence (empties the KV cache).
     pub fn reset(&mut self) {
         match &mut self.weights {

@@ -31,7 +31,49 @@ struct Layer {
     gate: QMatMul,
     up: QMatMul,
     down: QMatMul,
-    kv: Option<(Tensor, Tensor)>,
+}
+
+/// One sequence's keys and values for every layer, and how many positions they hold.
+#[derive(Clone, Default)]
+pub struct SeqCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl SeqCache {
+    /// Positions held (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first `n` positions only (a shared prefix another sequence can continue from).
+    pub fn prefix(&self, n: usize) -> Result<SeqCache> {
+        if n > self.len {
+            candle_core::bail!("prefix of {n} positions from a cache of {}", self.len);
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some((k, v)) if n > 0 => Ok(Some((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?))),
+                _ => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        Ok(SeqCache { layers, len: n })
+    }
+
+    /// Bytes of key and value storage.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * 4)
+            .sum()
+    }
 }
 
 pub struct Qwen2 {
@@ -48,6 +90,8 @@ pub struct Qwen2 {
     eps: f32,
     device: Device,
     pub context_length: usize,
+    /// The sequence of the one-at-a-time interface (`forward`).
+    own: SeqCache,
 }
 
 fn matmul(t: QTensor) -> Result<QMatMul> {
@@ -105,7 +149,6 @@ impl Qwen2 {
                 gate: matmul(t("ffn_gate.weight")?)?,
                 up: matmul(t("ffn_up.weight")?)?,
                 down: matmul(t("ffn_down.weight")?)?,
-                kv: None,
             });
         }
         let theta: Vec<f32> = (0..head_dim)
@@ -131,13 +174,17 @@ impl Qwen2 {
             eps,
             device: device.clone(),
             context_length,
+            own: SeqCache::default(),
         })
     }
 
     pub fn clear_kv_cache(&mut self) {
-        for l in &mut self.layers {
-            l.kv = None;
-        }
+        self.own = SeqCache::default();
+    }
+
+    /// Bytes of key/value cache one position takes.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.layers.len() * 2 * self.n_kv_head * self.head_dim * 4
     }
 
     fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
@@ -155,11 +202,51 @@ impl Qwen2 {
     /// Runs `tokens` at positions `pos..` of the one sequence held; returns the last token's
     /// logits, shape (1, vocab).
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor> {
-        let t = tokens.len();
-        if pos + t > self.context_length {
-            candle_core::bail!("position {} is past the context", pos + t);
+        if pos == 0 {
+            self.own = SeqCache::default();
         }
+        if pos != self.own.len {
+            candle_core::bail!("position {pos} does not follow the {} held", self.own.len);
+        }
+        let mut own = std::mem::take(&mut self.own);
+        let out = self.forward_batch(&mut [&mut own], tokens);
+        self.own = own;
+        out
+    }
+
+    /// One step for several sequences at once: `tokens` holds the same number of new tokens for
+    /// each (one each when decoding; any number for a single sequence), each continuing at its
+    /// own position. Every matrix is read once for the whole batch; only attention, whose keys
+    /// and values differ per sequence, runs sequence by sequence. Returns each sequence's last
+    /// logits, shape (batch, vocab).
+    pub fn forward_batch(&self, caches: &mut [&mut SeqCache], tokens: &[u32]) -> Result<Tensor> {
+        let b = caches.len();
+        if b == 0 || tokens.is_empty() || tokens.len() % b != 0 {
+            candle_core::bail!("{} tokens for {b} sequences", tokens.len());
+        }
+        let t = tokens.len() / b;
+        if b > 1 && t != 1 {
+            candle_core::bail!("batched steps take one token per sequence");
+        }
+        for c in caches.iter() {
+            if c.len + t > self.context_length {
+                candle_core::bail!("position {} is past the context", c.len + t);
+            }
+        }
+        let (cos, sin) = if b == 1 {
+            let pos = caches[0].len;
+            (self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?)
+        } else {
+            let pos: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
+            let pos = Tensor::new(pos.as_slice(), &self.device)?;
+            let half = self.head_dim / 2;
+            (
+                self.cos.index_select(&pos, 0)?.reshape((b, 1, half))?,
+                self.sin.index_select(&pos, 0)?.reshape((b, 1, half))?,
+            )
+        };
         let mask = if t > 1 {
+            let pos = caches[0].len;
             let m: Vec<u8> = (0..t)
                 .flat_map(|i| (0..pos + t).map(move |j| u8::from(j > pos + i)))
                 .collect();
@@ -167,16 +254,18 @@ impl Qwen2 {
         } else {
             None
         };
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
-        let mut x = self.embed(tokens)?;
-        for layer in &mut self.layers {
+        for c in caches.iter_mut() {
+            c.layers.resize(self.layers.len(), None);
+        }
+        let mut x = self.embed(tokens)?.reshape((b, t, self.hidden))?;
+        for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.eps)?;
             let a = attention(
                 layer,
+                li,
+                caches,
                 &h,
                 mask.as_ref(),
-                pos,
                 (&cos, &sin),
                 (self.n_head, self.n_kv_head, self.head_dim),
             )?;
@@ -186,16 +275,20 @@ impl Qwen2 {
             let m = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
             x = (x1 + m)?;
         }
+        for c in caches.iter_mut() {
+            c.len += t;
+        }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, self.eps)?;
-        self.output.forward(&x.i((.., t - 1, ..))?)
+        self.output.forward(&x.i((.., t - 1, ..))?.contiguous()?)
     }
 }
 
 fn attention(
-    l: &mut Layer,
+    l: &Layer,
+    li: usize,
+    caches: &mut [&mut SeqCache],
     x: &Tensor,
     mask: Option<&Tensor>,
-    pos: usize,
     (cos, sin): (&Tensor, &Tensor),
     (n_head, n_kv_head, head_dim): (usize, usize, usize),
 ) -> Result<Tensor> {
@@ -210,25 +303,33 @@ fn attention(
     let v = heads(l.wv.forward(x)?.broadcast_add(&l.bv)?, n_kv_head)?;
     let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
     let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-    let (k, v) = match (&l.kv, pos) {
-        (Some((kc, vc)), p) if p > 0 => (Tensor::cat(&[kc, &k], 2)?, Tensor::cat(&[vc, &v], 2)?),
-        _ => (k, v),
-    };
-    l.kv = Some((k.clone(), v.clone()));
     let rep = n_head / n_kv_head;
-    let k = candle_transformers::utils::repeat_kv(k, rep)?;
-    let v = candle_transformers::utils::repeat_kv(v, rep)?;
-    let att = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?;
-    let att = match mask {
-        None => att,
-        Some(m) => {
-            let m = m.broadcast_as(att.shape())?;
-            let neg = Tensor::new(f32::NEG_INFINITY, x.device())?.broadcast_as(att.shape())?;
-            m.where_cond(&neg, &att)?
-        }
-    };
-    let att = candle_nn::ops::softmax_last_dim(&att)?;
-    let y = att.matmul(&v.contiguous()?)?;
+    let mut ys = Vec::with_capacity(b);
+    for (s, cache) in caches.iter_mut().enumerate() {
+        let (ks, vs) = (k.narrow(0, s, 1)?, v.narrow(0, s, 1)?);
+        let (ks, vs) = match &cache.layers[li] {
+            Some((kc, vc)) if cache.len > 0 => {
+                (Tensor::cat(&[kc, &ks], 2)?, Tensor::cat(&[vc, &vs], 2)?)
+            }
+            _ => (ks, vs),
+        };
+        cache.layers[li] = Some((ks.clone(), vs.clone()));
+        let ks = candle_transformers::utils::repeat_kv(ks, rep)?;
+        let vs = candle_transformers::utils::repeat_kv(vs, rep)?;
+        let qs = q.narrow(0, s, 1)?;
+        let att = (qs.matmul(&ks.t()?)? / (head_dim as f64).sqrt())?;
+        let att = match mask {
+            None => att,
+            Some(m) => {
+                let m = m.broadcast_as(att.shape())?;
+                let neg = Tensor::new(f32::NEG_INFINITY, x.device())?.broadcast_as(att.shape())?;
+                m.where_cond(&neg, &att)?
+            }
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        ys.push(att.matmul(&vs.contiguous()?)?);
+    }
+    let y = Tensor::cat(&ys, 0)?;
     let y = y.transpose(1, 2)?.reshape((b, t, hidden))?;
     l.wo.forward(&y)
 }

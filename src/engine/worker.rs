@@ -38,6 +38,10 @@ pub(super) fn run(
     if ready.send(Ok(info.clone())).is_err() {
         return;
     }
+    if let Some(batched) = model.batched() {
+        super::batch::run(batched, &info, &mut jobs, &options, &stats);
+        return;
+    }
     while let Some(job) = jobs.blocking_recv() {
         run_job(&mut model, &info, job, &options, &stats);
         stats.in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -1,0 +1,379 @@
+//! Continuous batching for models that support it (moss's Qwen2): the engine thread keeps a set
+//! of running sequences, each with its own KV cache and position, and advances all of those that
+//! are decoding in one batched forward pass per step. New requests join between steps; their
+//! prompt is prefilled in chunks (short ones while others are decoding, so a long prompt does not
+//! stall everyone); finished or cancelled sequences leave at once. A finished sequence's KV cache
+//! is kept in a small prefix cache: a later prompt that starts with the same tokens (the system
+//! prompt, or the same conversation one turn later) continues from it instead of recomputing.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use tokio::sync::mpsc;
+
+use super::detok::{Detokenizer, StopMatcher, StopOutcome};
+use super::qwen2::{Qwen2, SeqCache};
+use super::sampler::Sampler;
+use super::{EngineOptions, EngineStats, Event, FinishReason, Job, ModelInfo, Timings, Usage};
+
+/// Prompt tokens prefilled per step when nobody else is waiting for a token.
+const PREFILL_ALONE: usize = 512;
+/// … and while other sequences are decoding (each step costs them a token's delay).
+const PREFILL_SHARED: usize = 64;
+/// A shared prefix shorter than this is not worth looking up.
+const MIN_PREFIX: usize = 8;
+/// Finished sequences kept for their prefix.
+const PREFIX_ENTRIES: usize = 16;
+
+struct Seq<'a> {
+    job: Job,
+    cache: SeqCache,
+    /// Prompt, then generated tokens.
+    tokens: Vec<u32>,
+    /// Logits for the next token, when the sequence is ready to sample.
+    logits: Option<Tensor>,
+    sampler: Sampler,
+    detok: Detokenizer<'a>,
+    stops: StopMatcher,
+    completion: usize,
+    queued: Duration,
+    started: Instant,
+    prefill: Option<Duration>,
+    decode_start: Instant,
+    /// Bytes of the KV budget held for this sequence.
+    reserved: usize,
+    /// Prompt tokens that came from the prefix cache.
+    reused: usize,
+}
+
+enum Step {
+    /// The token to feed next.
+    Continue(u32),
+    Finished(FinishReason),
+}
+
+/// Finished sequences' caches, looked up by their tokens.
+struct Prefixes {
+    entries: Vec<(Vec<u32>, SeqCache, u64)>,
+    clock: u64,
+    max_bytes: usize,
+}
+
+impl Prefixes {
+    /// The longest cached prefix of `prompt` (leaving at least its last token to run).
+    fn lookup(&mut self, prompt: &[u32]) -> Option<SeqCache> {
+        let limit = prompt.len().saturating_sub(1);
+        let (i, n) = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, (t, _, _))| {
+                let common = t.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                (i, common.min(limit))
+            })
+            .max_by_key(|(_, n)| *n)?;
+        if n < MIN_PREFIX {
+            return None;
+        }
+        self.clock += 1;
+        self.entries[i].2 = self.clock;
+        self.entries[i].1.prefix(n).ok()
+    }
+
+    fn insert(&mut self, tokens: Vec<u32>, cache: SeqCache) {
+        if tokens.len() < MIN_PREFIX || cache.len() != tokens.len() {
+            return;
+        }
+        // An entry that is a prefix of the new one adds nothing.
+        self.entries
+            .retain(|(t, _, _)| !(t.len() <= tokens.len() && tokens[..t.len()] == t[..]));
+        self.clock += 1;
+        self.entries.push((tokens, cache, self.clock));
+        while self.entries.len() > PREFIX_ENTRIES || self.bytes() > self.max_bytes {
+            let oldest = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.2)
+                .map(|(i, _)| i);
+            match oldest {
+                Some(i) => {
+                    self.entries.swap_remove(i);
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.entries.iter().map(|e| e.1.bytes()).sum()
+    }
+}
+
+/// The engine loop with batching; returns when the job channel closes.
+pub(super) fn run(
+    model: &Qwen2,
+    info: &ModelInfo,
+    jobs: &mut mpsc::Receiver<Job>,
+    options: &EngineOptions,
+    stats: &EngineStats,
+) {
+    let per_token = model.kv_bytes_per_token();
+    let budget = options.kv_cache_bytes;
+    let max_batch = options.max_batch.max(1);
+    let mut prefixes = Prefixes {
+        entries: Vec::new(),
+        clock: 0,
+        max_bytes: budget / 2,
+    };
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut running: Vec<Seq> = Vec::new();
+    let mut reserved = 0usize;
+    loop {
+        if running.is_empty() && waiting.is_empty() {
+            match jobs.blocking_recv() {
+                Some(job) => waiting.push_back(job),
+                None => return,
+            }
+        }
+        while let Ok(job) = jobs.try_recv() {
+            waiting.push_back(job);
+        }
+        // Admit while there is room in the batch and in the KV budget (one at least).
+        while running.len() < max_batch {
+            let Some(job) = waiting.front() else { break };
+            if job.events.is_closed() {
+                waiting.pop_front();
+                stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+                finished(stats);
+                continue;
+            }
+            let need = (job.request.prompt.len() + job.request.max_tokens).min(info.context_length)
+                * per_token;
+            if !running.is_empty() && reserved + need > budget {
+                break;
+            }
+            let job = waiting.pop_front().expect("front exists");
+            reserved += need;
+            running.push(start(job, info, &mut prefixes, need, stats));
+        }
+
+        let decoding = running.iter().any(|s| s.logits.is_some());
+        // One prefill chunk for the oldest sequence still reading its prompt.
+        if let Some(seq) = running.iter_mut().find(|s| s.prefill.is_none()) {
+            let chunk = if decoding {
+                PREFILL_SHARED
+            } else {
+                PREFILL_ALONE
+            };
+            let done = seq.cache.len();
+            let end = (done + chunk).min(seq.job.request.prompt.len());
+            if !seq.job.events.is_closed() {
+                match model.forward_batch(&mut [&mut seq.cache], &seq.tokens[done..end]) {
+                    Ok(logits) if end == seq.job.request.prompt.len() => {
+                        seq.prefill = Some(seq.started.elapsed());
+                        seq.decode_start = Instant::now();
+                        seq.logits = logits.squeeze(0).ok();
+                    }
+                    Ok(_) => {}
+                    Err(e) => seq.logits = fail(seq, e),
+                }
+            } else {
+                seq.prefill = Some(seq.started.elapsed());
+            }
+        }
+
+        // Sample a token for every sequence that has logits; feed the continuing ones together.
+        let mut feed: Vec<(usize, u32)> = Vec::new();
+        let mut ended: Vec<(usize, FinishReason)> = Vec::new();
+        for (i, seq) in running.iter_mut().enumerate() {
+            if seq.prefill.is_some() && seq.logits.is_none() && seq.job.events.is_closed() {
+                ended.push((i, FinishReason::Cancelled));
+                continue;
+            }
+            let Some(logits) = seq.logits.take() else {
+                if seq.prefill.is_some() {
+                    // Failed (already reported) or cancelled before its first token.
+                    ended.push((i, FinishReason::Cancelled));
+                }
+                continue;
+            };
+            match advance(seq, &logits, info, stats) {
+                Ok(Step::Continue(next)) => feed.push((i, next)),
+                Ok(Step::Finished(reason)) => ended.push((i, reason)),
+                Err(e) => {
+                    let _ = fail(seq, e);
+                    ended.push((i, FinishReason::Error));
+                }
+            }
+        }
+        if !feed.is_empty() {
+            if !options.token_delay.is_zero() {
+                std::thread::sleep(options.token_delay);
+            }
+            let tokens: Vec<u32> = feed.iter().map(|(_, t)| *t).collect();
+            stats.batch_peak.fetch_max(tokens.len(), Ordering::Relaxed);
+            let result = {
+                let mut caches: Vec<&mut SeqCache> = Vec::with_capacity(feed.len());
+                let mut want = feed.iter().map(|(i, _)| *i).peekable();
+                for (i, seq) in running.iter_mut().enumerate() {
+                    if want.peek() == Some(&i) {
+                        want.next();
+                        caches.push(&mut seq.cache);
+                    }
+                }
+                model.forward_batch(&mut caches, &tokens)
+            };
+            match result {
+                Ok(logits) => {
+                    for (row, (i, _)) in feed.iter().enumerate() {
+                        running[*i].logits = logits.get(row).ok();
+                    }
+                }
+                Err(e) => {
+                    for (i, _) in &feed {
+                        let _ = fail(&mut running[*i], e.to_string());
+                        ended.push((*i, FinishReason::Error));
+                    }
+                }
+            }
+        }
+        // Finished sequences leave now, highest index first so the others keep their places.
+        ended.sort_by(|a, b| b.0.cmp(&a.0));
+        ended.dedup_by_key(|e| e.0);
+        for (i, reason) in ended {
+            let seq = running.swap_remove(i);
+            reserved = reserved.saturating_sub(seq.reserved);
+            finish(seq, reason, &mut prefixes, stats);
+        }
+        // swap_remove moved the last sequence into a freed place: keep arrival order for prefill.
+        running.sort_by_key(|s| s.started);
+    }
+}
+
+fn finished(stats: &EngineStats) {
+    stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    stats.requests_finished.fetch_add(1, Ordering::Relaxed);
+}
+
+fn start<'a>(
+    job: Job,
+    info: &'a ModelInfo,
+    prefixes: &mut Prefixes,
+    reserved: usize,
+    stats: &EngineStats,
+) -> Seq<'a> {
+    stats.requests_started.fetch_add(1, Ordering::Relaxed);
+    let _ = job.events.send(Event::Started);
+    let cache = prefixes.lookup(&job.request.prompt).unwrap_or_default();
+    let reused = cache.len();
+    stats
+        .prefix_tokens_reused
+        .fetch_add(reused as u64, Ordering::Relaxed);
+    Seq {
+        tokens: job.request.prompt.clone(),
+        sampler: Sampler::new(&job.request.sampling),
+        detok: Detokenizer::new(&info.prompts.tokenizer),
+        stops: StopMatcher::new(&job.request.stop),
+        queued: job.submitted.elapsed(),
+        job,
+        cache,
+        logits: None,
+        completion: 0,
+        started: Instant::now(),
+        prefill: None,
+        decode_start: Instant::now(),
+        reserved,
+        reused,
+    }
+}
+
+/// Reports a failure on the sequence's stream; the sequence then leaves.
+fn fail(seq: &mut Seq, e: impl std::fmt::Display) -> Option<Tensor> {
+    tracing::error!("generation failed: {e}");
+    let _ = seq.job.events.send(Event::Error(e.to_string()));
+    seq.prefill.get_or_insert(Duration::ZERO);
+    seq.completion = usize::MAX; // marks "already reported"
+    None
+}
+
+/// Samples the next token and streams its text; says whether the sequence goes on.
+fn advance<'a>(
+    seq: &mut Seq<'a>,
+    logits: &Tensor,
+    info: &'a ModelInfo,
+    stats: &EngineStats,
+) -> candle_core::Result<Step> {
+    let req = &seq.job.request;
+    if seq.job.events.is_closed() {
+        return Ok(Step::Finished(FinishReason::Cancelled));
+    }
+    if seq.completion >= req.max_tokens || seq.tokens.len() >= info.context_length {
+        return Ok(Step::Finished(FinishReason::Length));
+    }
+    let next = seq.sampler.sample(logits, &seq.tokens)?;
+    seq.tokens.push(next);
+    seq.completion += 1;
+    stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
+    if !req.ignore_eos && info.end_of_turn.contains(&next) {
+        return Ok(Step::Finished(FinishReason::Stop));
+    }
+    if let Some(piece) = seq.detok.push(next) {
+        match seq.stops.push(&piece) {
+            StopOutcome::Continue(text) => send_text(&seq.job.events, text),
+            StopOutcome::Stopped(text) => {
+                send_text(&seq.job.events, text);
+                seq.stops = StopMatcher::new(&[]); // nothing more is held back
+                seq.detok = Detokenizer::new(&info.prompts.tokenizer);
+                return Ok(Step::Finished(FinishReason::Stop));
+            }
+        }
+    }
+    if seq.completion >= req.max_tokens || seq.tokens.len() >= info.context_length {
+        return Ok(Step::Finished(FinishReason::Length));
+    }
+    Ok(Step::Continue(next))
+}
+
+fn finish(mut seq: Seq, reason: FinishReason, prefixes: &mut Prefixes, stats: &EngineStats) {
+    if seq.completion != usize::MAX {
+        // Release what was held back: an incomplete last character, a possible stop-string start.
+        let tail = seq.detok.flush().unwrap_or_default();
+        let tail = match seq.stops.push(&tail) {
+            StopOutcome::Continue(t) => t + &seq.stops.finish(),
+            StopOutcome::Stopped(t) => t,
+        };
+        if reason != FinishReason::Cancelled || !seq.job.events.is_closed() {
+            send_text(&seq.job.events, tail);
+        }
+        if reason == FinishReason::Cancelled {
+            stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = seq.job.events.send(Event::Done {
+            finish_reason: reason,
+            usage: Usage {
+                prompt_tokens: seq.job.request.prompt.len(),
+                completion_tokens: seq.completion,
+            },
+            timings: Timings {
+                queued: seq.queued,
+                prefill: seq.prefill.unwrap_or_default(),
+                decode: seq.decode_start.elapsed(),
+            },
+        });
+        let fed = seq.cache.len();
+        if fed > seq.reused && fed <= seq.tokens.len() {
+            seq.tokens.truncate(fed);
+            prefixes.insert(seq.tokens, seq.cache);
+        }
+    }
+    finished(stats);
+}
+
+fn send_text(events: &mpsc::UnboundedSender<Event>, text: String) {
+    if !text.is_empty() {
+        let _ = events.send(Event::Text(text));
+    }
+}
