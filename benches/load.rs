@@ -6,6 +6,7 @@
 //!    `--running` + `--waiting` answers; every response must be 200, 429 or 503, with no
 //!    connection errors; p99 latency of the 503 answers; RSS growth; a normal chat afterwards.
 //! 2. Waitlist flood: M signups over 200 connections with D distinct addresses: exactly D rows.
+//!
 //! All traffic comes from 127.0.0.1, so the per-client token buckets are widened for the run
 //! (otherwise one address would be rate-limited long before admission is reached).
 

@@ -56,12 +56,12 @@ pub fn build_router(state: AppState) -> Router {
         .merge(http::admin::router())
         .merge(http::pages::router())
         .fallback(not_found)
-        .layer(timeout.clone())
+        .layer(timeout)
         .layer(crate::limits::layer("api", api));
     Router::new()
         .merge(
             http::accounts::auth_router()
-                .layer(timeout.clone())
+                .layer(timeout)
                 .layer(crate::limits::layer("auth", auth)),
         )
         .merge(

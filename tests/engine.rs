@@ -155,7 +155,7 @@ fn long_history_drops_oldest_turns_but_keeps_system_and_newest() {
     let cut = prompts.build(Some(system), &history, limit).unwrap();
     assert!(cut.ids.len() <= limit, "{} > {limit}", cut.ids.len());
     assert!(
-        cut.dropped_messages > 0 && cut.dropped_messages % 2 == 0,
+        cut.dropped_messages > 0 && cut.dropped_messages.is_multiple_of(2),
         "dropped {}",
         cut.dropped_messages
     );

@@ -643,13 +643,10 @@ async fn api_keys_are_shown_once_and_revocable(app: TestApp) {
         "not_found",
     )
     .await;
-    assert_eq!(
-        moss::db::keys::authenticate(&app.db, key)
-            .await
-            .unwrap()
-            .is_some(),
-        true
-    );
+    assert!(moss::db::keys::authenticate(&app.db, key)
+        .await
+        .unwrap()
+        .is_some());
     assert_eq!(
         alice
             .delete(app.url(&format!("/api/keys/{id}")))

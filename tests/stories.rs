@@ -83,7 +83,7 @@ async fn waitlist_to_signed_in(app: TestApp) {
         .wait_for("first@example.com", "/waitlist/confirm?token=")
         .await;
     browser
-        .get(&link(&mail1, &app.url("/waitlist/confirm?token=")))
+        .get(link(&mail1, &app.url("/waitlist/confirm?token=")))
         .send()
         .await
         .unwrap();

@@ -45,7 +45,8 @@ const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 /// Which implementation runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
-    /// AVX2 with AVX-512 VNNI's 8-bit dot product on 256-bit registers.
+    /// AVX-512 (F, BW, VL) with VNNI: two blocks per 512-bit register, one instruction for the
+    /// 8-bit dot products.
     Avx512Vnni,
     Avx2,
     Scalar,
@@ -77,7 +78,12 @@ fn detect() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-        if avx2 && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+        if avx2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+        {
             return Isa::Avx512Vnni;
         }
         if avx2 {
@@ -104,6 +110,19 @@ pub trait Block: Copy + Send + Sync + 'static {
         yd: [&[f32]; N],
     ) -> [f32; N];
     fn quantize(xs: &[f32], out: &mut [Self]);
+
+    /// `rows` for `Isa::Avx512Vnni`, with activations as plain bytes (`k` per row) so that two
+    /// blocks load as one 512-bit vector.
+    ///
+    /// # Safety
+    /// The CPU must have the `Isa::Avx512Vnni` features; each `ys[r]` holds `32 * w.len()` bytes
+    /// and each `yd[r]` `w.len()` scales.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rows_wide<const N: usize>(
+        w: &[Self],
+        ys: [&[i8]; N],
+        yd: [&[f32]; N],
+    ) -> [f32; N];
 
     /// One dot product (tests and references).
     fn dot(isa: Isa, xs: &[Self], ys: &[BlockQ8_0]) -> f32 {
@@ -158,6 +177,15 @@ impl Block for BlockQ5_0 {
         dispatch!(isa, rows_q5_0, dot_q5_0_scalar, w, ys, yd)
     }
 
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rows_wide<const N: usize>(
+        w: &[Self],
+        ys: [&[i8]; N],
+        yd: [&[f32]; N],
+    ) -> [f32; N] {
+        simd::wide::rows_q5_0(w, ys, yd)
+    }
+
     fn quantize(xs: &[f32], out: &mut [Self]) {
         for (x, b) in xs.chunks_exact(QK).zip(out.iter_mut()) {
             // The value of largest magnitude maps to -16, as GGML does.
@@ -199,6 +227,15 @@ impl Block for BlockQ8_0 {
         yd: [&[f32]; N],
     ) -> [f32; N] {
         dispatch!(isa, rows_q8_0, dot_q8_0_scalar, w, ys, yd)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn rows_wide<const N: usize>(
+        w: &[Self],
+        ys: [&[i8]; N],
+        yd: [&[f32]; N],
+    ) -> [f32; N] {
+        simd::wide::rows_q8_0(w, ys, yd)
     }
 
     fn quantize(xs: &[f32], out: &mut [Self]) {
@@ -342,6 +379,81 @@ mod simd {
         rows_kernel!("avx2,fma", rows_q8_0, unpack_q8_0, BlockQ8_0, dot);
     }
 
+    /// Two blocks per 512-bit register (AVX-512 BW + VNNI); activations as plain bytes.
+    pub mod wide {
+        use super::*;
+
+        macro_rules! wide_kernel {
+            ($name:ident, $unpack:ident, $W:ty) => {
+                #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+                pub unsafe fn $name<const N: usize>(
+                    w: &[$W],
+                    ys: [&[i8]; N],
+                    yd: [&[f32]; N],
+                ) -> [f32; N] {
+                    let kb = w.len();
+                    for r in 0..N {
+                        assert!(ys[r].len() >= kb * 32 && yd[r].len() >= kb);
+                    }
+                    // Lanes 0-7 take element 0, lanes 8-15 element 1.
+                    let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+                    let zero = _mm512_setzero_si512();
+                    let mut acc = [_mm512_setzero_ps(); N];
+                    for p in 0..kb / 2 {
+                        let (a, b) = (&w[2 * p], &w[2 * p + 1]);
+                        let qx = _mm512_inserti64x4(
+                            _mm512_castsi256_si512($unpack(a)),
+                            $unpack(b),
+                            1,
+                        );
+                        let ax = _mm512_abs_epi8(qx);
+                        let negative = _mm512_movepi8_mask(qx);
+                        let dw = _mm512_permutexvar_ps(
+                            halves,
+                            _mm512_castps128_ps512(_mm_setr_ps(half(a.d), half(b.d), 0.0, 0.0)),
+                        );
+                        for r in 0..N {
+                            let qy = _mm512_loadu_si512(
+                                ys[r].as_ptr().add(64 * p) as *const __m512i
+                            );
+                            // y takes x's sign, so |x| (unsigned) times it is x times y.
+                            let sy = _mm512_mask_sub_epi8(qy, negative, zero, qy);
+                            let d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, ax, sy));
+                            let two = _mm_castpd_ps(_mm_load_sd(
+                                yd[r].as_ptr().add(2 * p) as *const f64
+                            ));
+                            let dy = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(two));
+                            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dy), d, acc[r]);
+                        }
+                    }
+                    let mut out = [0f32; N];
+                    for r in 0..N {
+                        out[r] = _mm512_reduce_add_ps(acc[r]);
+                    }
+                    if kb % 2 == 1 {
+                        // The odd last block, 256 bits wide.
+                        let x = &w[kb - 1];
+                        let qx = $unpack(x);
+                        let ax = _mm256_sign_epi8(qx, qx);
+                        for r in 0..N {
+                            let qy = _mm256_loadu_si256(
+                                ys[r].as_ptr().add(32 * (kb - 1)) as *const __m256i
+                            );
+                            let sy = _mm256_sign_epi8(qy, qx);
+                            let d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy);
+                            let v = _mm256_cvtepi32_ps(d);
+                            out[r] += half(x.d) * yd[r][kb - 1] * hsum(v);
+                        }
+                    }
+                    out
+                }
+            };
+        }
+
+        wide_kernel!(rows_q5_0, unpack_q5_0, BlockQ5_0);
+        wide_kernel!(rows_q8_0, unpack_q8_0, BlockQ8_0);
+    }
+
     pub mod vnni {
         use super::*;
 
@@ -389,9 +501,41 @@ pub fn matmul<B: Block>(
         quantize_q8_0(row, out);
     }
     let xd: Vec<f32> = xq.iter().map(|b| half(b.d)).collect();
-    let (xq, xd) = (&xq, &xd);
-    let row = |i: usize| (&xq[i * kb..(i + 1) * kb], &xd[i * kb..(i + 1) * kb]);
+    // The wide kernels read activations as plain bytes, two blocks per load; with a single row
+    // (one stream decoding) the 256-bit kernel's shorter dependency chains measure faster.
+    let wide = cfg!(target_arch = "x86_64") && isa == Isa::Avx512Vnni && m >= 2;
+    let bytes: Vec<i8> = if wide {
+        xq.iter().flat_map(|b| b.qs).collect()
+    } else {
+        Vec::new()
+    };
+    let (xq, xd, bytes) = (&xq, &xd, &bytes);
     let dst_ptr = dst.as_mut_ptr() as usize;
+    // Tiles of activation rows against one weight row: the weight blocks are unpacked once
+    // for all rows of the tile.
+    macro_rules! tile {
+        ($n:literal, $wrow:expr, $i:expr) => {{
+            let yd: [&[f32]; $n] = std::array::from_fn(|t| &xd[($i + t) * kb..($i + t + 1) * kb]);
+            let blocks = || -> [f32; $n] {
+                let ys: [&[BlockQ8_0]; $n] =
+                    std::array::from_fn(|t| &xq[($i + t) * kb..($i + t + 1) * kb]);
+                B::rows::<$n>(isa, $wrow, ys, yd)
+            };
+            #[cfg(target_arch = "x86_64")]
+            let v = if wide {
+                let ys: [&[i8]; $n] =
+                    std::array::from_fn(|t| &bytes[($i + t) * k..($i + t + 1) * k]);
+                // SAFETY: `wide` is only set when `isa()` found the AVX-512 VNNI features;
+                // the slices have the lengths asserted inside.
+                unsafe { B::rows_wide::<$n>($wrow, ys, yd) }
+            } else {
+                blocks()
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let v = blocks();
+            v
+        }};
+    }
     // Groups of weight rows; each group is read once for all rows of X.
     const GROUP: usize = 8;
     let groups = n.div_ceil(GROUP);
@@ -405,34 +549,18 @@ pub fn matmul<B: Block>(
                 };
                 let mut i = 0;
                 while i + 8 <= m {
-                    let r: [(&[BlockQ8_0], &[f32]); 8] = std::array::from_fn(|t| row(i + t));
-                    let v = B::rows::<8>(
-                        isa,
-                        wrow,
-                        std::array::from_fn(|t| r[t].0),
-                        std::array::from_fn(|t| r[t].1),
-                    );
-                    for (t, v) in v.into_iter().enumerate() {
-                        put(i + t, v);
-                    }
+                    let v: [f32; 8] = tile!(8, wrow, i);
+                    v.into_iter().enumerate().for_each(|(t, v)| put(i + t, v));
                     i += 8;
                 }
                 while i + 4 <= m {
-                    let (r0, r1, r2, r3) = (row(i), row(i + 1), row(i + 2), row(i + 3));
-                    let v = B::rows::<4>(
-                        isa,
-                        wrow,
-                        [r0.0, r1.0, r2.0, r3.0],
-                        [r0.1, r1.1, r2.1, r3.1],
-                    );
-                    for (t, v) in v.into_iter().enumerate() {
-                        put(i + t, v);
-                    }
+                    let v: [f32; 4] = tile!(4, wrow, i);
+                    v.into_iter().enumerate().for_each(|(t, v)| put(i + t, v));
                     i += 4;
                 }
                 while i < m {
-                    let r = row(i);
-                    put(i, B::rows::<1>(isa, wrow, [r.0], [r.1])[0]);
+                    let v: [f32; 1] = tile!(1, wrow, i);
+                    put(i, v[0]);
                     i += 1;
                 }
             }

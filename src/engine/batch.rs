@@ -241,7 +241,7 @@ pub(super) fn run(
             }
         }
         // Finished sequences leave now, highest index first so the others keep their places.
-        ended.sort_by(|a, b| b.0.cmp(&a.0));
+        ended.sort_by_key(|e| std::cmp::Reverse(e.0));
         ended.dedup_by_key(|e| e.0);
         for (i, reason) in ended {
             let seq = running.swap_remove(i);

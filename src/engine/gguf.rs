@@ -156,7 +156,7 @@ fn check_tensor_bounds(path: &Path, content: &Content, size: u64) -> Result<(), 
             .tensor_data_offset
             .saturating_add(info.offset)
             .saturating_add(bytes);
-        if elems % block.max(1) != 0 || needed > size {
+        if !elems.is_multiple_of(block.max(1)) || needed > size {
             return Err(LoadError::Truncated {
                 path: path.to_path_buf(),
                 tensor: name.clone(),

@@ -117,7 +117,11 @@ impl Qwen2 {
         let base = md("rope.freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(10000.0);
-        if n_head == 0 || n_kv_head == 0 || hidden % n_head != 0 || n_head % n_kv_head != 0 {
+        if n_head == 0
+            || n_kv_head == 0
+            || !hidden.is_multiple_of(n_head)
+            || !n_head.is_multiple_of(n_kv_head)
+        {
             candle_core::bail!("inconsistent attention sizes");
         }
         let head_dim = hidden / n_head;
@@ -221,7 +225,7 @@ impl Qwen2 {
     /// logits, shape (batch, vocab).
     pub fn forward_batch(&self, caches: &mut [&mut SeqCache], tokens: &[u32]) -> Result<Tensor> {
         let b = caches.len();
-        if b == 0 || tokens.is_empty() || tokens.len() % b != 0 {
+        if b == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(b) {
             candle_core::bail!("{} tokens for {b} sequences", tokens.len());
         }
         let t = tokens.len() / b;
