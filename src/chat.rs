@@ -205,7 +205,7 @@ pub async fn start_answer(
         }
         stop.extend(st.stop.iter().cloned());
     }
-    let ahead = deps.engine.load();
+    let ahead = deps.engine.ahead();
     let request = AnswerRequest {
         system,
         history,

@@ -65,6 +65,15 @@ impl Inference {
         self.stats().in_flight.load(Ordering::Relaxed)
     }
 
+    /// How many answers must finish before a new one starts: a local engine's queue beyond its
+    /// batch; none for an upstream (its own queueing is its business).
+    pub fn ahead(&self) -> usize {
+        match self {
+            Inference::Local(e) => e.ahead(),
+            Inference::Upstream(_) => 0,
+        }
+    }
+
     /// Starts generating; for an upstream this waits for its response headers.
     pub async fn start(&self, req: AnswerRequest) -> Result<EventStream, StartError> {
         match self {

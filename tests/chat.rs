@@ -22,15 +22,7 @@ fn names(events: &[(String, Value)]) -> Vec<&str> {
 }
 
 async fn stored(app: &TestApp, c: &reqwest::Client, conv: i64) -> Vec<Value> {
-    let v: Value = c
-        .get(app.url(&format!("/api/conversations/{conv}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["messages"].as_array().unwrap().clone()
+    app.messages(c, conv).await
 }
 
 async fn answers_stream_and_are_stored(app: TestApp) {
@@ -186,6 +178,7 @@ async fn leaving_mid_answer_keeps_the_partial_answer(app: TestApp) {
 }
 both_backends!(leaving_mid_answer_keeps_the_partial_answer, SLOW);
 
+/// With one answer running at a time, the next waits in line and hears its place.
 async fn a_second_request_waits_in_line(app: TestApp) {
     let a = app.user("qa@example.com").await;
     let b = app.user("qb@example.com").await;
@@ -198,7 +191,13 @@ async fn a_second_request_waits_in_line(app: TestApp) {
     assert_eq!(events[0].1["position"], 1);
     assert_eq!(events.last().unwrap().0, "done");
 }
-both_backends!(a_second_request_waits_in_line, SLOW);
+both_backends!(
+    a_second_request_waits_in_line,
+    Options {
+        configure: Some(|c| c.limits.max_running = 1),
+        ..SLOW
+    }
+);
 
 async fn regenerate_replaces_the_answer(app: TestApp) {
     let c = app.user("g@example.com").await;
@@ -303,3 +302,18 @@ async fn bad_chat_requests_get_clear_errors(app: TestApp) {
     );
 }
 both_backends!(bad_chat_requests_get_clear_errors);
+
+/// With room for several running answers, a second user's answer joins the first one's batch at
+/// once: no place in line, both stream.
+async fn answers_of_different_users_run_together(app: TestApp) {
+    let a = app.user("ta@example.com").await;
+    let b = app.user("tb@example.com").await;
+    let (ca, cb) = (app.conversation(&a).await, app.conversation(&b).await);
+    let _first = app.answer_in_progress(&a, ca, 40).await;
+    let (_, events) = app
+        .chat(&b, cb, json!({"content": "hello", "max_tokens": 3}))
+        .await;
+    assert_eq!(events[0].0, "token", "{events:?}");
+    assert_eq!(events.last().unwrap().0, "done", "{events:?}");
+}
+both_backends!(answers_of_different_users_run_together, SLOW);

@@ -253,7 +253,10 @@ async fn waiting_too_long_is_shed(app: TestApp) {
 }
 both_backends!(
     waiting_too_long_is_shed,
-    opts(|c| c.limits.max_queue_wait_secs = 1)
+    opts(|c| {
+        c.limits.max_queue_wait_secs = 1;
+        c.limits.max_running = 1;
+    })
 );
 
 async fn daily_quotas_are_counted_in_the_database(app: TestApp) {

@@ -50,41 +50,12 @@ fn through(urls: Vec<String>, api_key: &str, response_timeout_secs: u64) -> Opti
     }
 }
 
-async fn scrape(app: &TestApp, name: &str) -> f64 {
-    let text = app
-        .client()
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 async fn readyz(app: &TestApp) -> (u16, Value) {
     let r = app.client().get(app.url("/readyz")).send().await.unwrap();
     let status = r.status().as_u16();
     let text = r.text().await.unwrap();
     let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status}: {text}"));
     (status, body)
-}
-
-async fn messages(app: &TestApp, c: &reqwest::Client, conv: i64) -> Vec<Value> {
-    let v: Value = c
-        .get(app.url(&format!("/api/conversations/{conv}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["messages"].as_array().unwrap().clone()
 }
 
 fn answer_text(events: &[(String, Value)]) -> String {
@@ -134,7 +105,7 @@ async fn answers_come_from_the_upstream(backend: Backend) {
     let tokens = events.iter().filter(|(e, _)| e == "token").count();
     assert!(tokens > 10, "streamed in pieces: {tokens}");
     let text = answer_text(&events);
-    let stored = messages(&down, &alice, conv).await;
+    let stored = down.messages(&alice, conv).await;
     assert_eq!(stored.last().unwrap()["content"], text.as_str());
     assert_eq!(stored.last().unwrap()["role"], "assistant");
 
@@ -176,7 +147,7 @@ async fn answers_come_from_the_upstream(backend: Backend) {
     assert_eq!(api["model"], "tiny");
 
     // The browser leaves mid-answer: the upstream connection is closed and the upstream stops.
-    let before = scrape(&up, "moss_tokens_generated_total").await;
+    let before = up.metric("moss_tokens_generated_total").await;
     let conv2 = down.conversation(&alice).await;
     let url = down.url(&format!("/api/conversations/{conv2}/messages"));
     let mut r = alice.post(url).json(&ask).send().await.unwrap();
@@ -189,25 +160,21 @@ async fn answers_come_from_the_upstream(backend: Backend) {
     drop(r);
     let mut admitted = 1.0;
     for _ in 0..100 {
-        admitted = scrape(&up, "moss_admitted_answers").await;
+        admitted = up.metric("moss_admitted_answers").await;
         if admitted == 0.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(admitted, 0.0, "the upstream let go of the answer");
-    let spent = scrape(&up, "moss_tokens_generated_total").await - before;
+    let spent = up.metric("moss_tokens_generated_total").await - before;
     assert!(
         spent < LONG as f64,
         "the upstream stopped early ({spent} of {LONG} tokens)"
     );
     let mut last = Value::Null;
     for _ in 0..100 {
-        last = messages(&down, &alice, conv2)
-            .await
-            .last()
-            .cloned()
-            .unwrap();
+        last = down.messages(&alice, conv2).await.last().cloned().unwrap();
         if last["role"] == "assistant" {
             break;
         }
@@ -236,14 +203,14 @@ async fn answers_come_from_the_upstream(backend: Backend) {
     let err: Value = r.json().await.unwrap();
     assert_eq!(err["error"]["code"], "overloaded", "{err}");
     assert!(
-        messages(&down, &alice, conv3).await.is_empty(),
+        down.messages(&alice, conv3).await.is_empty(),
         "the question nothing answered is taken back"
     );
     let (status, ready) = readyz(&down).await;
     assert_eq!(status, 503, "{ready}");
     assert_eq!(ready["inference"]["upstream"][0]["up"], false);
     // A regenerate refused for the same reason keeps the answer it would have replaced.
-    let old = messages(&down, &alice, conv).await.last().cloned().unwrap();
+    let old = down.messages(&alice, conv).await.last().cloned().unwrap();
     let r = alice
         .post(down.url(&format!("/api/messages/{}/regenerate", old["id"])))
         .send()
@@ -251,7 +218,7 @@ async fn answers_come_from_the_upstream(backend: Backend) {
         .unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(
-        messages(&down, &alice, conv).await.last().unwrap()["id"],
+        down.messages(&alice, conv).await.last().unwrap()["id"],
         old["id"]
     );
 
@@ -279,7 +246,7 @@ async fn answers_come_from_the_upstream(backend: Backend) {
     assert_eq!(r.status(), 200);
     let events = parse_sse(&r.text().await.unwrap());
     assert_eq!(events.last().unwrap().0, "done", "{events:?}");
-    let after = messages(&down, &alice, conv).await;
+    let after = down.messages(&alice, conv).await;
     assert_eq!(after.len(), 2, "question and the new answer: {after:?}");
     assert_ne!(after[1]["id"], old["id"]);
     assert_eq!(after[1]["content"], text.as_str());
@@ -343,7 +310,7 @@ async fn failing_upstreams_are_skipped(backend: Backend) {
     };
     let c = down.user("bob@example.com").await;
     let failed = "moss_upstream_failures_total{reason=\"unavailable\"}";
-    let before = scrape(&down, failed).await;
+    let before = down.metric(failed).await;
     // Every answer arrives although four of five upstreams fail: each failure is tried once,
     // then left alone for the cool-down.
     for _ in 0..5 {
@@ -354,7 +321,7 @@ async fn failing_upstreams_are_skipped(backend: Backend) {
         assert_eq!(status, 200, "{events:?}");
         assert_eq!(events.last().unwrap().0, "done", "{events:?}");
     }
-    let failures = scrape(&down, failed).await - before;
+    let failures = down.metric(failed).await - before;
     assert_eq!(failures, 4.0, "each failing upstream was tried once");
     let (status, ready) = readyz(&down).await;
     assert_eq!(status, 200, "one upstream up is enough: {ready}");

@@ -146,7 +146,8 @@ pub fn engine_options(config: &Config, args: &ModelArgs) -> anyhow::Result<Engin
         max_context: e.max_context,
         queue_capacity: e.queue_capacity,
         token_delay: Duration::from_millis(e.token_delay_ms),
-        max_batch: e.max_batch,
+        // The engine runs as many answers at once as the service admits as running.
+        max_batch: e.max_batch.min(config.limits.max_running).max(1),
         kv_cache_bytes: e.kv_cache_mb << 20,
         implementation: match e.implementation.as_str() {
             "candle" => crate::engine::model::Implementation::Candle,

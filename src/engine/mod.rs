@@ -159,6 +159,8 @@ pub struct ModelInfo {
     /// Token ids that end a turn (EOS, `<|im_end|>`, `<end_of_turn>`, …).
     pub end_of_turn: Vec<u32>,
     pub device: String,
+    /// Requests the engine advances together (1 without batching).
+    pub batch: usize,
 }
 
 /// Counters the engine thread keeps, readable from anywhere.
@@ -215,9 +217,14 @@ impl EngineHandle {
         })
     }
 
-    /// How many requests are ahead of a new one (waiting or running).
+    /// Requests waiting or running.
     pub fn load(&self) -> usize {
         self.stats.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// How many requests must finish before a new one starts (0: it joins the batch at once).
+    pub fn ahead(&self) -> usize {
+        (self.load() + 1).saturating_sub(self.info.batch)
     }
 
     /// Queues a request without waiting; the stream yields its events.

@@ -143,6 +143,11 @@ pub(super) fn load(options: &EngineOptions) -> Result<(Model, ModelInfo), LoadEr
         .unwrap_or_else(|| "model".into());
     let (path, arch) = (file.path.clone(), file.arch);
     let model = Model::load(file, &device, options.implementation)?;
+    let batch = if model.batched().is_some() {
+        options.max_batch.max(1)
+    } else {
+        1
+    };
     let context_length = model_ctx
         .min(options.max_context)
         .min(model.max_positions)
@@ -155,6 +160,7 @@ pub(super) fn load(options: &EngineOptions) -> Result<(Model, ModelInfo), LoadEr
         prompts: PromptBuilder::new(template, tokenizer, bos),
         end_of_turn,
         device: format!("{device:?}"),
+        batch,
     };
     tracing::info!(model = %info.path.display(), arch = arch.name(), context = context_length, device = %info.device, "model loaded");
     Ok((model, info))

@@ -318,7 +318,13 @@ impl TestApp {
             )
         } else {
             let model = super::tiny_model(dir.path(), Arch::Qwen2);
-            super::start(&model, Duration::from_millis(opts.token_delay_ms)).into()
+            let mut e = moss::engine::EngineOptions::new(&model);
+            e.device = "cpu".into();
+            e.token_delay = Duration::from_millis(opts.token_delay_ms);
+            e.max_batch = config.engine.max_batch.min(config.limits.max_running);
+            moss::engine::EngineHandle::start(e)
+                .expect("engine starts")
+                .into()
         };
         let config = Arc::new(config);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -426,6 +432,37 @@ impl TestApp {
             .await
             .unwrap();
         v["id"].as_i64().unwrap()
+    }
+
+    /// The messages of a conversation, as its owner sees them.
+    pub async fn messages(&self, c: &reqwest::Client, conv: i64) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = c
+            .get(self.url(&format!("/api/conversations/{conv}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["messages"].as_array().unwrap().clone()
+    }
+
+    /// One sample from `/metrics` (0 when absent). Metrics are process-wide.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub fn url(&self, path: &str) -> String {
