@@ -127,7 +127,10 @@ async fn main() -> anyhow::Result<()> {
                     ]
                 }),
         )
-        .env("RUST_LOG", "error")
+        .env(
+            "RUST_LOG",
+            std::env::var("MOSS_LOAD_LOG").unwrap_or_else(|_| "error".into()),
+        )
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let mut lines = std::io::BufReader::new(child.stdout.take().expect("piped")).lines();

@@ -404,6 +404,11 @@ async fn store_with_retry(
         match chats::add_message(db, user_id, conversation_id, m).await {
             Ok(Some(msg)) => return Some(msg),
             Ok(None) => return None, // the conversation was deleted meanwhile
+            Err(e @ (crate::db::DbError::Other(_) | crate::db::DbError::Conflict)) => {
+                // Not the database being away: trying again would fail the same way.
+                tracing::error!("storing an answer failed: {e}");
+                return None;
+            }
             Err(e) => {
                 tracing::warn!(attempt, "storing an answer failed: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(

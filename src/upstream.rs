@@ -465,8 +465,8 @@ impl StreamState {
             .and_then(|c| c.get("delta"))
             .and_then(|d| d.get("content"))
             .and_then(Value::as_str)
-            .filter(|t| !t.is_empty())
-            .map(str::to_string);
+            .map(|t| t.replace('\0', ""))
+            .filter(|t| !t.is_empty());
         if text.is_some() {
             self.pieces += 1;
         }

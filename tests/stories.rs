@@ -416,6 +416,7 @@ async fn hostile_input_never_gets_a_500(app: TestApp) {
         json!(big),
         json!(-1),
         json!(1e308),
+        json!("NUL \u{0} inside"),
     ] {
         // every field at once (a 1 MB string goes into one field at a time: 1 MB bodies)
         if v != json!(big) {
@@ -465,12 +466,26 @@ async fn hostile_input_never_gets_a_500(app: TestApp) {
         seen.contains(&413),
         "1 MB bodies must be refused as too large: {seen:?}"
     );
-    // nothing was dropped or mangled by the SQL text
+    // PostgreSQL cannot store NUL characters: a message with one is refused, not a 500.
+    let fresh = app.user("nul@example.com").await; // the loop above signed `user` out
+    let conv = app.conversation(&fresh).await;
+    let r = fresh
+        .post(app.url(&format!("/api/conversations/{conv}/messages")))
+        .json(&json!({"content": "hello \u{0} world"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_body"
+    );
+    // nothing was dropped or mangled by the SQL text (one account from the start, one since)
     let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
-    assert_eq!(users, 1);
+    assert_eq!(users, 2);
 }
 both_backends!(hostile_input_never_gets_a_500);
 

@@ -373,6 +373,12 @@ fn finish(mut seq: Seq, reason: FinishReason, prefixes: &mut Prefixes, stats: &E
 }
 
 fn send_text(events: &mpsc::UnboundedSender<Event>, text: String) {
+    // A model can produce the byte 0 as a token; it is not text anyone should receive.
+    let text = if text.contains('\0') {
+        text.replace('\0', "")
+    } else {
+        text
+    };
     if !text.is_empty() {
         let _ = events.send(Event::Text(text));
     }

@@ -257,6 +257,12 @@ fn generate(
 }
 
 fn send_text(events: &mpsc::UnboundedSender<Event>, text: String) {
+    // A model can produce the byte 0 as a token; it is not text anyone should receive.
+    let text = if text.contains('\0') {
+        text.replace('\0', "")
+    } else {
+        text
+    };
     if !text.is_empty() {
         let _ = events.send(Event::Text(text));
     }

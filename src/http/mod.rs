@@ -95,10 +95,48 @@ impl AppState {
     }
 }
 
-/// A JSON request body whose rejections speak the contract's error format.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(AppError))]
+/// A JSON request body whose rejections speak the contract's error format. Text with NUL
+/// characters is refused (PostgreSQL cannot store them, and no one types them).
 pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = AppError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, AppError> {
+        let axum::Json(value) = axum::Json::<serde_json::Value>::from_request(req, state).await?;
+        reject_nul(&value)?;
+        serde_json::from_value(value)
+            .map(JsonBody)
+            .map_err(|e| AppError::Invalid {
+                field: "body",
+                message: format!("Failed to deserialize the JSON body into the target type: {e}"),
+                message_zh: "请求内容的字段缺失或类型不对。".into(),
+            })
+    }
+}
+
+/// `invalid_request` when any string in `v` holds a NUL character.
+pub fn reject_nul(v: &serde_json::Value) -> AppResult<()> {
+    let has = |v: &serde_json::Value| -> bool {
+        fn walk(v: &serde_json::Value) -> bool {
+            match v {
+                serde_json::Value::String(s) => s.contains('\0'),
+                serde_json::Value::Array(a) => a.iter().any(walk),
+                serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || walk(v)),
+                _ => false,
+            }
+        }
+        walk(v)
+    };
+    if has(v) {
+        return Err(AppError::invalid(
+            "body",
+            "text must not contain NUL characters",
+            "文本中不能包含 NUL 字符。",
+        ));
+    }
+    Ok(())
+}
 
 /// A JSON body that may be absent (an empty body means `T::default()`).
 pub struct OptionalJson<T>(pub T);
@@ -119,7 +157,15 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> FromRequest<S> fo
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(T::default()));
         }
-        serde_json::from_slice(&bytes)
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            AppError::invalid(
+                "body",
+                format!("invalid JSON body: {e}"),
+                "请求内容不是有效的 JSON。",
+            )
+        })?;
+        reject_nul(&value)?;
+        serde_json::from_value(value)
             .map(OptionalJson)
             .map_err(|e| {
                 AppError::invalid(

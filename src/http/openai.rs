@@ -200,7 +200,10 @@ async fn completions(
     Extension(cell): Extension<crate::admission::SlotCell>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = serde_json::from_slice(&body)
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| invalid("body", &format!("invalid request body: {e}")))?;
+    super::reject_nul(&value)?;
+    let req: CompletionRequest = serde_json::from_value(value)
         .map_err(|e| invalid("body", &format!("invalid request body: {e}")))?;
     if req.n.is_some_and(|n| n != 1) {
         return Err(invalid("n", "only n = 1 is supported"));
