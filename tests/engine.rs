@@ -220,18 +220,22 @@ fn tokenizer_json_beside_the_model_wins() {
     assert!(loaded.token_to_id("<|moss_marker|>").is_some());
 }
 
-/// moss's Qwen2 (own kernels, quantized embedding) computes what candle-transformers' does: the
+/// moss's decoder (own kernels, quantized embedding) computes what candle-transformers' Qwen2 and
+/// Llama do: the
 /// logits agree to float-reordering precision and greedy answers are token for token the same,
 /// with Q8_0 matrices and with Q5_0 ones (the type moss's kernels take over from candle's scalar
 /// code).
 #[test]
-fn moss_qwen2_matches_candle_transformers() {
+fn moss_decoder_matches_candle_transformers() {
     use candle_core::quantized::GgmlDType;
     use moss::engine::model::{Implementation, Model};
     let dir = tempfile::tempdir().unwrap();
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0] {
-        let path = dir.path().join(format!("tiny-{dtype:?}.gguf"));
-        let mut spec = moss::engine::tiny::TinySpec::new(Arch::Qwen2);
+    let cases = [Arch::Qwen2, Arch::Llama]
+        .into_iter()
+        .flat_map(|a| [(a, GgmlDType::Q8_0), (a, GgmlDType::Q5_0)]);
+    for (arch, dtype) in cases {
+        let path = dir.path().join(format!("tiny-{arch:?}-{dtype:?}.gguf"));
+        let mut spec = moss::engine::tiny::TinySpec::new(arch);
         spec.matrices = dtype;
         moss::engine::tiny::write_tiny_model(&path, &spec).unwrap();
         let load = |imp| {
@@ -254,7 +258,7 @@ fn moss_qwen2_matches_candle_transformers() {
             assert!(scale > 0.0);
             assert!(
                 worst <= 1e-3 * scale,
-                "{dtype:?} at {pos}: logits differ by {worst} (scale {scale})"
+                "{arch:?} {dtype:?} at {pos}: logits differ by {worst} (scale {scale})"
             );
         }
         // greedy answers through the engine
@@ -277,15 +281,23 @@ fn moss_qwen2_matches_candle_transformers() {
                 .ids;
             let (x, _, _) = collect(&a, greedy(prompt.clone(), 24));
             let (y, _, _) = collect(&b, greedy(prompt, 24));
-            assert_eq!(x, y, "{dtype:?} {q:?}");
+            assert_eq!(x, y, "{arch:?} {dtype:?} {q:?}");
         }
     }
 }
 
 fn q5_engine(dir: &std::path::Path, max_batch: usize) -> moss::engine::EngineHandle {
-    let path = dir.join("tiny-q5.gguf");
+    q5_engine_for(dir, Arch::Qwen2, max_batch)
+}
+
+fn q5_engine_for(
+    dir: &std::path::Path,
+    arch: Arch,
+    max_batch: usize,
+) -> moss::engine::EngineHandle {
+    let path = dir.join(format!("tiny-q5-{}.gguf", arch.name()));
     if !path.exists() {
-        let mut spec = moss::engine::tiny::TinySpec::new(Arch::Qwen2);
+        let mut spec = moss::engine::tiny::TinySpec::new(arch);
         spec.matrices = candle_core::quantized::GgmlDType::Q5_0;
         moss::engine::tiny::write_tiny_model(&path, &spec).unwrap();
     }
@@ -299,8 +311,14 @@ fn q5_engine(dir: &std::path::Path, max_batch: usize) -> moss::engine::EngineHan
 /// in one batch, give exactly the tokens each gives alone.
 #[test]
 fn eight_prompts_in_one_batch_match_each_alone() {
+    for arch in [Arch::Qwen2, Arch::Llama] {
+        eight_prompts_together(arch);
+    }
+}
+
+fn eight_prompts_together(arch: Arch) {
     let dir = tempfile::tempdir().unwrap();
-    let engine = q5_engine(dir.path(), 8);
+    let engine = q5_engine_for(dir.path(), arch, 8);
     let questions = [
         "hello",
         "what is the capital of france?",
@@ -358,7 +376,7 @@ fn eight_prompts_in_one_batch_match_each_alone() {
         "all eight advanced in one step"
     );
     for (q, (a, b)) in questions.iter().zip(alone.iter().zip(&together)) {
-        assert_eq!(a.concat(), b.concat(), "{q:?}");
+        assert_eq!(a.concat(), b.concat(), "{arch:?} {q:?}");
     }
 }
 

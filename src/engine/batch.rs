@@ -1,4 +1,4 @@
-//! Continuous batching for models that support it (moss's Qwen2): the engine thread keeps a set
+//! Continuous batching for models that support it (moss's decoder: Qwen2, Llama): the engine thread keeps a set
 //! of running sequences, each with its own KV cache and position, and advances all of those that
 //! are decoding in one batched forward pass per step. New requests join between steps; their
 //! prompt is prefilled in chunks (short ones while others are decoding, so a long prompt does not
@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use tokio::sync::mpsc;
 
+use super::decoder::{Decoder, SeqCache};
 use super::detok::{Detokenizer, StopMatcher, StopOutcome};
-use super::qwen2::{Qwen2, SeqCache};
 use super::sampler::Sampler;
 use super::{EngineOptions, EngineStats, Event, FinishReason, Job, ModelInfo, Timings, Usage};
 
@@ -114,7 +114,7 @@ impl Prefixes {
 
 /// The engine loop with batching; returns when the job channel closes.
 pub(super) fn run(
-    model: &Qwen2,
+    model: &Decoder,
     info: &ModelInfo,
     jobs: &mut mpsc::Receiver<Job>,
     options: &EngineOptions,

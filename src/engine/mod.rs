@@ -3,12 +3,12 @@
 //! within one token step. Requests run one at a time, in arrival order.
 
 pub mod batch;
+pub mod decoder;
 pub mod detok;
 pub mod gguf;
 pub use moss_kernels as kernels;
 pub mod model;
 pub mod prompt;
-pub mod qwen2;
 pub mod sampler;
 pub mod template;
 pub mod tiny;
@@ -40,9 +40,10 @@ pub struct EngineOptions {
     pub queue_capacity: usize,
     /// Test knob: sleep this long after each generated token (slow generation on a tiny model).
     pub token_delay: Duration,
-    /// Which Qwen2 implementation to run (moss's by default; candle-transformers' to compare).
+    /// Which Qwen2 / Llama implementation to run (moss's by default; candle-transformers' to
+    /// compare).
     pub implementation: model::Implementation,
-    /// Most sequences advanced together in one step (models with batching: moss's Qwen2).
+    /// Most sequences advanced together in one step (moss's decoder: Qwen2, Llama).
     pub max_batch: usize,
     /// KV-cache memory for running sequences (each reserves prompt + max_tokens positions; one
     /// runs whatever its size); half as much again keeps finished sequences for prefix reuse.

@@ -1,24 +1,27 @@
 //! The transformer itself, picked by `general.architecture`, behind one small interface (reset,
-//! forward → last-token logits): moss's own Qwen2 (`qwen2.rs`, with moss's kernels and a
-//! quantized embedding) or one of candle-transformers' quantized implementations.
+//! forward → last-token logits): moss's own decoder for Qwen2 and Llama (`decoder.rs`, with
+//! moss's kernels, a quantized embedding and batched steps) or one of candle-transformers'
+//! quantized implementations (Gemma 3; Llama mixture-of-experts; or any, to compare).
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen2};
 
 use super::gguf::{Arch, LoadError, ModelFile};
 
-/// Which Qwen2 implementation runs (the other architectures always use candle-transformers).
+/// Which implementation runs Qwen2 and dense Llama models (Gemma 3 always uses
+/// candle-transformers').
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Implementation {
-    /// moss's (`qwen2.rs`): SIMD kernels for Q5_0/Q8_0, embedding kept quantized.
+    /// moss's (`decoder.rs`): SIMD kernels for Q5_0/Q8_0, embedding kept quantized, batching.
     #[default]
     Moss,
-    /// candle-transformers' `quantized_qwen2`, unchanged (the baseline in benchmarks and tests).
+    /// candle-transformers' `quantized_qwen2` / `quantized_llama`, unchanged (the baseline in
+    /// benchmarks and tests).
     Candle,
 }
 
 enum Weights {
-    MossQwen2(super::qwen2::Qwen2),
+    Moss(super::decoder::Decoder),
     Qwen2(quantized_qwen2::ModelWeights),
     Llama(quantized_llama::ModelWeights),
     /// Gemma 3 has no way to clear its KV cache, so a pristine copy (tensors are shared,
@@ -71,10 +74,10 @@ impl Model {
         })
     }
 
-    /// moss's Qwen2, which can advance several sequences in one step.
-    pub fn batched(&self) -> Option<&super::qwen2::Qwen2> {
+    /// moss's decoder, which can advance several sequences in one step.
+    pub fn batched(&self) -> Option<&super::decoder::Decoder> {
         match &self.weights {
-            Weights::MossQwen2(m) => Some(m),
+            Weights::Moss(m) => Some(m),
             _ => None,
         }
     }
@@ -82,7 +85,7 @@ impl Model {
     /// Forgets the current sequence (empties the KV cache).
     pub fn reset(&mut self) {
         match &mut self.weights {
-            Weights::MossQwen2(m) => m.clear_kv_cache(),
+            Weights::Moss(m) => m.clear_kv_cache(),
             Weights::Qwen2(m) => m.clear_kv_cache(),
             Weights::Llama(m) => m.clear_kv_cache(),
             Weights::Gemma3 { pristine, live } => *live = pristine.clone(),
@@ -91,12 +94,12 @@ impl Model {
 
     /// Runs `tokens` at positions `pos..` and returns the logits of the last one (f32, 1-D).
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
-        if let Weights::MossQwen2(m) = &mut self.weights {
+        if let Weights::Moss(m) = &mut self.weights {
             return m.forward(tokens, pos)?.squeeze(0)?.to_dtype(DType::F32);
         }
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let logits = match &mut self.weights {
-            Weights::MossQwen2(_) => unreachable!("handled above"),
+            Weights::Moss(_) => unreachable!("handled above"),
             Weights::Qwen2(m) => m.forward(&input, pos)?,
             Weights::Llama(m) => m.forward(&input, pos)?,
             Weights::Gemma3 { live, .. } => live.forward(&input, pos)?,
@@ -113,10 +116,12 @@ fn load_weights(
     implementation: Implementation,
 ) -> candle_core::Result<(Weights, usize)> {
     Ok(match arch {
-        Arch::Qwen2 if implementation == Implementation::Moss => {
-            let m = super::qwen2::Qwen2::from_gguf(&content, reader, device)?;
+        Arch::Qwen2 | Arch::Llama
+            if implementation == Implementation::Moss && !is_moe(&content) =>
+        {
+            let m = super::decoder::Decoder::from_gguf(&content, reader, device)?;
             let ctx = m.context_length;
-            (Weights::MossQwen2(m), ctx)
+            (Weights::Moss(m), ctx)
         }
         Arch::Qwen2 => {
             let ctx = content
@@ -148,4 +153,13 @@ fn load_weights(
             )
         }
     })
+}
+
+/// A Llama-architecture mixture of experts (candle-transformers runs those).
+fn is_moe(content: &candle_core::quantized::gguf_file::Content) -> bool {
+    content
+        .metadata
+        .get("llama.expert_count")
+        .and_then(|v| v.to_u32().ok())
+        .is_some_and(|n| n > 1)
 }

@@ -1,9 +1,14 @@
-//! Qwen2 on candle with moss's quantized kernels (`kernels.rs`): the same computation as
-//! candle-transformers' `quantized_qwen2`, except that
+//! Qwen2 and Llama (Mistral, TinyLlama, …) decoders on candle with moss's quantized kernels
+//! (`moss-kernels`): the same computation as candle-transformers' `quantized_qwen2` and
+//! `quantized_llama` (dense models), except that
 //! - Q5_0 / Q8_0 weight matrices multiply through moss's SIMD kernels (candle's own stay in use
 //!   for the types where they are fast), and
 //! - the token embedding stays quantized: only the rows looked up are dequantised (candle-
-//!   transformers expands the whole table to f32, ~545 MB for the default model).
+//!   transformers expands the whole table to f32, ~545 MB for the default model), and
+//! - several sequences, each with its own KV cache, advance in one step (`forward_batch`).
+//!
+//! The two architectures differ only in attention biases (Qwen2 has them) and the rotary
+//! embedding's layout (Qwen2 rotates halves, GGUF Llama interleaved pairs).
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
@@ -23,9 +28,8 @@ struct Layer {
     wk: QMatMul,
     wv: QMatMul,
     wo: QMatMul,
-    bq: Tensor,
-    bk: Tensor,
-    bv: Tensor,
+    /// Attention biases (Qwen2; none in Llama).
+    bias: Option<(Tensor, Tensor, Tensor)>,
     attn_norm: Tensor,
     ffn_norm: Tensor,
     gate: QMatMul,
@@ -76,7 +80,7 @@ impl SeqCache {
     }
 }
 
-pub struct Qwen2 {
+pub struct Decoder {
     embedding: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -88,6 +92,8 @@ pub struct Qwen2 {
     n_kv_head: usize,
     head_dim: usize,
     eps: f32,
+    /// GGUF Llama rotates interleaved pairs (`rope_i`); Qwen2 rotates halves (`rope`).
+    interleaved: bool,
     device: Device,
     pub context_length: usize,
     /// The sequence of the one-at-a-time interface (`forward`).
@@ -98,20 +104,29 @@ fn matmul(t: QTensor) -> Result<QMatMul> {
     QMatMul::from_qtensor(kernels::accelerate(t)?)
 }
 
-impl Qwen2 {
+impl Decoder {
     pub fn from_gguf<R: std::io::Seek + std::io::Read>(
         ct: &gguf_file::Content,
         reader: &mut R,
         device: &Device,
     ) -> Result<Self> {
-        let md = |k: &str| match ct.metadata.get(&format!("qwen2.{k}")) {
+        let arch = match ct.metadata.get("general.architecture") {
+            Some(v) => v.to_string()?.clone(),
+            None => candle_core::bail!("cannot find general.architecture in metadata"),
+        };
+        if arch != "qwen2" && arch != "llama" {
+            candle_core::bail!("moss's decoder runs qwen2 and llama, not {arch}");
+        }
+        let md = |k: &str| match ct.metadata.get(&format!("{arch}.{k}")) {
             Some(v) => Ok(v),
-            None => candle_core::bail!("cannot find qwen2.{k} in metadata"),
+            None => candle_core::bail!("cannot find {arch}.{k} in metadata"),
         };
         let n_head = md("attention.head_count")?.to_u32()? as usize;
         let n_kv_head = md("attention.head_count_kv")?.to_u32()? as usize;
         let hidden = md("embedding_length")?.to_u32()? as usize;
-        let context_length = md("context_length")?.to_u32()? as usize;
+        let context_length = md("context_length")
+            .and_then(|v| v.to_u32())
+            .unwrap_or(4096) as usize;
         let blocks = md("block_count")?.to_u32()? as usize;
         let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()?;
         let base = md("rope.freq_base")
@@ -125,6 +140,12 @@ impl Qwen2 {
             candle_core::bail!("inconsistent attention sizes");
         }
         let head_dim = hidden / n_head;
+        if md("rope.dimension_count").is_ok_and(|v| v.to_u32().ok() != Some(head_dim as u32)) {
+            candle_core::bail!("partial rotary embeddings are not supported");
+        }
+        if md("expert_count").is_ok_and(|v| v.to_u32().unwrap_or(0) > 1) {
+            candle_core::bail!("mixture-of-experts models are not supported");
+        }
         let mut get = |name: &str| ct.tensor(reader, name, device);
         let embd = get("token_embd.weight")?;
         let output = match get("output.weight") {
@@ -145,9 +166,15 @@ impl Qwen2 {
                 wk: matmul(t("attn_k.weight")?)?,
                 wv: matmul(t("attn_v.weight")?)?,
                 wo: matmul(t("attn_output.weight")?)?,
-                bq: t("attn_q.bias")?.dequantize(device)?,
-                bk: t("attn_k.bias")?.dequantize(device)?,
-                bv: t("attn_v.bias")?.dequantize(device)?,
+                bias: match t("attn_q.bias") {
+                    Ok(bq) => Some((
+                        bq.dequantize(device)?,
+                        t("attn_k.bias")?.dequantize(device)?,
+                        t("attn_v.bias")?.dequantize(device)?,
+                    )),
+                    Err(_) if arch == "llama" => None,
+                    Err(e) => return Err(e),
+                },
                 attn_norm: t("attn_norm.weight")?.dequantize(device)?,
                 ffn_norm: t("ffn_norm.weight")?.dequantize(device)?,
                 gate: matmul(t("ffn_gate.weight")?)?,
@@ -176,6 +203,7 @@ impl Qwen2 {
             n_kv_head,
             head_dim,
             eps,
+            interleaved: arch == "llama",
             device: device.clone(),
             context_length,
             own: SeqCache::default(),
@@ -272,6 +300,7 @@ impl Qwen2 {
                 mask.as_ref(),
                 (&cos, &sin),
                 (self.n_head, self.n_kv_head, self.head_dim),
+                self.interleaved,
             )?;
             let x1 = (x + a)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, self.eps)?;
@@ -295,6 +324,7 @@ fn attention(
     mask: Option<&Tensor>,
     (cos, sin): (&Tensor, &Tensor),
     (n_head, n_kv_head, head_dim): (usize, usize, usize),
+    interleaved: bool,
 ) -> Result<Tensor> {
     let (b, t, hidden) = x.dims3()?;
     let heads = |y: Tensor, n: usize| -> Result<Tensor> {
@@ -302,11 +332,24 @@ fn attention(
             .transpose(1, 2)?
             .contiguous()
     };
-    let q = heads(l.wq.forward(x)?.broadcast_add(&l.bq)?, n_head)?;
-    let k = heads(l.wk.forward(x)?.broadcast_add(&l.bk)?, n_kv_head)?;
-    let v = heads(l.wv.forward(x)?.broadcast_add(&l.bv)?, n_kv_head)?;
-    let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-    let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+    let (mut q, mut k, mut v) = (l.wq.forward(x)?, l.wk.forward(x)?, l.wv.forward(x)?);
+    if let Some((bq, bk, bv)) = &l.bias {
+        q = q.broadcast_add(bq)?;
+        k = k.broadcast_add(bk)?;
+        v = v.broadcast_add(bv)?;
+    }
+    let (q, k, v) = (
+        heads(q, n_head)?,
+        heads(k, n_kv_head)?,
+        heads(v, n_kv_head)?,
+    );
+    let rope = if interleaved {
+        candle_nn::rotary_emb::rope_i
+    } else {
+        candle_nn::rotary_emb::rope
+    };
+    let q = rope(&q, cos, sin)?;
+    let k = rope(&k, cos, sin)?;
     let rep = n_head / n_kv_head;
     let mut ys = Vec::with_capacity(b);
     for (s, cache) in caches.iter_mut().enumerate() {
