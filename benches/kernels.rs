@@ -43,6 +43,21 @@ fn time(mut f: impl FnMut(), reps: usize) -> f64 {
     best
 }
 
+/// The scalar fallback on the same weights (fewer repetitions: it is slow).
+fn scalar<B: kernels::Block>(
+    raw: &[u8],
+    mkn: (usize, usize, usize),
+    xs: &[f32],
+    reps: usize,
+) -> anyhow::Result<f64> {
+    let b = kernels::FastBlocks::<B>::from_bytes(raw)?;
+    let mut dst = vec![0f32; mkn.0 * mkn.2];
+    Ok(time(
+        || kernels::matmul(kernels::Isa::Scalar, mkn, xs, b.blocks(), &mut dst).unwrap(),
+        reps.min(5),
+    ))
+}
+
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let dev = Device::Cpu;
@@ -96,40 +111,9 @@ fn main() -> anyhow::Result<()> {
                     reps,
                 );
                 let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                let mut dst = vec![0f32; m * n];
                 let t_scalar = match dtype {
-                    GgmlDType::Q5_0 => {
-                        let b = kernels::FastBlocks::<kernels::BlockQ5_0>::from_bytes(&raw)?;
-                        time(
-                            || {
-                                kernels::matmul(
-                                    kernels::Isa::Scalar,
-                                    (m, k, n),
-                                    &xs,
-                                    b.blocks(),
-                                    &mut dst,
-                                )
-                                .unwrap()
-                            },
-                            reps.min(5),
-                        )
-                    }
-                    _ => {
-                        let b = kernels::FastBlocks::<kernels::BlockQ8_0>::from_bytes(&raw)?;
-                        time(
-                            || {
-                                kernels::matmul(
-                                    kernels::Isa::Scalar,
-                                    (m, k, n),
-                                    &xs,
-                                    b.blocks(),
-                                    &mut dst,
-                                )
-                                .unwrap()
-                            },
-                            reps.min(5),
-                        )
-                    }
+                    GgmlDType::Q5_0 => scalar::<kernels::BlockQ5_0>(&raw, (m, k, n), &xs, reps)?,
+                    _ => scalar::<kernels::BlockQ8_0>(&raw, (m, k, n), &xs, reps)?,
                 };
                 println!(
                     "{:<6} {:>5} {:>11} {:>3} | {:>10.1} {:>10.1} {:>10.1} | {:>7.2}x {:>8.1} | {:>6.0}%",

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use super::decoder::{Decoder, SeqCache};
 use super::detok::{Detokenizer, StopMatcher, StopOutcome};
 use super::sampler::Sampler;
+use super::worker::send_text;
 use super::{EngineOptions, EngineStats, Event, FinishReason, Job, ModelInfo, Timings, Usage};
 
 /// Prompt tokens prefilled per step when nobody else is waiting for a token.
@@ -370,16 +371,4 @@ fn finish(mut seq: Seq, reason: FinishReason, prefixes: &mut Prefixes, stats: &E
         }
     }
     finished(stats);
-}
-
-fn send_text(events: &mpsc::UnboundedSender<Event>, text: String) {
-    // A model can produce the byte 0 as a token; it is not text anyone should receive.
-    let text = if text.contains('\0') {
-        text.replace('\0', "")
-    } else {
-        text
-    };
-    if !text.is_empty() {
-        let _ = events.send(Event::Text(text));
-    }
 }

@@ -256,7 +256,7 @@ fn generate(
     })
 }
 
-fn send_text(events: &mpsc::UnboundedSender<Event>, text: String) {
+pub(super) fn send_text(events: &mpsc::UnboundedSender<Event>, text: String) {
     // A model can produce the byte 0 as a token; it is not text anyone should receive.
     let text = if text.contains('\0') {
         text.replace('\0', "")
