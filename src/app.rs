@@ -347,6 +347,12 @@ pub async fn serve(
             tracing::warn!("some answers did not finish storing in time");
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut connections).await;
+    } else if !admission.drained(Duration::from_secs(5)).await {
+        // Connections are gone, but an answer whose client left may still be being stored.
+        let _ = stop_answers.send(true);
+        if !admission.drained(Duration::from_secs(5)).await {
+            tracing::warn!("some answers did not finish storing in time");
+        }
     }
     Ok(())
 }

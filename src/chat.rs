@@ -43,6 +43,9 @@ pub enum StartError {
     Overloaded,
     #[error("{0}")]
     Db(#[from] crate::db::DbError),
+    /// The upstream inference server refused the request (moss's or its operator's problem).
+    #[error("{0}")]
+    Upstream(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -195,7 +198,13 @@ pub async fn start_answer(
     if let Some(t) = turn.temperature {
         sampling.temperature = t;
     }
-    let mut stop = cfg.stop.clone();
+    // The caller's stop strings first: an upstream takes only four.
+    let mut stop: Vec<String> = turn
+        .stateless
+        .as_ref()
+        .map(|st| st.stop.clone())
+        .unwrap_or_default();
+    stop.extend(cfg.stop.iter().cloned());
     if let Some(st) = &turn.stateless {
         if let Some(p) = st.top_p {
             sampling.top_p = Some(p).filter(|p| *p > 0.0 && *p < 1.0);
@@ -203,7 +212,6 @@ pub async fn start_answer(
         if st.seed.is_some() {
             sampling.seed = st.seed;
         }
-        stop.extend(st.stop.iter().cloned());
     }
     let ahead = deps.engine.ahead();
     let request = AnswerRequest {
@@ -270,6 +278,9 @@ async fn wait_turn(
     }
 }
 
+/// How long a client may leave the stream unread before its answer is cut off (and kept).
+const CLIENT_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Forwards engine events to the client and stores the answer however it ends.
 async fn relay(
     deps: ChatDeps,
@@ -286,6 +297,14 @@ async fn relay(
         drop(events); // leaves the queue: the engine skips a request nobody listens to
         if let Some(q) = turn.question_id {
             let _ = chats::truncate_from(&deps.db, turn.conversation_id, q).await;
+        }
+        if why == "engine" {
+            let _ = tx
+                .send(StreamEvent::Error {
+                    code: "generation_failed".into(),
+                    message: "The model could not take the request.".into(),
+                })
+                .await;
         }
         if why == "timeout" || why == "stopping" {
             metrics::counter!("moss_shed_total", "reason" => "queue_timeout").increment(1);
@@ -314,7 +333,12 @@ async fn relay(
                         metrics::histogram!("moss_time_to_first_token_seconds").record(started.elapsed().as_secs_f64());
                     }
                     text.push_str(&piece);
-                    if tx.send(StreamEvent::Token { text: piece }).await.is_err() {
+                    // A client that stops reading must not hold the answer (and its slot) forever.
+                    let sent = tokio::select! {
+                        r = tokio::time::timeout(CLIENT_STALL, tx.send(StreamEvent::Token { text: piece })) => matches!(r, Ok(Ok(()))),
+                        _ = stopping.changed() => false,
+                    };
+                    if !sent {
                         break FinishReason::Cancelled;
                     }
                 }

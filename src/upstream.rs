@@ -235,10 +235,15 @@ impl Upstream {
             {
                 Err(Attempt::Final(StartError::PromptTooLong))
             }
-            // A wrong key or model name is the operator's to fix; another URL may be set up right.
+            // The upstream refused this request (a wrong key or model name, or a parameter it does
+            // not take): another URL would most likely say the same, and the URL itself is fine.
             _ => {
                 tracing::error!(upstream = %target.base, "upstream refused the request: {status}: {text}");
-                Err(Attempt::Next(format!("answered {status}")))
+                metrics::counter!("moss_upstream_failures_total", "reason" => "refused")
+                    .increment(1);
+                Err(Attempt::Final(StartError::Upstream(format!(
+                    "the inference server refused the request ({status})"
+                ))))
             }
         }
     }
@@ -259,9 +264,10 @@ impl Upstream {
                 Ok(r) => Some(format!("answered {}", r.status())),
                 Err(e) => Some(format!("unreachable: {e}")),
             };
-            match &error {
-                None => *t.down_until.lock().unwrap() = None,
-                Some(_) => self.mark_down(t),
+            // A probe that succeeds puts the URL back in rotation at once; one that fails only
+            // reports (requests mark URLs down themselves), so probing cannot keep a URL out.
+            if error.is_none() {
+                *t.down_until.lock().unwrap() = None;
             }
             TargetHealth {
                 url: t.base.clone(),
@@ -343,8 +349,18 @@ async fn pump(
         };
         let bytes = match next {
             Err(_) => break Err("the upstream went silent".to_string()),
-            Ok(None) if state.finish.is_some() || state.done => break Ok(()),
-            Ok(None) => break Err("the upstream closed the stream early".to_string()),
+            Ok(None) => {
+                // A last event without its closing blank line still counts.
+                for data in parser.finish() {
+                    if let Ok(Some(text)) = state.apply(&data) {
+                        let _ = tx.send(Event::Text(text));
+                    }
+                }
+                if state.finish.is_some() || state.done {
+                    break Ok(());
+                }
+                break Err("the upstream closed the stream early".to_string());
+            }
             Ok(Some(Err(e))) => break Err(format!("reading the upstream stream failed: {e}")),
             Ok(Some(Ok(b))) => b,
         };
@@ -400,6 +416,12 @@ struct SseParser {
 }
 
 impl SseParser {
+    /// Whatever is left when the stream ends, as a last event.
+    fn finish(&mut self) -> Vec<String> {
+        self.buf.extend_from_slice(b"\n\n");
+        self.push(&[])
+    }
+
     fn push(&mut self, bytes: &[u8]) -> Vec<String> {
         self.buf.extend(bytes.iter().filter(|b| **b != b'\r'));
         let mut out = Vec::new();
@@ -484,6 +506,9 @@ mod tests {
         assert!(p.push(b"data: {\"a\"").is_empty());
         assert_eq!(p.push(b":1}\r\n\r\ndata: [DONE]\n"), vec!["{\"a\":1}"]);
         assert_eq!(p.push(b"\n: comment\n\n"), vec!["[DONE]"]);
+        // the stream may end without the last blank line
+        assert!(p.push(b"data: [DONE]").is_empty());
+        assert_eq!(p.finish(), vec!["[DONE]"]);
     }
 
     #[test]

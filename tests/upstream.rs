@@ -333,6 +333,24 @@ async fn failing_upstreams_are_skipped(backend: Backend) {
         .collect();
     assert_eq!(up_flags, vec![false, true, true, true, true]);
 
+    // An upstream that refuses the request itself (400): 503 unavailable, and the URL stays in
+    // rotation (a bad request says nothing about the server).
+    let refused = "moss_upstream_failures_total{reason=\"refused\"}";
+    let down = TestApp::start(backend, through(vec![failing_upstream(400).await], &key, 5))
+        .await
+        .unwrap();
+    let c = down.user("dave@example.com").await;
+    let before = down.metric(refused).await;
+    for _ in 0..2 {
+        let conv = down.conversation(&c).await;
+        let (status, events) = down
+            .chat(&c, conv, json!({"content": "hi", "max_tokens": 3}))
+            .await;
+        assert_eq!(status, 503, "{events:?}");
+        assert_eq!(events[0].1["error"]["code"], "unavailable", "{events:?}");
+    }
+    assert_eq!(down.metric(refused).await - before, 2.0, "tried both times");
+
     // Only failing upstreams: 429, 503 and a silent one all become moss's overloaded answer.
     for (urls, timeout) in [
         (vec![failing_upstream(429).await], 5),

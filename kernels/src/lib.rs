@@ -67,6 +67,22 @@ pub fn isa() -> Isa {
     })
 }
 
+/// `isa` if this CPU can run it, else the best it can (so that no caller can reach instructions
+/// the CPU lacks).
+pub fn supported(isa: Isa) -> Isa {
+    let rank = |i: Isa| match i {
+        Isa::Avx512Vnni => 0,
+        Isa::Avx2 => 1,
+        Isa::Scalar => 2,
+    };
+    let best = detect();
+    if rank(isa) >= rank(best) {
+        isa
+    } else {
+        best
+    }
+}
+
 /// Every implementation this CPU can run, best first.
 pub fn available() -> Vec<Isa> {
     let all = [Isa::Avx512Vnni, Isa::Avx2, Isa::Scalar];
@@ -134,7 +150,7 @@ pub trait Block: Copy + Send + Sync + 'static {
 /// Runs `simd::<level>::$kernel` for the SIMD levels, `$scalar` otherwise.
 macro_rules! dispatch {
     ($isa:expr, $kernel:ident, $scalar:ident, $w:expr, $ys:expr, $yd:expr) => {
-        match $isa {
+        match supported($isa) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: each level is only chosen when the CPU reports its features (`detect`).
             Isa::Avx512Vnni => unsafe { simd::vnni::$kernel($w, $ys, $yd) },
@@ -419,9 +435,12 @@ mod simd {
                             // y takes x's sign, so |x| (unsigned) times it is x times y.
                             let sy = _mm512_mask_sub_epi8(qy, negative, zero, qy);
                             let d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, ax, sy));
-                            let two = _mm_castpd_ps(_mm_load_sd(
-                                yd[r].as_ptr().add(2 * p) as *const f64
-                            ));
+                            let two = _mm_setr_ps(
+                                *yd[r].get_unchecked(2 * p),
+                                *yd[r].get_unchecked(2 * p + 1),
+                                0.0,
+                                0.0,
+                            );
                             let dy = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(two));
                             acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dy), d, acc[r]);
                         }
@@ -488,7 +507,8 @@ pub fn matmul<B: Block>(
     w: &[B],
     dst: &mut [f32],
 ) -> Result<()> {
-    if k % QK != 0 || lhs.len() != m * k || w.len() != n * (k / QK) || dst.len() < m * n {
+    let isa = supported(isa);
+    if k == 0 || k % QK != 0 || lhs.len() != m * k || w.len() != n * (k / QK) || dst.len() < m * n {
         candle_core::bail!(
             "quantized matmul: shapes do not fit (m {m}, k {k}, n {n}, lhs {}, blocks {})",
             lhs.len(),

@@ -242,7 +242,12 @@ impl Decoder {
         }
         let mut own = std::mem::take(&mut self.own);
         let out = self.forward_batch(&mut [&mut own], tokens);
-        self.own = own;
+        // A failed step may have appended to some layers only: start over rather than go on.
+        self.own = if out.is_ok() {
+            own
+        } else {
+            SeqCache::default()
+        };
         out
     }
 

@@ -249,6 +249,7 @@ pub(crate) fn start_error(state: &AppState, e: StartError) -> AppError {
         StartError::PromptTooLong => AppError::PromptTooLong { max_chars: 0 },
         StartError::Overloaded => state.overloaded(),
         StartError::Db(d) => d.into(),
+        StartError::Upstream(m) => AppError::Unavailable(m),
         StartError::Internal(m) => AppError::Internal(m),
     }
 }
