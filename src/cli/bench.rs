@@ -128,10 +128,8 @@ pub fn measure(
     } else {
         f64::NAN
     };
-    let mean =
-        |f: &dyn Fn(&(f64, crate::engine::Usage, crate::engine::Timings, Vec<f64>)) -> f64| {
-            results.iter().map(f).sum::<f64>() / n
-        };
+    type Stream = (f64, crate::engine::Usage, crate::engine::Timings, Vec<f64>);
+    let mean = |f: &dyn Fn(&Stream) -> f64| results.iter().map(f).sum::<f64>() / n;
     let completion: usize = results.iter().map(|r| r.1.completion_tokens).sum();
     Ok(BenchReport {
         model: engine.info.name.clone(),

@@ -297,16 +297,7 @@ impl Decoder {
         let mut x = self.embed(tokens)?.reshape((b, t, self.hidden))?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.eps)?;
-            let a = attention(
-                layer,
-                li,
-                caches,
-                &h,
-                mask.as_ref(),
-                (&cos, &sin),
-                (self.n_head, self.n_kv_head, self.head_dim),
-                self.interleaved,
-            )?;
+            let a = self.attention(layer, li, caches, &h, mask.as_ref(), (&cos, &sin))?;
             let x1 = (x + a)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, self.eps)?;
             let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
@@ -321,67 +312,72 @@ impl Decoder {
     }
 }
 
-fn attention(
-    l: &Layer,
-    li: usize,
-    caches: &mut [&mut SeqCache],
-    x: &Tensor,
-    mask: Option<&Tensor>,
-    (cos, sin): (&Tensor, &Tensor),
-    (n_head, n_kv_head, head_dim): (usize, usize, usize),
-    interleaved: bool,
-) -> Result<Tensor> {
-    let (b, t, hidden) = x.dims3()?;
-    let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-        y.reshape((b, t, n, head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
-    };
-    let (mut q, mut k, mut v) = (l.wq.forward(x)?, l.wk.forward(x)?, l.wv.forward(x)?);
-    if let Some((bq, bk, bv)) = &l.bias {
-        q = q.broadcast_add(bq)?;
-        k = k.broadcast_add(bk)?;
-        v = v.broadcast_add(bv)?;
-    }
-    let (q, k, v) = (
-        heads(q, n_head)?,
-        heads(k, n_kv_head)?,
-        heads(v, n_kv_head)?,
-    );
-    let rope = if interleaved {
-        candle_nn::rotary_emb::rope_i
-    } else {
-        candle_nn::rotary_emb::rope
-    };
-    let q = rope(&q, cos, sin)?;
-    let k = rope(&k, cos, sin)?;
-    let rep = n_head / n_kv_head;
-    let mut ys = Vec::with_capacity(b);
-    for (s, cache) in caches.iter_mut().enumerate() {
-        let (ks, vs) = (k.narrow(0, s, 1)?, v.narrow(0, s, 1)?);
-        let (ks, vs) = match &cache.layers[li] {
-            Some((kc, vc)) if cache.len > 0 => {
-                (Tensor::cat(&[kc, &ks], 2)?, Tensor::cat(&[vc, &vs], 2)?)
-            }
-            _ => (ks, vs),
+impl Decoder {
+    /// One layer's attention for the batch; keys and values go into each sequence's cache.
+    fn attention(
+        &self,
+        l: &Layer,
+        li: usize,
+        caches: &mut [&mut SeqCache],
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        (cos, sin): (&Tensor, &Tensor),
+    ) -> Result<Tensor> {
+        let (n_head, n_kv_head, head_dim) = (self.n_head, self.n_kv_head, self.head_dim);
+        let interleaved = self.interleaved;
+        let (b, t, hidden) = x.dims3()?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((b, t, n, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
-        cache.layers[li] = Some((ks.clone(), vs.clone()));
-        let ks = candle_transformers::utils::repeat_kv(ks, rep)?;
-        let vs = candle_transformers::utils::repeat_kv(vs, rep)?;
-        let qs = q.narrow(0, s, 1)?;
-        let att = (qs.matmul(&ks.t()?)? / (head_dim as f64).sqrt())?;
-        let att = match mask {
-            None => att,
-            Some(m) => {
-                let m = m.broadcast_as(att.shape())?;
-                let neg = Tensor::new(f32::NEG_INFINITY, x.device())?.broadcast_as(att.shape())?;
-                m.where_cond(&neg, &att)?
-            }
+        let (mut q, mut k, mut v) = (l.wq.forward(x)?, l.wk.forward(x)?, l.wv.forward(x)?);
+        if let Some((bq, bk, bv)) = &l.bias {
+            q = q.broadcast_add(bq)?;
+            k = k.broadcast_add(bk)?;
+            v = v.broadcast_add(bv)?;
+        }
+        let (q, k, v) = (
+            heads(q, n_head)?,
+            heads(k, n_kv_head)?,
+            heads(v, n_kv_head)?,
+        );
+        let rope = if interleaved {
+            candle_nn::rotary_emb::rope_i
+        } else {
+            candle_nn::rotary_emb::rope
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        ys.push(att.matmul(&vs.contiguous()?)?);
+        let q = rope(&q, cos, sin)?;
+        let k = rope(&k, cos, sin)?;
+        let rep = n_head / n_kv_head;
+        let mut ys = Vec::with_capacity(b);
+        for (s, cache) in caches.iter_mut().enumerate() {
+            let (ks, vs) = (k.narrow(0, s, 1)?, v.narrow(0, s, 1)?);
+            let (ks, vs) = match &cache.layers[li] {
+                Some((kc, vc)) if cache.len > 0 => {
+                    (Tensor::cat(&[kc, &ks], 2)?, Tensor::cat(&[vc, &vs], 2)?)
+                }
+                _ => (ks, vs),
+            };
+            cache.layers[li] = Some((ks.clone(), vs.clone()));
+            let ks = candle_transformers::utils::repeat_kv(ks, rep)?;
+            let vs = candle_transformers::utils::repeat_kv(vs, rep)?;
+            let qs = q.narrow(0, s, 1)?;
+            let att = (qs.matmul(&ks.t()?)? / (head_dim as f64).sqrt())?;
+            let att = match mask {
+                None => att,
+                Some(m) => {
+                    let m = m.broadcast_as(att.shape())?;
+                    let neg =
+                        Tensor::new(f32::NEG_INFINITY, x.device())?.broadcast_as(att.shape())?;
+                    m.where_cond(&neg, &att)?
+                }
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            ys.push(att.matmul(&vs.contiguous()?)?);
+        }
+        let y = Tensor::cat(&ys, 0)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, hidden))?;
+        l.wo.forward(&y)
     }
-    let y = Tensor::cat(&ys, 0)?;
-    let y = y.transpose(1, 2)?.reshape((b, t, hidden))?;
-    l.wo.forward(&y)
 }
