@@ -182,6 +182,7 @@ pub struct EngineConfig {
     pub implementation: String,
     pub max_batch: usize,
     pub kv_cache_mb: usize,
+    pub nice: i32,
     pub device: String,
     pub max_context: usize,
     pub queue_capacity: usize,
@@ -282,6 +283,7 @@ impl Config {
             "engine.implementation must be \"moss\" or \"candle\""
         );
         anyhow::ensure!(e.max_batch >= 1, "engine.max_batch must be at least 1");
+        anyhow::ensure!((0..=19).contains(&e.nice), "engine.nice must be in 0..=19");
         anyhow::ensure!(
             e.kv_cache_mb >= 16,
             "engine.kv_cache_mb must be at least 16"

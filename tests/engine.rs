@@ -415,3 +415,30 @@ fn the_next_turn_reuses_the_conversation_prefix() {
     assert_eq!(fresh.stats.prefix_tokens_reused.load(Ordering::Relaxed), 0);
     assert_eq!(second.concat(), recomputed.concat());
 }
+
+/// `engine.nice`: the engine thread runs at a lower priority than the web server (Linux).
+#[cfg(target_os = "linux")]
+#[test]
+fn the_engine_thread_runs_nicer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = moss::engine::EngineOptions::new(tiny_model(dir.path(), Arch::Qwen2));
+    opts.device = "cpu".into();
+    opts.nice = 7;
+    let _engine = moss::engine::EngineHandle::start(opts).unwrap();
+    let mut found = false;
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim() != "moss-engine" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        // fields after the ")" that ends the command name: state is field 3, nice field 19
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let nice: i32 = rest.split(' ').nth(16).unwrap().parse().unwrap();
+        if nice == 7 {
+            found = true;
+        }
+    }
+    assert!(found, "no moss-engine thread at nice 7");
+}

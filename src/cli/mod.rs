@@ -149,6 +149,7 @@ pub fn engine_options(config: &Config, args: &ModelArgs) -> anyhow::Result<Engin
         // The engine runs as many answers at once as the service admits as running.
         max_batch: e.max_batch.min(config.limits.max_running).max(1),
         kv_cache_bytes: e.kv_cache_mb << 20,
+        nice: e.nice,
         implementation: match e.implementation.as_str() {
             "candle" => crate::engine::model::Implementation::Candle,
             _ => crate::engine::model::Implementation::Moss,

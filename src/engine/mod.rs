@@ -48,6 +48,10 @@ pub struct EngineOptions {
     /// KV-cache memory for running sequences (each reserves prompt + max_tokens positions; one
     /// runs whatever its size); half as much again keeps finished sequences for prefix reuse.
     pub kv_cache_bytes: usize,
+    /// Nice value added to the engine thread (and the compute threads it starts): under CPU
+    /// contention the web server's threads run first, so shedding stays fast while answers
+    /// are generated. 0 leaves the priority alone.
+    pub nice: i32,
 }
 
 impl EngineOptions {
@@ -61,6 +65,7 @@ impl EngineOptions {
             implementation: Default::default(),
             max_batch: 8,
             kv_cache_bytes: 1 << 30,
+            nice: 0,
         }
     }
 }

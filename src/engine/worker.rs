@@ -27,6 +27,7 @@ pub(super) fn run(
     ready: std::sync::mpsc::Sender<Result<Arc<ModelInfo>, LoadError>>,
     stats: Arc<EngineStats>,
 ) {
+    lower_priority(options.nice);
     let (mut model, info) = match load(&options) {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -80,6 +81,23 @@ fn run_job(
         Err(e) => {
             tracing::error!("generation failed: {e}");
             let _ = job.events.send(Event::Error(e.to_string()));
+        }
+    }
+}
+
+/// Lowers this thread's priority; threads it starts (candle's compute pool, created on first
+/// use here) inherit it.
+fn lower_priority(nice: i32) {
+    if nice <= 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority with PRIO_PROCESS and who = 0 changes only the calling thread
+        // on Linux; it reads no memory of ours.
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+        if r != 0 {
+            tracing::warn!("could not lower the engine thread's priority");
         }
     }
 }
