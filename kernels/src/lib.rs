@@ -134,11 +134,7 @@ pub trait Block: Copy + Send + Sync + 'static {
     /// The CPU must have the `Isa::Avx512Vnni` features; each `ys[r]` holds `32 * w.len()` bytes
     /// and each `yd[r]` `w.len()` scales.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn rows_wide<const N: usize>(
-        w: &[Self],
-        ys: [&[i8]; N],
-        yd: [&[f32]; N],
-    ) -> [f32; N];
+    unsafe fn rows_wide<const N: usize>(w: &[Self], ys: [&[i8]; N], yd: [&[f32]; N]) -> [f32; N];
 
     /// One dot product (tests and references).
     fn dot(isa: Isa, xs: &[Self], ys: &[BlockQ8_0]) -> f32 {
@@ -194,11 +190,7 @@ impl Block for BlockQ5_0 {
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn rows_wide<const N: usize>(
-        w: &[Self],
-        ys: [&[i8]; N],
-        yd: [&[f32]; N],
-    ) -> [f32; N] {
+    unsafe fn rows_wide<const N: usize>(w: &[Self], ys: [&[i8]; N], yd: [&[f32]; N]) -> [f32; N] {
         simd::wide::rows_q5_0(w, ys, yd)
     }
 
@@ -246,11 +238,7 @@ impl Block for BlockQ8_0 {
     }
 
     #[cfg(target_arch = "x86_64")]
-    unsafe fn rows_wide<const N: usize>(
-        w: &[Self],
-        ys: [&[i8]; N],
-        yd: [&[f32]; N],
-    ) -> [f32; N] {
+    unsafe fn rows_wide<const N: usize>(w: &[Self], ys: [&[i8]; N], yd: [&[f32]; N]) -> [f32; N] {
         simd::wide::rows_q8_0(w, ys, yd)
     }
 
@@ -417,11 +405,8 @@ mod simd {
                     let mut acc = [_mm512_setzero_ps(); N];
                     for p in 0..kb / 2 {
                         let (a, b) = (&w[2 * p], &w[2 * p + 1]);
-                        let qx = _mm512_inserti64x4(
-                            _mm512_castsi256_si512($unpack(a)),
-                            $unpack(b),
-                            1,
-                        );
+                        let qx =
+                            _mm512_inserti64x4(_mm512_castsi256_si512($unpack(a)), $unpack(b), 1);
                         let ax = _mm512_abs_epi8(qx);
                         let negative = _mm512_movepi8_mask(qx);
                         let dw = _mm512_permutexvar_ps(
@@ -429,9 +414,8 @@ mod simd {
                             _mm512_castps128_ps512(_mm_setr_ps(half(a.d), half(b.d), 0.0, 0.0)),
                         );
                         for r in 0..N {
-                            let qy = _mm512_loadu_si512(
-                                ys[r].as_ptr().add(64 * p) as *const __m512i
-                            );
+                            let qy =
+                                _mm512_loadu_si512(ys[r].as_ptr().add(64 * p) as *const __m512i);
                             // y takes x's sign, so |x| (unsigned) times it is x times y.
                             let sy = _mm512_mask_sub_epi8(qy, negative, zero, qy);
                             let d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, ax, sy));
@@ -704,4 +688,3 @@ pub fn accelerate(t: QTensor) -> Result<QTensor> {
 fn data(t: &QTensor) -> Result<Cow<'_, [u8]>> {
     t.data()
 }
-
