@@ -340,19 +340,18 @@ pub async fn serve(
     drop(listener); // stop accepting: new connections are refused
     let connections = graceful.shutdown();
     tokio::pin!(connections);
-    if tokio::time::timeout(grace, &mut connections).await.is_err() {
-        tracing::warn!("grace period over: stopping running answers");
+    let timed_out = tokio::time::timeout(grace, &mut connections).await.is_err();
+    // Past the grace period, or with connections gone but an answer whose client left still
+    // being stored: running answers are told to stop and store what they have.
+    if timed_out || !admission.drained(Duration::from_secs(5)).await {
+        tracing::warn!("stopping running answers");
         let _ = stop_answers.send(true);
         if !admission.drained(Duration::from_secs(5)).await {
             tracing::warn!("some answers did not finish storing in time");
         }
+    }
+    if timed_out {
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut connections).await;
-    } else if !admission.drained(Duration::from_secs(5)).await {
-        // Connections are gone, but an answer whose client left may still be being stored.
-        let _ = stop_answers.send(true);
-        if !admission.drained(Duration::from_secs(5)).await {
-            tracing::warn!("some answers did not finish storing in time");
-        }
     }
     Ok(())
 }

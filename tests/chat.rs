@@ -21,10 +21,6 @@ fn names(events: &[(String, Value)]) -> Vec<&str> {
     events.iter().map(|(n, _)| n.as_str()).collect()
 }
 
-async fn stored(app: &TestApp, c: &reqwest::Client, conv: i64) -> Vec<Value> {
-    app.messages(c, conv).await
-}
-
 async fn answers_stream_and_are_stored(app: TestApp) {
     let c = app.user("chat@example.com").await;
     let conv = app.conversation(&c).await;
@@ -42,7 +38,7 @@ async fn answers_stream_and_are_stored(app: TestApp) {
         .filter(|(n, _)| n == "token")
         .map(|(_, d)| d["text"].as_str().unwrap())
         .collect();
-    let msgs = stored(&app, &c, conv).await;
+    let msgs = app.messages(&c, conv).await;
     assert_eq!(msgs.len(), 2);
     assert_eq!(msgs[0]["role"], "user");
     assert_eq!(
@@ -52,14 +48,7 @@ async fn answers_stream_and_are_stored(app: TestApp) {
     assert_eq!(msgs[1]["id"], done["message_id"]);
     assert_eq!(done["html"], msgs[1]["html"]);
     // the conversation took its title from the first message
-    let list: Value = c
-        .get(app.url("/api/conversations"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = app.get_json(&c, "/api/conversations").await;
     assert_eq!(
         list["conversations"][0]["title"],
         "hello world, what is the capital of france?"
@@ -103,7 +92,7 @@ async fn harmful_requests_are_refused_and_repeated_ones_cool_down(app: TestApp) 
     // a harmless look-alike reaches the model
     let (_, ok) = app.chat(&c, conv, json!({"content": "I locked myself out of my own house, what can I do?", "max_tokens": 4})).await;
     assert_eq!(ok.last().unwrap().1["finish_reason"], "length", "{ok:?}");
-    let msgs = stored(&app, &c, conv).await;
+    let msgs = app.messages(&c, conv).await;
     assert_eq!(
         msgs.iter()
             .filter(|m| m["finish_reason"] == "refused")
@@ -155,7 +144,7 @@ async fn leaving_mid_answer_keeps_the_partial_answer(app: TestApp) {
     drop(body); // the browser goes away
     let mut msgs = Vec::new();
     for _ in 0..100 {
-        msgs = stored(&app, &c, conv).await;
+        msgs = app.messages(&c, conv).await;
         if msgs.len() == 2 {
             break;
         }
@@ -216,7 +205,7 @@ async fn regenerate_replaces_the_answer(app: TestApp) {
     let events = common::server::parse_sse(&r.text().await.unwrap());
     let done = &events.last().unwrap().1;
     assert_eq!(done["usage"]["completion_tokens"], 5);
-    let msgs = stored(&app, &c, conv).await;
+    let msgs = app.messages(&c, conv).await;
     assert_eq!(msgs.len(), 2);
     assert_ne!(msgs[1]["id"].as_i64().unwrap(), old);
     assert_eq!(msgs[1]["id"], done["message_id"]);
@@ -296,7 +285,7 @@ async fn bad_chat_requests_get_clear_errors(app: TestApp) {
         401
     );
     assert_eq!(
-        stored(&app, &c, conv).await,
+        app.messages(&c, conv).await,
         Vec::<Value>::new(),
         "a question nothing answers is not kept"
     );

@@ -142,14 +142,9 @@ async fn one_answer_per_account_at_a_time(app: TestApp) {
     );
     assert_eq!(headers["retry-after"], "1");
     // the refused question was not stored
-    let msgs: Value = c
-        .get(app.url(&format!("/api/conversations/{conv}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let msgs = app
+        .get_json(&c, &format!("/api/conversations/{conv}"))
+        .await;
     assert_eq!(msgs["messages"], json!([]));
 }
 both_backends!(one_answer_per_account_at_a_time, opts(|_| {}));
@@ -237,14 +232,9 @@ async fn waiting_too_long_is_shed(app: TestApp) {
         ("error", Some("overloaded")),
         "{events:?}"
     );
-    let msgs: Value = b
-        .get(app.url(&format!("/api/conversations/{conv}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let msgs = app
+        .get_json(&b, &format!("/api/conversations/{conv}"))
+        .await;
     assert_eq!(
         msgs["messages"],
         json!([]),

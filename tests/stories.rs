@@ -48,28 +48,18 @@ async fn waitlist_to_signed_in(app: TestApp) {
     let status2 = link(&mail, &app.url("/waitlist/status?token="));
     let token2 = status2.split("token=").nth(1).unwrap().to_string();
     // unconfirmed entries do not wait
-    let s: Value = browser
-        .get(app.url(&format!("/api/waitlist/status?token={token2}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = app
+        .get_json(&browser, &format!("/api/waitlist/status?token={token2}"))
+        .await;
     assert_eq!(s["state"], "unconfirmed");
     assert_eq!(s["position"], Value::Null);
     // confirming (the page) puts the entry in line
     let page = browser.get(&confirm2).send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("1"));
-    let s: Value = browser
-        .get(app.url(&format!("/api/waitlist/status?token={token2}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = app
+        .get_json(&browser, &format!("/api/waitlist/status?token={token2}"))
+        .await;
     assert_eq!(
         (
             s["state"].as_str(),
@@ -87,14 +77,9 @@ async fn waitlist_to_signed_in(app: TestApp) {
         .send()
         .await
         .unwrap();
-    let s: Value = browser
-        .get(app.url(&format!("/api/waitlist/status?token={token2}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = app
+        .get_json(&browser, &format!("/api/waitlist/status?token={token2}"))
+        .await;
     assert_eq!(
         (s["position"].as_i64(), s["ahead"].as_i64()),
         (Some(2), Some(1))
@@ -105,14 +90,9 @@ async fn waitlist_to_signed_in(app: TestApp) {
         .unwrap();
     assert_eq!(admitted.len(), 1);
     assert_eq!(admitted[0].email, "first@example.com");
-    let s: Value = browser
-        .get(app.url(&format!("/api/waitlist/status?token={token2}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = app
+        .get_json(&browser, &format!("/api/waitlist/status?token={token2}"))
+        .await;
     assert_eq!(
         (s["position"].as_i64(), s["ahead"].as_i64()),
         (Some(1), Some(0))
@@ -125,27 +105,17 @@ async fn waitlist_to_signed_in(app: TestApp) {
     assert!(invite.contains("邀请码"), "{invite}");
     let register = link(&invite, &app.url("/register?code="));
     let code = register.split("code=").nth(1).unwrap();
-    let s: Value = browser
-        .get(app.url(&format!("/api/waitlist/status?token={token2}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = app
+        .get_json(&browser, &format!("/api/waitlist/status?token={token2}"))
+        .await;
     assert_eq!(s["state"], "invited");
     // register from the link, then sign in from another browser
     assert_eq!(browser.get(&register).send().await.unwrap().status(), 200);
     let r = browser.post(app.url("/api/register")).json(&json!({"invite_code": code, "email": "second@example.com", "password": "my long password"})).send().await.unwrap();
     assert_eq!(r.status(), 201);
-    let s: Value = browser
-        .get(app.url(&format!("/api/waitlist/status?token={token2}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = app
+        .get_json(&browser, &format!("/api/waitlist/status?token={token2}"))
+        .await;
     assert_eq!(s["state"], "registered");
     let other = app.client();
     let r = other
@@ -155,14 +125,7 @@ async fn waitlist_to_signed_in(app: TestApp) {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let me: Value = other
-        .get(app.url("/api/me"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me = app.get_json(&other, "/api/me").await;
     assert_eq!(me["user"]["email"], "second@example.com");
     // sent mails are marked and their bodies (codes, links) dropped from the outbox
     for _ in 0..50 {
@@ -356,15 +319,7 @@ both_backends!(thousand_signups_for_two_hundred_addresses_make_two_hundred_rows)
 /// Hostile bodies for every public POST: none may produce a 5xx, and each gets a JSON error.
 async fn hostile_input_never_gets_a_500(app: TestApp) {
     let user = app.user("h@example.com").await;
-    let conv: Value = user
-        .post(app.url("/api/conversations"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let conv = conv["id"].as_i64().unwrap();
+    let conv = app.conversation(&user).await;
     let big = "x".repeat(1 << 20);
     let sql = "'; DROP TABLE users; --";
     let html = "<script>alert(1)</script><img src=x onerror=alert(1)>";
@@ -523,15 +478,7 @@ async fn export_contains_consented_ratings_only(app: TestApp) {
     for name in ["yes", "later", "withdrew", "excluded", "never"] {
         let email = format!("{name}@example.com");
         let c = app.user(&email).await;
-        let conv: Value = c
-            .post(app.url("/api/conversations"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let conv = conv["id"].as_i64().unwrap();
+        let conv = app.conversation(&c).await;
         let user = moss::db::accounts::user_by_email(&app.db, &email)
             .await
             .unwrap()

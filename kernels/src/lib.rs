@@ -147,12 +147,12 @@ pub trait Block: Copy + Send + Sync + 'static {
 macro_rules! dispatch {
     ($isa:expr, $kernel:ident, $scalar:ident, $w:expr, $ys:expr, $yd:expr) => {
         match supported($isa) {
+            // Activations in blocks: the 256-bit AVX2 kernel (the AVX-512 kernels read the byte
+            // layout of `rows_wide`, which `matmul` uses on those CPUs).
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: each level is only chosen when the CPU reports its features (`detect`).
-            Isa::Avx512Vnni => unsafe { simd::vnni::$kernel($w, $ys, $yd) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Isa::Avx2 => unsafe { simd::avx2::$kernel($w, $ys, $yd) },
+            // SAFETY: each level is only chosen when the CPU reports its features (`detect`), and
+            // AVX-512 VNNI implies AVX2.
+            Isa::Avx512Vnni | Isa::Avx2 => unsafe { simd::avx2::$kernel($w, $ys, $yd) },
             _ => {
                 let mut out = [0f32; N];
                 for r in 0..N {
@@ -455,31 +455,6 @@ mod simd {
 
         wide_kernel!(rows_q5_0, unpack_q5_0, BlockQ5_0);
         wide_kernel!(rows_q8_0, unpack_q8_0, BlockQ8_0);
-    }
-
-    pub mod vnni {
-        use super::*;
-
-        #[inline]
-        #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-        unsafe fn dot(ax: __m256i, sy: __m256i) -> __m256i {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
-        }
-
-        rows_kernel!(
-            "avx2,fma,avx512vnni,avx512vl",
-            rows_q5_0,
-            unpack_q5_0,
-            BlockQ5_0,
-            dot
-        );
-        rows_kernel!(
-            "avx2,fma,avx512vnni,avx512vl",
-            rows_q8_0,
-            unpack_q8_0,
-            BlockQ8_0,
-            dot
-        );
     }
 }
 

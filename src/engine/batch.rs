@@ -123,7 +123,7 @@ pub(super) fn run(
 ) {
     let per_token = model.kv_bytes_per_token();
     let budget = options.kv_cache_bytes;
-    let max_batch = options.max_batch.max(1);
+    let max_batch = info.batch;
     let mut prefixes = Prefixes {
         entries: Vec::new(),
         clock: 0,

@@ -10,18 +10,10 @@
 //! The two architectures differ only in attention biases (Qwen2 has them) and the rotary
 //! embedding's layout (Qwen2 rotates halves, GGUF Llama interleaved pairs).
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 
-use super::kernels::{self, BlockQ5_0, BlockQ8_0, FastBlocks};
-
-/// The token embedding table.
-enum Embedding {
-    Q5_0(FastBlocks<BlockQ5_0>),
-    Q8_0(FastBlocks<BlockQ8_0>),
-    /// Any other type (or a GPU): dequantised once, as candle-transformers does.
-    Dense(Tensor),
-}
+use super::kernels;
 
 struct Layer {
     wq: QMatMul,
@@ -81,7 +73,9 @@ impl SeqCache {
 }
 
 pub struct Decoder {
-    embedding: Embedding,
+    /// The token embedding, kept quantized: candle's `embedding` dequantises only the rows looked
+    /// up (through moss's kernels for Q5_0 / Q8_0).
+    embedding: QMatMul,
     layers: Vec<Layer>,
     norm: Tensor,
     output: QMatMul,
@@ -147,15 +141,10 @@ impl Decoder {
             candle_core::bail!("mixture-of-experts models are not supported");
         }
         let mut get = |name: &str| ct.tensor(reader, name, device);
-        let embd = get("token_embd.weight")?;
+        let embedding = matmul(get("token_embd.weight")?)?;
         let output = match get("output.weight") {
             Ok(t) => matmul(t)?,
-            Err(_) => matmul(get("token_embd.weight")?)?, // tied embeddings
-        };
-        let embedding = match (embd.dtype(), device.is_cpu()) {
-            (GgmlDType::Q5_0, true) => Embedding::Q5_0(FastBlocks::from_bytes(&embd.data()?)?),
-            (GgmlDType::Q8_0, true) => Embedding::Q8_0(FastBlocks::from_bytes(&embd.data()?)?),
-            _ => Embedding::Dense(embd.dequantize(device)?),
+            Err(_) => embedding.clone(), // tied embeddings: the same blocks, held once
         };
         let norm = get("output_norm.weight")?.dequantize(device)?;
         let mut layers = Vec::with_capacity(blocks);
@@ -220,15 +209,9 @@ impl Decoder {
     }
 
     fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
-        let rows = match &self.embedding {
-            Embedding::Q5_0(b) => b.rows(tokens, self.hidden)?,
-            Embedding::Q8_0(b) => b.rows(tokens, self.hidden)?,
-            Embedding::Dense(t) => {
-                let ids = Tensor::new(tokens, &self.device)?;
-                return t.index_select(&ids, 0)?.unsqueeze(0);
-            }
-        };
-        Tensor::from_vec(rows, (1, tokens.len(), self.hidden), &self.device)
+        self.embedding
+            .embedding(&Tensor::new(tokens, &self.device)?)?
+            .to_dtype(DType::F32)
     }
 
     /// Runs `tokens` at positions `pos..` of the one sequence held; returns the last token's
@@ -307,8 +290,10 @@ impl Decoder {
         for c in caches.iter_mut() {
             c.len += t;
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.eps)?;
-        self.output.forward(&x.i((.., t - 1, ..))?.contiguous()?)
+        // Only each sequence's last position is needed.
+        let x = x.i((.., t - 1, ..))?.contiguous()?;
+        self.output
+            .forward(&candle_nn::ops::rms_norm(&x, &self.norm, self.eps)?)
     }
 }
 

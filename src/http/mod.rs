@@ -117,18 +117,15 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
 
 /// `invalid_request` when any string in `v` holds a NUL character.
 pub fn reject_nul(v: &serde_json::Value) -> AppResult<()> {
-    let has = |v: &serde_json::Value| -> bool {
-        fn walk(v: &serde_json::Value) -> bool {
-            match v {
-                serde_json::Value::String(s) => s.contains('\0'),
-                serde_json::Value::Array(a) => a.iter().any(walk),
-                serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || walk(v)),
-                _ => false,
-            }
+    fn has_nul(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::String(s) => s.contains('\0'),
+            serde_json::Value::Array(a) => a.iter().any(has_nul),
+            serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
         }
-        walk(v)
-    };
-    if has(v) {
+    }
+    if has_nul(v) {
         return Err(AppError::invalid(
             "body",
             "text must not contain NUL characters",
@@ -157,23 +154,18 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> FromRequest<S> fo
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(T::default()));
         }
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        let invalid = |e: serde_json::Error| {
             AppError::invalid(
                 "body",
                 format!("invalid JSON body: {e}"),
                 "请求内容不是有效的 JSON。",
             )
-        })?;
+        };
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(invalid)?;
         reject_nul(&value)?;
         serde_json::from_value(value)
             .map(OptionalJson)
-            .map_err(|e| {
-                AppError::invalid(
-                    "body",
-                    format!("invalid JSON body: {e}"),
-                    "请求内容不是有效的 JSON。",
-                )
-            })
+            .map_err(invalid)
     }
 }
 

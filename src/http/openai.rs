@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -200,11 +200,10 @@ async fn completions(
     Extension(cell): Extension<crate::admission::SlotCell>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| invalid("body", &format!("invalid request body: {e}")))?;
+    let bad = |e: serde_json::Error| invalid("body", &format!("invalid request body: {e}"));
+    let value: Value = serde_json::from_slice(&body).map_err(bad)?;
     super::reject_nul(&value)?;
-    let req: CompletionRequest = serde_json::from_value(value)
-        .map_err(|e| invalid("body", &format!("invalid request body: {e}")))?;
+    let req: CompletionRequest = serde_json::from_value(value).map_err(bad)?;
     if req.n.is_some_and(|n| n != 1) {
         return Err(invalid("n", "only n = 1 is supported"));
     }
@@ -441,8 +440,6 @@ fn stream(
             }
         },
     );
-    let mut resp = Sse::new(events).into_response();
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
+    // Cache-Control: no-store comes from `security_headers`, as on every dynamic response.
+    Sse::new(events).into_response()
 }

@@ -434,16 +434,22 @@ impl TestApp {
         v["id"].as_i64().unwrap()
     }
 
-    /// The messages of a conversation, as its owner sees them.
-    pub async fn messages(&self, c: &reqwest::Client, conv: i64) -> Vec<serde_json::Value> {
-        let v: serde_json::Value = c
-            .get(self.url(&format!("/api/conversations/{conv}")))
+    /// GET `path` as client `c` and read the JSON body.
+    pub async fn get_json(&self, c: &reqwest::Client, path: &str) -> serde_json::Value {
+        c.get(self.url(path))
             .send()
             .await
             .unwrap()
             .json()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The messages of a conversation, as its owner sees them.
+    pub async fn messages(&self, c: &reqwest::Client, conv: i64) -> Vec<serde_json::Value> {
+        let v = self
+            .get_json(c, &format!("/api/conversations/{conv}"))
+            .await;
         v["messages"].as_array().unwrap().clone()
     }
 
