@@ -46,6 +46,30 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+type Conn = hyper::client::conn::http1::SendRequest<http_body_util::Full<axum::body::Bytes>>;
+
+async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Conn> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// Sends one request and reads the whole answer (a stream to its end); returns the status.
+async fn exchange(
+    c: &mut Conn,
+    req: hyper::Request<http_body_util::Full<axum::body::Bytes>>,
+) -> anyhow::Result<u16> {
+    use http_body_util::BodyExt;
+    c.ready().await?;
+    let resp = c.send_request(req).await?;
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await?;
+    Ok(status)
+}
+
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -161,40 +185,69 @@ async fn main() -> anyhow::Result<()> {
         .lines()
         .map(String::from)
         .collect();
-    let mut sessions = Vec::new();
+    // Each account's session cookie and conversation.
+    let mut sessions: Vec<(String, i64)> = Vec::new();
+    let plain = reqwest::Client::new();
     for (i, code) in codes.iter().enumerate() {
-        let c = reqwest::Client::builder().cookie_store(true).build()?;
-        let r = c.post(format!("{base}/api/register")).json(&json!({"invite_code": code, "email": format!("load{i}@example.com"), "password": "load test password"})).send().await?;
+        let r = plain.post(format!("{base}/api/register")).json(&json!({"invite_code": code, "email": format!("load{i}@example.com"), "password": "load test password"})).send().await?;
         anyhow::ensure!(r.status() == 201, "register: {}", r.status());
-        let conv: Value = c
+        let cookie = r
+            .headers()
+            .get(reqwest::header::SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(String::from)
+            .ok_or_else(|| anyhow::anyhow!("register set no cookie"))?;
+        let conv: Value = plain
             .post(format!("{base}/api/conversations"))
+            .header(reqwest::header::COOKIE, &cookie)
             .send()
             .await?
             .json()
             .await?;
-        sessions.push((c, conv["id"].as_i64().unwrap_or(0)));
+        sessions.push((cookie, conv["id"].as_i64().unwrap_or(0)));
     }
     let sessions = Arc::new(sessions);
     let rss_before = rss_kib(pid);
 
-    // 1. Chat flood. Each connection is opened first (one /healthz, not counted), then all start
-    // together: the figures are the service's, not the cost of 500 simultaneous TCP handshakes.
+    // 1. Chat flood. The client side is kept as light as wrk's: every connection is one HTTP/1.1
+    // connection of its own (hyper's client connection, no pool, no cookie jar) sending a
+    // request built once, so that on a 2-core machine the generator takes as little CPU from the
+    // server as it can. Each connection is opened first (one /healthz, not counted), then all
+    // start together: the figures are the service's, not the cost of 500 TCP handshakes.
+    let addr: std::net::SocketAddr = base.trim_start_matches("http://").parse()?;
     let results: Arc<Mutex<BTreeMap<String, Vec<f64>>>> = Arc::default();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let ready = Arc::new(tokio::sync::Barrier::new(args.connections + 1));
     let mut tasks = Vec::new();
     for task in 0..args.connections {
-        let (sessions, results, next, base, ready) = (
+        let (sessions, results, next, ready) = (
             sessions.clone(),
             results.clone(),
             next.clone(),
-            base.clone(),
             ready.clone(),
         );
         let total = args.requests;
         tasks.push(tokio::spawn(async move {
-            let (c, _) = &sessions[task % sessions.len()];
-            let _ = c.get(format!("{base}/healthz")).send().await;
+            let (cookie, conv) = &sessions[task % sessions.len()];
+            let request = move || {
+                hyper::Request::post(format!("/api/conversations/{conv}/messages"))
+                    .header(hyper::header::HOST, addr.to_string())
+                    .header(hyper::header::COOKIE, cookie.as_str())
+                    .header(hyper::header::CONTENT_TYPE, "application/json")
+                    .body(http_body_util::Full::new(axum::body::Bytes::from_static(
+                        br#"{"content":"hello","max_tokens":8}"#,
+                    )))
+                    .expect("a valid request")
+            };
+            let mut conn = connect(addr).await;
+            if let Ok(c) = conn.as_mut() {
+                let health = hyper::Request::get("/healthz")
+                    .header(hyper::header::HOST, addr.to_string())
+                    .body(http_body_util::Full::new(axum::body::Bytes::new()))
+                    .expect("a valid request");
+                let _ = exchange(c, health).await;
+            }
             // Each task keeps its own figures (merged at the end): no lock shared by 500 tasks
             // inside the timed loop.
             let mut mine: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -204,20 +257,21 @@ async fn main() -> anyhow::Result<()> {
                 if i >= total {
                     break;
                 }
-                let (c, conv) = &sessions[i % sessions.len()];
                 let t = Instant::now();
-                let r = c
-                    .post(format!("{base}/api/conversations/{conv}/messages"))
-                    .json(&json!({"content": "hello", "max_tokens": 8}))
-                    .send()
-                    .await;
-                let key = match r {
-                    Ok(r) => {
-                        let s = r.status().as_u16();
-                        let _ = r.bytes().await; // read the stream to its end
-                        s.to_string()
+                // A connection the server closed is opened again (and that counts as an error).
+                let key = match conn.as_mut() {
+                    Ok(c) => match exchange(c, request()).await {
+                        Ok(status) => status.to_string(),
+                        Err(e) => {
+                            conn = connect(addr).await;
+                            format!("error: {e}")
+                        }
+                    },
+                    Err(e) => {
+                        let key = format!("error: {e}");
+                        conn = connect(addr).await;
+                        key
                     }
-                    Err(e) => format!("error: {e}"),
                 };
                 mine.entry(key)
                     .or_default()
@@ -264,10 +318,11 @@ async fn main() -> anyhow::Result<()> {
         rss_after / 1024,
         rss_after.saturating_sub(rss_before) / 1024
     );
-    let (c, conv) = &sessions[0];
+    let (cookie, conv) = &sessions[0];
     let t = Instant::now();
-    let r = c
+    let r = plain
         .post(format!("{base}/api/conversations/{conv}/messages"))
+        .header(reqwest::header::COOKIE, cookie)
         .json(&json!({"content": "hello", "max_tokens": 4}))
         .send()
         .await?;

@@ -311,7 +311,7 @@ fn q5_engine_for(
 /// in one batch, give exactly the tokens each gives alone.
 #[test]
 fn eight_prompts_in_one_batch_match_each_alone() {
-    for arch in [Arch::Qwen2, Arch::Llama] {
+    for arch in [Arch::Qwen2, Arch::Llama, Arch::Gemma3] {
         eight_prompts_together(arch);
     }
 }
@@ -378,6 +378,160 @@ fn eight_prompts_together(arch: Arch) {
     for (q, (a, b)) in questions.iter().zip(alone.iter().zip(&together)) {
         assert_eq!(a.concat(), b.concat(), "{arch:?} {q:?}");
     }
+}
+
+/// The paged key/value store: a shared prefix shares whole blocks and copies the partial last
+/// one; continuing from it computes what a fresh sequence computes; sequences of different lengths
+/// step together through one padded, masked attention; every block comes back when its last
+/// holder is gone; a full store is an error, not a panic.
+#[test]
+fn the_paged_store_shares_prefixes_and_gives_every_block_back() {
+    use moss::engine::decoder::{KvPool, SeqCache, KV_BLOCK};
+    use moss::engine::model::{Implementation, Model};
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [Arch::Qwen2, Arch::Llama, Arch::Gemma3] {
+        let path = dir.path().join(format!("tiny-{}.gguf", arch.name()));
+        let mut spec = moss::engine::tiny::TinySpec::new(arch);
+        spec.matrices = candle_core::quantized::GgmlDType::Q5_0;
+        moss::engine::tiny::write_tiny_model(&path, &spec).unwrap();
+        let file = moss::engine::gguf::ModelFile::open(&path).unwrap();
+        let model = Model::load(file, &candle_core::Device::Cpu, Implementation::Moss).unwrap();
+        let d = model.batched().expect("moss's decoder batches");
+        let pool: KvPool = d.kv_pool(8 * KV_BLOCK * d.kv_bytes_per_token()).unwrap();
+        assert_eq!(pool.free_blocks(), 8);
+        let prompt: Vec<u32> = (3..43).collect(); // 40 tokens: three blocks
+        let close = |a: &candle_core::Tensor, b: &candle_core::Tensor, what: &str| {
+            let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = a
+                .iter()
+                .zip(&b)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                scale > 0.0 && worst <= 1e-4 * scale,
+                "{arch:?} {what}: {worst} of {scale}"
+            );
+        };
+
+        let mut a = SeqCache::default();
+        let full = d.forward_batch(&pool, &mut [&mut a], &prompt).unwrap();
+        assert_eq!((a.len(), a.blocks(), pool.free_blocks()), (40, 3, 5));
+        // 35 positions: two whole blocks shared, the third copied (it is partial).
+        let mut b = pool.share(&a, 35).unwrap();
+        assert_eq!((b.len(), b.blocks(), pool.free_blocks()), (35, 3, 4));
+        let rest = d
+            .forward_batch(&pool, &mut [&mut b], &prompt[35..])
+            .unwrap();
+        close(&rest, &full, "continued from a shared prefix");
+
+        // Different lengths in one step: a at 40, c at 9; each row as if alone.
+        let mut c = SeqCache::default();
+        d.forward_batch(&pool, &mut [&mut c], &prompt[..9]).unwrap();
+        let mut c_alone = SeqCache::default();
+        d.forward_batch(&pool, &mut [&mut c_alone], &prompt[..9])
+            .unwrap();
+        let a_alone = {
+            let mut x = pool.share(&a, 40).unwrap();
+            d.forward_batch(&pool, &mut [&mut x], &[7]).unwrap()
+        };
+        let c_next = d.forward_batch(&pool, &mut [&mut c_alone], &[11]).unwrap();
+        let both = d
+            .forward_batch(&pool, &mut [&mut a, &mut c], &[7, 11])
+            .unwrap();
+        close(
+            &both.get(0).unwrap(),
+            &a_alone.get(0).unwrap(),
+            "long row of a mixed batch",
+        );
+        close(
+            &both.get(1).unwrap(),
+            &c_next.get(0).unwrap(),
+            "short row of a mixed batch",
+        );
+        drop(c_alone);
+
+        // Blocks come back when the last holder is gone.
+        let held = 8 - pool.free_blocks();
+        assert_eq!(
+            held,
+            a.blocks() + 1 + c.blocks(),
+            "b shares two of a's blocks"
+        );
+        drop(a);
+        assert_eq!(pool.free_blocks(), 8 - b.blocks() - c.blocks());
+        drop((b, c));
+        assert_eq!(pool.free_blocks(), 8);
+        assert_eq!(KvPool::blocks_needed(&[&mut SeqCache::default()], 17), 2);
+
+        // More than the store holds: an error, and nothing is kept.
+        let mut big = SeqCache::default();
+        let long: Vec<u32> = (0..8 * KV_BLOCK as u32 + 1).map(|i| 3 + i % 30).collect();
+        let err = d.forward_batch(&pool, &mut [&mut big], &long).unwrap_err();
+        assert!(err.to_string().contains("key/value cache is full"), "{err}");
+        drop(big);
+        assert_eq!(pool.free_blocks(), 8);
+    }
+}
+
+/// Gemma 3's sliding-window layers look back `window` positions only. With every layer sliding
+/// (two layers, window 64: nothing further back than 126 positions can matter), the logits at
+/// position 199 do not depend on the first ten tokens; with a global sixth layer they do. And the
+/// window is the same whether a prompt is read in one piece or token by token.
+#[test]
+fn gemma_sliding_window_layers_forget_what_is_out_of_reach() {
+    use moss::engine::model::{Implementation, Model};
+    let dir = tempfile::tempdir().unwrap();
+    let load = |layers: usize| {
+        let path = dir.path().join(format!("gemma-{layers}.gguf"));
+        let mut spec = moss::engine::tiny::TinySpec::new(Arch::Gemma3);
+        spec.layers = layers;
+        spec.matrices = candle_core::quantized::GgmlDType::Q5_0;
+        moss::engine::tiny::write_tiny_model(&path, &spec).unwrap();
+        let file = moss::engine::gguf::ModelFile::open(&path).unwrap();
+        Model::load(file, &candle_core::Device::Cpu, Implementation::Moss).unwrap()
+    };
+    let a: Vec<u32> = (0..200u32).map(|i| 5 + (i * 7) % 40).collect();
+    let mut b = a.clone();
+    b[..10].fill(3);
+    let diff = |m: &mut Model| {
+        let x: Vec<f32> = m.forward(&a, 0).unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = m.forward(&b, 0).unwrap().to_vec1().unwrap();
+        let scale = x.iter().fold(0f32, |s, v| s.max(v.abs()));
+        let worst = x
+            .iter()
+            .zip(&y)
+            .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+        (worst, scale)
+    };
+    let mut sliding = load(2);
+    let (worst, scale) = diff(&mut sliding);
+    assert!(
+        scale > 0.0 && worst <= 1e-5 * scale,
+        "sliding only: {worst} of {scale}"
+    );
+    let mut global = load(6);
+    let (worst, scale) = diff(&mut global);
+    assert!(
+        worst > 1e-3 * scale,
+        "a global layer sees the start: {worst} of {scale}"
+    );
+    // One piece, or 150 then token by token past the window.
+    let whole: Vec<f32> = global.forward(&a, 0).unwrap().to_vec1().unwrap();
+    let mut last = global.forward(&a[..150], 0).unwrap();
+    for (i, &t) in a.iter().enumerate().skip(150) {
+        last = global.forward(&[t], i).unwrap();
+    }
+    let last: Vec<f32> = last.to_vec1().unwrap();
+    let scale = whole.iter().fold(0f32, |s, v| s.max(v.abs()));
+    let worst = whole
+        .iter()
+        .zip(&last)
+        .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+    assert!(
+        worst <= 1e-3 * scale,
+        "stepwise differs: {worst} of {scale}"
+    );
 }
 
 /// The next turn of a conversation continues from the cached keys and values of the last one,

@@ -5,6 +5,8 @@
 //! stall everyone); finished or cancelled sequences leave at once. A finished sequence's KV cache
 //! is kept in a small prefix cache: a later prompt that starts with the same tokens (the system
 //! prompt, or the same conversation one turn later) continues from it instead of recomputing.
+//! Keys and values live in one paged store (`KvPool`): a shared prefix's whole blocks are shared,
+//! not copied, and the prefix cache gives blocks back whenever a running sequence needs them.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use tokio::sync::mpsc;
 
-use super::decoder::{Decoder, SeqCache};
+use super::decoder::{Decoder, KvPool, SeqCache};
 use super::detok::{Detokenizer, StopMatcher, StopOutcome};
 use super::sampler::Sampler;
 use super::worker::send_text;
@@ -60,11 +62,12 @@ struct Prefixes {
     entries: Vec<(Vec<u32>, SeqCache, u64)>,
     clock: u64,
     max_bytes: usize,
+    block_bytes: usize,
 }
 
 impl Prefixes {
     /// The longest cached prefix of `prompt` (leaving at least its last token to run).
-    fn lookup(&mut self, prompt: &[u32]) -> Option<SeqCache> {
+    fn lookup(&mut self, pool: &KvPool, prompt: &[u32]) -> Option<SeqCache> {
         let limit = prompt.len().saturating_sub(1);
         let (i, n) = self
             .entries
@@ -80,7 +83,8 @@ impl Prefixes {
         }
         self.clock += 1;
         self.entries[i].2 = self.clock;
-        self.entries[i].1.prefix(n).ok()
+        // No free block for a partial last block: start from nothing rather than fail.
+        pool.share(&self.entries[i].1, n).ok()
     }
 
     fn insert(&mut self, tokens: Vec<u32>, cache: SeqCache) {
@@ -93,29 +97,47 @@ impl Prefixes {
         self.clock += 1;
         self.entries.push((tokens, cache, self.clock));
         while self.entries.len() > PREFIX_ENTRIES || self.bytes() > self.max_bytes {
-            let oldest = self
-                .entries
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, e)| e.2)
-                .map(|(i, _)| i);
-            match oldest {
-                Some(i) => {
-                    self.entries.swap_remove(i);
-                }
-                None => break,
+            if !self.evict_oldest() {
+                break;
             }
         }
     }
 
+    /// Drops the least recently used entry (its blocks go back to the store unless a running
+    /// sequence shares them); false when there is none.
+    fn evict_oldest(&mut self) -> bool {
+        let oldest = self
+            .entries
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, e)| e.2)
+            .map(|(i, _)| i);
+        match oldest {
+            Some(i) => {
+                self.entries.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Frees blocks held only by the prefix cache until `need` blocks are free (or it is empty).
+    fn make_room(&mut self, pool: &KvPool, need: usize) {
+        while pool.free_blocks() < need && self.evict_oldest() {}
+    }
+
     fn bytes(&self) -> usize {
-        self.entries.iter().map(|e| e.1.bytes()).sum()
+        self.entries
+            .iter()
+            .map(|e| e.1.blocks() * self.block_bytes)
+            .sum()
     }
 }
 
 /// The engine loop with batching; returns when the job channel closes.
 pub(super) fn run(
     model: &Decoder,
+    pool: &KvPool,
     info: &ModelInfo,
     jobs: &mut mpsc::Receiver<Job>,
     options: &EngineOptions,
@@ -128,6 +150,7 @@ pub(super) fn run(
         entries: Vec::new(),
         clock: 0,
         max_bytes: budget / 2,
+        block_bytes: pool.block_bytes(),
     };
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut running: Vec<Seq> = Vec::new();
@@ -158,7 +181,7 @@ pub(super) fn run(
             }
             let job = waiting.pop_front().expect("front exists");
             reserved += need;
-            running.push(start(job, info, &mut prefixes, need, stats));
+            running.push(start(job, info, pool, &mut prefixes, need, stats));
         }
 
         let decoding = running.iter().any(|s| s.logits.is_some());
@@ -172,7 +195,9 @@ pub(super) fn run(
             let done = seq.cache.len();
             let end = (done + chunk).min(seq.job.request.prompt.len());
             if !seq.job.events.is_closed() {
-                match model.forward_batch(&mut [&mut seq.cache], &seq.tokens[done..end]) {
+                let mut caches = [&mut seq.cache];
+                prefixes.make_room(pool, KvPool::blocks_needed(&caches, end - done));
+                match model.forward_batch(pool, &mut caches, &seq.tokens[done..end]) {
                     Ok(logits) if end == seq.job.request.prompt.len() => {
                         seq.prefill = Some(seq.started.elapsed());
                         seq.decode_start = Instant::now();
@@ -225,7 +250,8 @@ pub(super) fn run(
                         caches.push(&mut seq.cache);
                     }
                 }
-                model.forward_batch(&mut caches, &tokens)
+                prefixes.make_room(pool, KvPool::blocks_needed(&caches, 1));
+                model.forward_batch(pool, &mut caches, &tokens)
             };
             match result {
                 Ok(logits) => {
@@ -262,13 +288,16 @@ fn finished(stats: &EngineStats) {
 fn start<'a>(
     job: Job,
     info: &'a ModelInfo,
+    pool: &KvPool,
     prefixes: &mut Prefixes,
     reserved: usize,
     stats: &EngineStats,
 ) -> Seq<'a> {
     stats.requests_started.fetch_add(1, Ordering::Relaxed);
     let _ = job.events.send(Event::Started);
-    let cache = prefixes.lookup(&job.request.prompt).unwrap_or_default();
+    let cache = prefixes
+        .lookup(pool, &job.request.prompt)
+        .unwrap_or_default();
     let reused = cache.len();
     stats
         .prefix_tokens_reused

@@ -1,14 +1,19 @@
-//! Qwen2 and Llama (Mistral, TinyLlama, …) decoders on candle with moss's quantized kernels
-//! (`moss-kernels`): the same computation as candle-transformers' `quantized_qwen2` and
-//! `quantized_llama` (dense models), except that
+//! Qwen2, Llama (Mistral, TinyLlama, …) and Gemma 3 decoders on candle with moss's quantized
+//! kernels (`moss-kernels`): the same computation as candle-transformers' `quantized_qwen2` and
+//! `quantized_llama` (dense models), and as llama.cpp's Gemma 3, except that
 //! - Q5_0 / Q8_0 weight matrices multiply through moss's SIMD kernels (candle's own stay in use
 //!   for the types where they are fast), and
 //! - the token embedding stays quantized: only the rows looked up are dequantised (candle-
 //!   transformers expands the whole table to f32, ~545 MB for the default model), and
 //! - several sequences, each with its own KV cache, advance in one step (`forward_batch`).
 //!
-//! The two architectures differ only in attention biases (Qwen2 has them) and the rotary
-//! embedding's layout (Qwen2 rotates halves, GGUF Llama interleaved pairs).
+//! Qwen2 and Llama differ only in attention biases (Qwen2 has them) and the rotary embedding's
+//! layout (Qwen2 rotates halves, GGUF Llama interleaved pairs). Gemma 3 adds: the embedding scaled
+//! by √hidden; per-head norms of queries and keys; norms after attention and after the MLP; a
+//! GELU (tanh) gate; a head size of its own; and five of every six layers attending only to a
+//! sliding window of recent positions, with their own rotary base. (candle-transformers'
+//! `quantized_gemma3` differs from the reference there: it gates with SiLU, and its window ignores
+//! cached positions; moss follows llama.cpp and Hugging Face.)
 
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
@@ -27,13 +32,170 @@ struct Layer {
     gate: QMatMul,
     up: QMatMul,
     down: QMatMul,
+    /// Gemma 3: norms of each query and key head.
+    qk_norm: Option<(Tensor, Tensor)>,
+    /// Gemma 3: norms of the attention's and the MLP's outputs.
+    post_norm: Option<(Tensor, Tensor)>,
+    /// Gemma 3: this layer sees the last `Decoder::window` positions only (local rotary table).
+    sliding: bool,
 }
 
-/// One sequence's keys and values for every layer, and how many positions they hold.
-#[derive(Clone, Default)]
+/// Cosines and sines of the rotary embedding, one row per position.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(
+        base: f32,
+        scale: f32,
+        head_dim: usize,
+        positions: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let theta: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| scale / base.powf(i as f32 / head_dim as f32))
+            .collect();
+        let theta = Tensor::new(theta.as_slice(), device)?;
+        let angles = Tensor::arange(0, positions as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((positions, 1))?
+            .matmul(&theta.reshape((1, head_dim / 2))?)?;
+        Ok(Self {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+        })
+    }
+
+    /// The rows for `t` new positions of each sequence: (t, d/2) for one, (b, t, d/2) for several.
+    fn at(&self, caches: &[&mut SeqCache], t: usize) -> Result<(Tensor, Tensor)> {
+        if let [c] = caches {
+            return Ok((self.cos.narrow(0, c.len, t)?, self.sin.narrow(0, c.len, t)?));
+        }
+        let pos: Vec<u32> = caches
+            .iter()
+            .flat_map(|c| (c.len..c.len + t).map(|p| p as u32))
+            .collect();
+        let pos = Tensor::new(pos.as_slice(), self.cos.device())?;
+        let half = self.cos.dim(1)?;
+        let shape = (caches.len(), t, half);
+        Ok((
+            self.cos.index_select(&pos, 0)?.reshape(shape)?,
+            self.sin.index_select(&pos, 0)?.reshape(shape)?,
+        ))
+    }
+}
+
+/// Positions per block of the paged key/value store.
+pub const KV_BLOCK: usize = 16;
+
+/// Which blocks of a `KvPool` are in use, and by how many caches (a block of a shared prefix
+/// belongs to the prefix cache and to every sequence continuing from it).
+struct BlockTable {
+    refs: Vec<u32>,
+    free: Vec<u32>,
+}
+
+type Blocks = std::sync::Arc<std::sync::Mutex<BlockTable>>;
+
+fn lock(b: &Blocks) -> std::sync::MutexGuard<'_, BlockTable> {
+    b.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The keys and values of every sequence a decoder runs, in blocks of `KV_BLOCK` positions (a
+/// paged cache): per layer one key and one value tensor of shape
+/// (kv heads, blocks × KV_BLOCK, head dim). A batched step writes the new positions of all its
+/// sequences with one scatter and reads them back with one gather, so attention runs for the whole
+/// batch at once; the memory in use is what the sequences hold, rounded up to a block each.
+pub struct KvPool {
+    layers: Vec<(Tensor, Tensor)>,
+    blocks: Blocks,
+    block_bytes: usize,
+}
+
+impl KvPool {
+    /// Blocks not held by any cache.
+    pub fn free_blocks(&self) -> usize {
+        lock(&self.blocks).free.len()
+    }
+
+    /// Bytes of one block (keys and values of every layer).
+    pub fn block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+
+    /// Blocks the caches still need to take `t` more positions each.
+    pub fn blocks_needed(caches: &[&mut SeqCache], t: usize) -> usize {
+        caches
+            .iter()
+            .map(|c| {
+                (c.len + t)
+                    .div_ceil(KV_BLOCK)
+                    .saturating_sub(c.blocks.len())
+            })
+            .sum()
+    }
+
+    fn grow(&self, cache: &mut SeqCache, positions: usize) -> Result<()> {
+        match &cache.owner {
+            Some(o) if !std::sync::Arc::ptr_eq(o, &self.blocks) => {
+                candle_core::bail!("a cache used with another key/value store")
+            }
+            Some(_) => {}
+            None => cache.owner = Some(self.blocks.clone()),
+        }
+        let mut table = lock(&self.blocks);
+        while cache.blocks.len() * KV_BLOCK < positions {
+            let Some(b) = table.free.pop() else {
+                candle_core::bail!("the key/value cache is full");
+            };
+            table.refs[b as usize] = 1;
+            cache.blocks.push(b);
+        }
+        Ok(())
+    }
+
+    /// A cache holding the first `n` positions of `cache`: whole blocks are shared (they are never
+    /// written again: a sequence only writes past its own length), a last partial block is copied
+    /// so that the new cache can go on writing into it.
+    pub fn share(&self, cache: &SeqCache, n: usize) -> Result<SeqCache> {
+        if n > cache.len {
+            candle_core::bail!("prefix of {n} positions from a cache of {}", cache.len);
+        }
+        let mut out = SeqCache {
+            blocks: Vec::new(),
+            len: n,
+            owner: Some(self.blocks.clone()),
+        };
+        {
+            let mut table = lock(&self.blocks);
+            for &b in &cache.blocks[..n / KV_BLOCK] {
+                table.refs[b as usize] += 1;
+                out.blocks.push(b);
+            }
+        }
+        if !n.is_multiple_of(KV_BLOCK) {
+            let from = cache.blocks[n / KV_BLOCK] as usize * KV_BLOCK;
+            self.grow(&mut out, n)?;
+            let to = *out.blocks.last().expect("just grown") as usize * KV_BLOCK;
+            for (k, v) in &self.layers {
+                k.slice_set(&k.narrow(1, from, KV_BLOCK)?.force_contiguous()?, 1, to)?;
+                v.slice_set(&v.narrow(1, from, KV_BLOCK)?.force_contiguous()?, 1, to)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One sequence's keys and values: the blocks of a `KvPool` it holds, and how many positions are
+/// filled (the next token's position). Dropping it gives its blocks back.
+#[derive(Default)]
 pub struct SeqCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    blocks: Vec<u32>,
     len: usize,
+    owner: Option<Blocks>,
 }
 
 impl SeqCache {
@@ -46,30 +208,44 @@ impl SeqCache {
         self.len == 0
     }
 
-    /// The first `n` positions only (a shared prefix another sequence can continue from).
-    pub fn prefix(&self, n: usize) -> Result<SeqCache> {
-        if n > self.len {
-            candle_core::bail!("prefix of {n} positions from a cache of {}", self.len);
-        }
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| match l {
-                Some((k, v)) if n > 0 => Ok(Some((k.narrow(2, 0, n)?, v.narrow(2, 0, n)?))),
-                _ => Ok(None),
-            })
-            .collect::<Result<_>>()?;
-        Ok(SeqCache { layers, len: n })
+    /// Blocks held (some may be shared with other caches).
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
     }
 
-    /// Bytes of key and value storage.
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * 4)
-            .sum()
+    /// Where position `i` lives in the store.
+    fn slot(&self, i: usize) -> u32 {
+        self.blocks[i / KV_BLOCK] * KV_BLOCK as u32 + (i % KV_BLOCK) as u32
     }
+}
+
+impl Drop for SeqCache {
+    fn drop(&mut self) {
+        if let Some(owner) = &self.owner {
+            let mut table = lock(owner);
+            for &b in &self.blocks {
+                let r = &mut table.refs[b as usize];
+                *r = r.saturating_sub(1);
+                if *r == 0 {
+                    table.free.push(b);
+                }
+            }
+        }
+    }
+}
+
+/// Where a batched step writes and reads: computed once per step, used by every layer.
+struct StepPlan {
+    /// Store position of every new token, repeated over (kv heads, head dim) for `scatter_set`.
+    write: Tensor,
+    /// Store positions to gather: `width` per sequence, padded with position 0.
+    read: Tensor,
+    width: usize,
+    /// Additive mask (1, batch, 1, t, width): 0 where a query may look, -inf elsewhere (padding
+    /// and later positions of the same step); none when nothing is hidden.
+    mask: Option<Tensor>,
+    /// The same for sliding-window layers, when the window hides something more.
+    local_mask: Option<Tensor>,
 }
 
 pub struct Decoder {
@@ -79,8 +255,17 @@ pub struct Decoder {
     layers: Vec<Layer>,
     norm: Tensor,
     output: QMatMul,
-    cos: Tensor,
-    sin: Tensor,
+    rope: Rope,
+    /// Gemma 3's sliding-window layers: their rotary table and window.
+    local_rope: Option<Rope>,
+    window: usize,
+    /// Gemma 3: the embedding is scaled by √hidden, the MLP gate is GELU (else SiLU).
+    embed_scale: Option<f64>,
+    gelu: bool,
+    /// Queries are multiplied by this before attention (1/√head size).
+    attn_scale: f64,
+    /// Final logits squashed to ±this with tanh (some Gemma conversions).
+    softcap: Option<f64>,
     hidden: usize,
     n_head: usize,
     n_kv_head: usize,
@@ -90,8 +275,9 @@ pub struct Decoder {
     interleaved: bool,
     device: Device,
     pub context_length: usize,
-    /// The sequence of the one-at-a-time interface (`forward`).
+    /// The sequence of the one-at-a-time interface (`forward`), and its store (made on first use).
     own: SeqCache,
+    own_pool: Option<KvPool>,
 }
 
 fn matmul(t: QTensor) -> Result<QMatMul> {
@@ -108,9 +294,10 @@ impl Decoder {
             Some(v) => v.to_string()?.clone(),
             None => candle_core::bail!("cannot find general.architecture in metadata"),
         };
-        if arch != "qwen2" && arch != "llama" {
-            candle_core::bail!("moss's decoder runs qwen2 and llama, not {arch}");
+        if !matches!(arch.as_str(), "qwen2" | "llama" | "gemma3") {
+            candle_core::bail!("moss's decoder runs qwen2, llama and gemma3, not {arch}");
         }
+        let gemma = arch == "gemma3";
         let md = |k: &str| match ct.metadata.get(&format!("{arch}.{k}")) {
             Some(v) => Ok(v),
             None => candle_core::bail!("cannot find {arch}.{k} in metadata"),
@@ -126,14 +313,18 @@ impl Decoder {
         let base = md("rope.freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(10000.0);
-        if n_head == 0
-            || n_kv_head == 0
-            || !hidden.is_multiple_of(n_head)
-            || !n_head.is_multiple_of(n_kv_head)
-        {
+        if n_head == 0 || n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
             candle_core::bail!("inconsistent attention sizes");
         }
-        let head_dim = hidden / n_head;
+        // Gemma 3's head size is its own; the others divide the hidden size.
+        let head_dim = match md("attention.key_length") {
+            Ok(v) => v.to_u32()? as usize,
+            Err(_) if hidden.is_multiple_of(n_head) => hidden / n_head,
+            Err(_) => candle_core::bail!("inconsistent attention sizes"),
+        };
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            candle_core::bail!("inconsistent attention sizes");
+        }
         if md("rope.dimension_count").is_ok_and(|v| v.to_u32().ok() != Some(head_dim as u32)) {
             candle_core::bail!("partial rotary embeddings are not supported");
         }
@@ -147,6 +338,24 @@ impl Decoder {
             Err(_) => embedding.clone(), // tied embeddings: the same blocks, held once
         };
         let norm = get("output_norm.weight")?.dequantize(device)?;
+        // Gemma 3: every sixth layer (by default) attends globally, the others to a window; the
+        // pattern may also be given layer by layer (llama.cpp's keys, then candle's).
+        let pattern = md("attention.sliding_window_pattern")
+            .or_else(|_| md("attention.sliding_window_type"))
+            .ok();
+        let sliding = |i: usize| -> bool {
+            match pattern {
+                Some(gguf_file::Value::Array(layers)) => layers
+                    .get(i)
+                    .and_then(|v| v.to_bool().ok())
+                    .unwrap_or(false),
+                Some(v) => {
+                    let n = v.to_u32().unwrap_or(6) as usize;
+                    n == 0 || i % n < n - 1
+                }
+                None => i % 6 < 5,
+            }
+        };
         let mut layers = Vec::with_capacity(blocks);
         for i in 0..blocks {
             let mut t = |n: &str| get(&format!("blk.{i}.{n}"));
@@ -161,7 +370,7 @@ impl Decoder {
                         t("attn_k.bias")?.dequantize(device)?,
                         t("attn_v.bias")?.dequantize(device)?,
                     )),
-                    Err(_) if arch == "llama" => None,
+                    Err(_) if arch != "qwen2" => None,
                     Err(e) => return Err(e),
                 },
                 attn_norm: t("attn_norm.weight")?.dequantize(device)?,
@@ -169,24 +378,65 @@ impl Decoder {
                 gate: matmul(t("ffn_gate.weight")?)?,
                 up: matmul(t("ffn_up.weight")?)?,
                 down: matmul(t("ffn_down.weight")?)?,
+                qk_norm: if gemma {
+                    Some((
+                        t("attn_q_norm.weight")?.dequantize(device)?,
+                        t("attn_k_norm.weight")?.dequantize(device)?,
+                    ))
+                } else {
+                    None
+                },
+                post_norm: if gemma {
+                    Some((
+                        t("post_attention_norm.weight")?.dequantize(device)?,
+                        t("post_ffw_norm.weight")?.dequantize(device)?,
+                    ))
+                } else {
+                    None
+                },
+                sliding: gemma && sliding(i),
             });
         }
-        let theta: Vec<f32> = (0..head_dim)
-            .step_by(2)
-            .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
-            .collect();
-        let theta = Tensor::new(theta.as_slice(), device)?;
-        let angles = Tensor::arange(0, context_length as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((context_length, 1))?
-            .matmul(&theta.reshape((1, head_dim / 2))?)?;
+        // Gemma 3's global layers may stretch positions (linear rope scaling); local ones do not.
+        let scale = match md("rope.scaling.factor").and_then(|v| v.to_f32()) {
+            Ok(f) if gemma && f > 0.0 => 1.0 / f,
+            _ => 1.0,
+        };
+        let rope = Rope::new(base, scale, head_dim, context_length, device)?;
+        let (local_rope, window) = if gemma {
+            let local = md("rope.freq_base_swa")
+                .or_else(|_| md("rope.local_freq_base"))
+                .and_then(|v| v.to_f32())
+                .unwrap_or(10_000.0);
+            let window = md("attention.sliding_window")?.to_u32()? as usize;
+            (
+                Some(Rope::new(local, 1.0, head_dim, context_length, device)?),
+                window.max(1),
+            )
+        } else {
+            (None, usize::MAX)
+        };
         Ok(Self {
             embedding,
             layers,
             norm,
             output,
-            cos: angles.cos()?,
-            sin: angles.sin()?,
+            rope,
+            local_rope,
+            window,
+            embed_scale: gemma.then(|| (hidden as f64).sqrt()),
+            // Gemma 3 27B scales queries by its hidden size per head (llama.cpp, gemma_pytorch).
+            attn_scale: if gemma && blocks == 62 {
+                1.0 / ((hidden / n_head) as f64).sqrt()
+            } else {
+                1.0 / (head_dim as f64).sqrt()
+            },
+            softcap: md("final_logit_softcapping")
+                .and_then(|v| v.to_f32())
+                .ok()
+                .filter(|c| *c > 0.0)
+                .map(f64::from),
+            gelu: gemma,
             hidden,
             n_head,
             n_kv_head,
@@ -196,6 +446,7 @@ impl Decoder {
             device: device.clone(),
             context_length,
             own: SeqCache::default(),
+            own_pool: None,
         })
     }
 
@@ -208,10 +459,40 @@ impl Decoder {
         self.layers.len() * 2 * self.n_kv_head * self.head_dim * 4
     }
 
+    /// A key/value store of about `bytes` (at least one block). Its memory is zeroed lazily by the
+    /// operating system: only blocks that have been used take room.
+    pub fn kv_pool(&self, bytes: usize) -> Result<KvPool> {
+        let block_bytes = self.kv_bytes_per_token() * KV_BLOCK;
+        let n = (bytes / block_bytes).max(1);
+        let shape = (self.n_kv_head, n * KV_BLOCK, self.head_dim);
+        let layers = (0..self.layers.len())
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, DType::F32, &self.device)?,
+                    Tensor::zeros(shape, DType::F32, &self.device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvPool {
+            layers,
+            blocks: std::sync::Arc::new(std::sync::Mutex::new(BlockTable {
+                refs: vec![0; n],
+                // Handed out lowest first, so a lightly used store touches little memory.
+                free: (0..n as u32).rev().collect(),
+            })),
+            block_bytes,
+        })
+    }
+
     fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
-        self.embedding
+        let x = self
+            .embedding
             .embedding(&Tensor::new(tokens, &self.device)?)?
-            .to_dtype(DType::F32)
+            .to_dtype(DType::F32)?;
+        match self.embed_scale {
+            Some(s) => x * s,
+            None => Ok(x),
+        }
     }
 
     /// Runs `tokens` at positions `pos..` of the one sequence held; returns the last token's
@@ -223,8 +504,14 @@ impl Decoder {
         if pos != self.own.len {
             candle_core::bail!("position {pos} does not follow the {} held", self.own.len);
         }
+        if self.own_pool.is_none() {
+            let bytes =
+                self.context_length.div_ceil(KV_BLOCK) * KV_BLOCK * self.kv_bytes_per_token();
+            self.own_pool = Some(self.kv_pool(bytes)?);
+        }
         let mut own = std::mem::take(&mut self.own);
-        let out = self.forward_batch(&mut [&mut own], tokens);
+        let pool = self.own_pool.as_ref().expect("made above");
+        let out = self.forward_batch(pool, &mut [&mut own], tokens);
         // A failed step may have appended to some layers only: start over rather than go on.
         self.own = if out.is_ok() {
             own
@@ -234,57 +521,63 @@ impl Decoder {
         out
     }
 
-    /// One step for several sequences at once: `tokens` holds the same number of new tokens for
-    /// each (one each when decoding; any number for a single sequence), each continuing at its
-    /// own position. Every matrix is read once for the whole batch; only attention, whose keys
-    /// and values differ per sequence, runs sequence by sequence. Returns each sequence's last
-    /// logits, shape (batch, vocab).
-    pub fn forward_batch(&self, caches: &mut [&mut SeqCache], tokens: &[u32]) -> Result<Tensor> {
+    /// One step for several sequences at once: `tokens` holds the same number `t` of new tokens
+    /// for each sequence (one each when decoding), each continuing at its own position. Every
+    /// matrix is read once for the whole batch, and attention too runs for the whole batch: the new
+    /// keys and values go into `pool` with one scatter, and each sequence's are gathered back,
+    /// padded to the longest, with one gather per layer. Returns each sequence's last logits,
+    /// shape (batch, vocab).
+    pub fn forward_batch(
+        &self,
+        pool: &KvPool,
+        caches: &mut [&mut SeqCache],
+        tokens: &[u32],
+    ) -> Result<Tensor> {
         let b = caches.len();
         if b == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(b) {
             candle_core::bail!("{} tokens for {b} sequences", tokens.len());
         }
         let t = tokens.len() / b;
-        if b > 1 && t != 1 {
-            candle_core::bail!("batched steps take one token per sequence");
-        }
         for c in caches.iter() {
             if c.len + t > self.context_length {
                 candle_core::bail!("position {} is past the context", c.len + t);
             }
         }
-        let (cos, sin) = if b == 1 {
-            let pos = caches[0].len;
-            (self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?)
-        } else {
-            let pos: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
-            let pos = Tensor::new(pos.as_slice(), &self.device)?;
-            let half = self.head_dim / 2;
-            (
-                self.cos.index_select(&pos, 0)?.reshape((b, 1, half))?,
-                self.sin.index_select(&pos, 0)?.reshape((b, 1, half))?,
-            )
-        };
-        let mask = if t > 1 {
-            let pos = caches[0].len;
-            let m: Vec<u8> = (0..t)
-                .flat_map(|i| (0..pos + t).map(move |j| u8::from(j > pos + i)))
-                .collect();
-            Some(Tensor::from_slice(&m, (t, pos + t), &self.device)?)
-        } else {
-            None
-        };
-        for c in caches.iter_mut() {
-            c.layers.resize(self.layers.len(), None);
+        if pool.layers.len() != self.layers.len() {
+            candle_core::bail!("a key/value store made for another model");
         }
+        for c in caches.iter_mut() {
+            pool.grow(c, c.len + t)?;
+        }
+        let plan = self.plan(caches, t)?;
+        let global = self.rope.at(caches, t)?;
+        let local = match &self.local_rope {
+            Some(r) => Some(r.at(caches, t)?),
+            None => None,
+        };
         let mut x = self.embed(tokens)?.reshape((b, t, self.hidden))?;
-        for (li, layer) in self.layers.iter().enumerate() {
+        for (layer, store) in self.layers.iter().zip(&pool.layers) {
+            let (rope, mask) = match (&local, layer.sliding) {
+                (Some(local), true) => (local, plan.local_mask.as_ref().or(plan.mask.as_ref())),
+                _ => (&global, plan.mask.as_ref()),
+            };
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.eps)?;
-            let a = self.attention(layer, li, caches, &h, mask.as_ref(), (&cos, &sin))?;
+            let mut a = self.attention(layer, store, &plan, mask, &h, rope)?;
+            if let Some((after, _)) = &layer.post_norm {
+                a = candle_nn::ops::rms_norm(&a, after, self.eps)?;
+            }
             let x1 = (x + a)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, self.eps)?;
-            let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let m = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
+            let gate = layer.gate.forward(&h)?;
+            let g = if self.gelu {
+                gate.gelu()?
+            } else {
+                candle_nn::ops::silu(&gate)?
+            };
+            let mut m = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
+            if let Some((_, after)) = &layer.post_norm {
+                m = candle_nn::ops::rms_norm(&m, after, self.eps)?;
+            }
             x = (x1 + m)?;
         }
         for c in caches.iter_mut() {
@@ -292,25 +585,87 @@ impl Decoder {
         }
         // Only each sequence's last position is needed.
         let x = x.i((.., t - 1, ..))?.contiguous()?;
-        self.output
-            .forward(&candle_nn::ops::rms_norm(&x, &self.norm, self.eps)?)
+        let logits = self
+            .output
+            .forward(&candle_nn::ops::rms_norm(&x, &self.norm, self.eps)?)?;
+        match self.softcap {
+            Some(c) => (logits / c)?.tanh()? * c,
+            None => Ok(logits),
+        }
+    }
+
+    /// Where this step's keys and values go and come from (the caches already hold the blocks).
+    fn plan(&self, caches: &[&mut SeqCache], t: usize) -> Result<StepPlan> {
+        let b = caches.len();
+        let width = caches.iter().map(|c| c.len + t).max().unwrap_or(t);
+        let write: Vec<u32> = caches
+            .iter()
+            .flat_map(|c| (c.len..c.len + t).map(|p| c.slot(p)))
+            .collect();
+        let write = Tensor::new(write.as_slice(), &self.device)?
+            .reshape((1, b * t, 1))?
+            .broadcast_as((self.n_kv_head, b * t, self.head_dim))?
+            .contiguous()?;
+        let read: Vec<u32> = caches
+            .iter()
+            .flat_map(|c| (0..width).map(|p| if p < c.len + t { c.slot(p) } else { 0 }))
+            .collect();
+        let read = Tensor::new(read.as_slice(), &self.device)?;
+        // Query i of a sequence at length `len` sees positions 0..=len+i.
+        let hidden = caches.iter().any(|c| c.len + t < width) || t > 1;
+        // … and in a sliding-window layer only the last `window` of those: len+i-window < j.
+        let mask = |window: usize| -> Result<Tensor> {
+            let m: Vec<f32> = caches
+                .iter()
+                .flat_map(|c| {
+                    (0..t).flat_map(move |i| {
+                        (0..width).map(move |j| {
+                            let q = c.len + i;
+                            if j <= q && q - j < window {
+                                0.0
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                    })
+                })
+                .collect();
+            Tensor::from_vec(m, (1, b, 1, t, width), &self.device)
+        };
+        let local = self.local_rope.is_some() && width > self.window;
+        Ok(StepPlan {
+            write,
+            read,
+            width,
+            mask: if hidden {
+                Some(mask(usize::MAX)?)
+            } else {
+                None
+            },
+            local_mask: if local {
+                Some(mask(self.window)?)
+            } else {
+                None
+            },
+        })
     }
 }
 
 impl Decoder {
-    /// One layer's attention for the batch; keys and values go into each sequence's cache.
+    /// One layer's attention for the whole batch. Grouped queries are not expanded: the query heads
+    /// sharing a key/value head become rows of one matrix product with it.
     fn attention(
         &self,
         l: &Layer,
-        li: usize,
-        caches: &mut [&mut SeqCache],
-        x: &Tensor,
+        (ks, vs): &(Tensor, Tensor),
+        plan: &StepPlan,
         mask: Option<&Tensor>,
-        (cos, sin): (&Tensor, &Tensor),
+        x: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
     ) -> Result<Tensor> {
         let (n_head, n_kv_head, head_dim) = (self.n_head, self.n_kv_head, self.head_dim);
-        let interleaved = self.interleaved;
-        let (b, t, hidden) = x.dims3()?;
+        let rep = n_head / n_kv_head;
+        let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             y.reshape((b, t, n, head_dim))?
                 .transpose(1, 2)?
@@ -322,47 +677,60 @@ impl Decoder {
             k = k.broadcast_add(bk)?;
             v = v.broadcast_add(bv)?;
         }
-        let (q, k, v) = (
-            heads(q, n_head)?,
-            heads(k, n_kv_head)?,
-            heads(v, n_kv_head)?,
-        );
-        let rope = if interleaved {
+        let rope = if self.interleaved {
             candle_nn::rotary_emb::rope_i
         } else {
             candle_nn::rotary_emb::rope
         };
+        let (mut q, mut k) = (heads(q, n_head)?, heads(k, n_kv_head)?);
+        if let Some((qn, kn)) = &l.qk_norm {
+            q = candle_nn::ops::rms_norm(&q, qn, self.eps)?;
+            k = candle_nn::ops::rms_norm(&k, kn, self.eps)?;
+        }
+        // (b, heads, t, d), rotated.
         let q = rope(&q, cos, sin)?;
         let k = rope(&k, cos, sin)?;
-        let rep = n_head / n_kv_head;
-        let mut ys = Vec::with_capacity(b);
-        for (s, cache) in caches.iter_mut().enumerate() {
-            let (ks, vs) = (k.narrow(0, s, 1)?, v.narrow(0, s, 1)?);
-            let (ks, vs) = match &cache.layers[li] {
-                Some((kc, vc)) if cache.len > 0 => {
-                    (Tensor::cat(&[kc, &ks], 2)?, Tensor::cat(&[vc, &vs], 2)?)
-                }
-                _ => (ks, vs),
-            };
-            cache.layers[li] = Some((ks.clone(), vs.clone()));
-            let ks = candle_transformers::utils::repeat_kv(ks, rep)?;
-            let vs = candle_transformers::utils::repeat_kv(vs, rep)?;
-            let qs = q.narrow(0, s, 1)?;
-            let att = (qs.matmul(&ks.t()?)? / (head_dim as f64).sqrt())?;
-            let att = match mask {
-                None => att,
-                Some(m) => {
-                    let m = m.broadcast_as(att.shape())?;
-                    let neg =
-                        Tensor::new(f32::NEG_INFINITY, x.device())?.broadcast_as(att.shape())?;
-                    m.where_cond(&neg, &att)?
-                }
-            };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            ys.push(att.matmul(&vs.contiguous()?)?);
-        }
-        let y = Tensor::cat(&ys, 0)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, hidden))?;
+        // New keys and values into the store: (kv heads, b·t, d), one scatter each.
+        let k = k
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((n_kv_head, b * t, head_dim))?;
+        let v = v
+            .reshape((b * t, n_kv_head, head_dim))?
+            .transpose(0, 1)?
+            .contiguous()?;
+        ks.scatter_set(&plan.write, &k, 1)?;
+        vs.scatter_set(&plan.write, &v, 1)?;
+        // Every sequence's keys and values, padded to the same width: (kv heads, b, width, d).
+        let w = plan.width;
+        let keys = ks
+            .index_select(&plan.read, 1)?
+            .reshape((n_kv_head, b, w, head_dim))?;
+        let values = vs
+            .index_select(&plan.read, 1)?
+            .reshape((n_kv_head, b, w, head_dim))?;
+        // Queries grouped by their key/value head: (kv heads, b, rep·t, d).
+        let q = (q
+            .reshape((b, n_kv_head, rep * t, head_dim))?
+            .transpose(0, 1)?
+            .contiguous()?
+            * self.attn_scale)?;
+        let att = q.matmul(&keys.t()?)?;
+        let att = match mask {
+            None => att,
+            Some(m) => att
+                .reshape((n_kv_head, b, rep, t, w))?
+                .broadcast_add(m)?
+                .reshape((n_kv_head, b, rep * t, w))?,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&values)?; // (kv heads, b, rep·t, d)
+        let y = y
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((b, n_head, t, head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, t, n_head * head_dim))?;
         l.wo.forward(&y)
     }
 }

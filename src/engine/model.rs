@@ -1,22 +1,22 @@
 //! The transformer itself, picked by `general.architecture`, behind one small interface (reset,
-//! forward → last-token logits): moss's own decoder for Qwen2 and Llama (`decoder.rs`, with
-//! moss's kernels, a quantized embedding and batched steps) or one of candle-transformers'
-//! quantized implementations (Gemma 3; Llama mixture-of-experts; or any, to compare).
+//! forward → last-token logits): moss's own decoder for Qwen2, Llama and Gemma 3 (`decoder.rs`,
+//! with moss's kernels, a quantized embedding and batched steps) or one of candle-transformers'
+//! quantized implementations (Llama mixture-of-experts; or any, to compare).
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen2};
 
 use super::gguf::{Arch, LoadError, ModelFile};
 
-/// Which implementation runs Qwen2 and dense Llama models (Gemma 3 always uses
-/// candle-transformers').
+/// Which implementation runs the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Implementation {
     /// moss's (`decoder.rs`): SIMD kernels for Q5_0/Q8_0, embedding kept quantized, batching.
     #[default]
     Moss,
-    /// candle-transformers' `quantized_qwen2` / `quantized_llama`, unchanged (the baseline in
-    /// benchmarks and tests).
+    /// candle-transformers' `quantized_qwen2` / `quantized_llama` / `quantized_gemma3`, unchanged
+    /// (the baseline in benchmarks and tests; its Gemma 3 gates with SiLU where the model uses
+    /// GELU, so its answers differ from moss's and llama.cpp's).
     Candle,
 }
 
@@ -116,7 +116,7 @@ fn load_weights(
     implementation: Implementation,
 ) -> candle_core::Result<(Weights, usize)> {
     Ok(match arch {
-        Arch::Qwen2 | Arch::Llama
+        Arch::Qwen2 | Arch::Llama | Arch::Gemma3
             if implementation == Implementation::Moss && !is_moe(&content) =>
         {
             let m = super::decoder::Decoder::from_gguf(&content, reader, device)?;
