@@ -283,12 +283,27 @@ async fn main() -> anyhow::Result<()> {
             }
         }));
     }
+    // MOSS_LOAD_PROFILE="perf record -a -o /tmp/flood.data -- sleep 2": a command started as the
+    // flood starts (to profile the flood alone, not the set-up).
+    let profiler = match std::env::var("MOSS_LOAD_PROFILE") {
+        Ok(cmd) if !cmd.is_empty() => {
+            let p = std::process::Command::new("sh")
+                .args(["-c", &cmd])
+                .spawn()?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Some(p)
+        }
+        _ => None,
+    };
     ready.wait().await;
     let start = Instant::now();
     for t in tasks {
         t.await?;
     }
     let elapsed = start.elapsed();
+    if let Some(mut p) = profiler {
+        p.wait()?;
+    }
     let rss_after = rss_kib(pid);
     let mut results = results.lock().await.clone();
     println!(

@@ -105,6 +105,11 @@ impl Admission {
         self.claim(self.try_slot()?, user)
     }
 
+    /// Every slot is taken (a hint: a slot may free up a moment later).
+    pub fn is_full(&self) -> bool {
+        self.slots.available_permits() == 0
+    }
+
     /// Answers in the system now.
     pub fn in_use(&self) -> usize {
         self.capacity - self.slots.available_permits()

@@ -266,7 +266,11 @@ async fn busy_page(resp: Response) -> Response {
 async fn security_headers(req: Request, next: Next) -> Response {
     let is_static = req.uri().path().starts_with("/static/");
     let mut resp = next.run(req).await;
-    let h = resp.headers_mut();
+    add_security_headers(resp.headers_mut(), is_static);
+    resp
+}
+
+fn add_security_headers(h: &mut axum::http::HeaderMap, is_static: bool) {
     let csp = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; \
                object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'";
     h.insert(
@@ -285,7 +289,45 @@ async fn security_headers(req: Request, next: Next) -> Response {
     if !is_static {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
-    resp
+}
+
+/// The paths that start an answer (each behind `reserve_slot`), as their routes are named.
+fn generation_route(path: &str) -> Option<&'static str> {
+    let one_segment = |p: Option<&str>| p.is_some_and(|id| !id.is_empty() && !id.contains('/'));
+    if path == "/v1/chat/completions" {
+        Some("/v1/chat/completions")
+    } else if one_segment(
+        path.strip_prefix("/api/conversations/")
+            .and_then(|p| p.strip_suffix("/messages")),
+    ) {
+        Some("/api/conversations/{id}/messages")
+    } else if one_segment(
+        path.strip_prefix("/api/messages/")
+            .and_then(|p| p.strip_suffix("/regenerate")),
+    ) {
+        Some("/api/messages/{id}/regenerate")
+    } else {
+        None
+    }
+}
+
+/// The shed answer at its cheapest: while every generation slot is taken, a request to start an
+/// answer is answered here, before the router and its middleware stack — the same response
+/// `reserve_slot` would give (503 overloaded, Retry-After, security headers, metrics), for a
+/// fraction of the work, exactly when the service is busiest. (Under a flood on 2 cores the
+/// middleware stack was most of the cost of each shed answer.)
+fn shed_early<B>(state: &AppState, req: &axum::http::Request<B>) -> Option<Response> {
+    if req.method() != axum::http::Method::POST || !state.admission.is_full() {
+        return None;
+    }
+    let route = generation_route(req.uri().path())?;
+    let start = std::time::Instant::now();
+    let mut resp = state.overloaded().into_response();
+    add_security_headers(resp.headers_mut(), false);
+    metrics::counter!("moss_http_requests_total", "route" => route, "method" => "POST", "status" => "503").increment(1);
+    metrics::histogram!("moss_http_request_duration_seconds", "route" => route)
+        .record(start.elapsed().as_secs_f64());
+    Some(resp)
 }
 
 /// Serves until `shutdown` resolves. Then no new connection is accepted; open requests get
@@ -301,6 +343,7 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
     let admission = state.admission.clone();
     let header_timeout = Duration::from_secs(state.config.server.header_timeout_secs);
+    let early = state.clone();
     let router = build_router(state);
     // HTTP/1.1 with a header-read timeout: a client that trickles its request headers, or keeps
     // an idle connection open, is cut off after `server.header_timeout_secs` (SECURITY.md 12).
@@ -324,11 +367,18 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let router = router.clone();
+        let (router, early) = (router.clone(), early.clone());
         let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-            req.extensions_mut()
-                .insert(axum::extract::ConnectInfo(peer));
-            tower::ServiceExt::oneshot(router.clone(), req)
+            let shed = shed_early(&early, &req);
+            let router = router.clone();
+            async move {
+                if let Some(resp) = shed {
+                    return Ok(resp);
+                }
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                tower::ServiceExt::oneshot(router, req).await
+            }
         });
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {

@@ -88,6 +88,7 @@ pub struct DatabaseConfig {
     pub url: String,
     pub data_dir: PathBuf,
     pub max_connections: u32,
+    pub min_connections: u32,
     pub acquire_timeout_secs: u64,
     pub statement_timeout_secs: u64,
 }
@@ -320,6 +321,11 @@ impl Config {
             }
             other => anyhow::bail!("engine.backend must be \"local\" or \"openai\", not `{other}`"),
         }
+        anyhow::ensure!(
+            self.database.max_connections >= 1
+                && self.database.min_connections <= self.database.max_connections,
+            "database.max_connections must be at least 1 and at least database.min_connections"
+        );
         anyhow::ensure!(
             matches!(self.smtp.security.as_str(), "starttls" | "tls" | "none"),
             "smtp.security must be starttls, tls or none"

@@ -27,6 +27,7 @@ pub async fn open_db(config: &Config) -> anyhow::Result<Db> {
     let d = &config.database;
     let settings = PoolSettings {
         max_connections: d.max_connections,
+        min_connections: d.min_connections,
         acquire_timeout: Duration::from_secs(d.acquire_timeout_secs),
         statement_timeout: Duration::from_secs(d.statement_timeout_secs),
     };

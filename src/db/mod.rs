@@ -55,6 +55,8 @@ pub type DbResult<T> = Result<T, DbError>;
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
     pub max_connections: u32,
+    /// Kept open even when idle (opening one under load is the expensive moment).
+    pub min_connections: u32,
     pub acquire_timeout: Duration,
     pub statement_timeout: Duration,
 }
@@ -63,6 +65,7 @@ impl Default for PoolSettings {
     fn default() -> Self {
         Self {
             max_connections: 8,
+            min_connections: 0,
             acquire_timeout: Duration::from_secs(3),
             statement_timeout: Duration::from_secs(10),
         }
@@ -109,6 +112,7 @@ impl Db {
         let statement_ms = settings.statement_timeout.as_millis();
         let pool = AnyPoolOptions::new()
             .max_connections(settings.max_connections)
+            .min_connections(settings.min_connections.min(settings.max_connections))
             .acquire_timeout(settings.acquire_timeout)
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
