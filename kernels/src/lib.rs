@@ -15,6 +15,8 @@
 
 use std::borrow::Cow;
 
+pub mod attention;
+
 use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
 use candle_core::{CpuStorage, Result};
 use half::f16;

@@ -246,6 +246,9 @@ struct StepPlan {
     mask: Option<Tensor>,
     /// The same for sliding-window layers, when the window hides something more.
     local_mask: Option<Tensor>,
+    /// Decoding on the CPU: each sequence's store positions, in order (the new one last), for
+    /// moss's paged attention kernel, which reads the store in place.
+    decode_slots: Option<Vec<Vec<u32>>>,
 }
 
 pub struct Decoder {
@@ -557,12 +560,16 @@ impl Decoder {
         };
         let mut x = self.embed(tokens)?.reshape((b, t, self.hidden))?;
         for (layer, store) in self.layers.iter().zip(&pool.layers) {
-            let (rope, mask) = match (&local, layer.sliding) {
-                (Some(local), true) => (local, plan.local_mask.as_ref().or(plan.mask.as_ref())),
-                _ => (&global, plan.mask.as_ref()),
+            let (rope, mask, window) = match (&local, layer.sliding) {
+                (Some(local), true) => (
+                    local,
+                    plan.local_mask.as_ref().or(plan.mask.as_ref()),
+                    self.window,
+                ),
+                _ => (&global, plan.mask.as_ref(), usize::MAX),
             };
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.eps)?;
-            let mut a = self.attention(layer, store, &plan, mask, &h, rope)?;
+            let mut a = self.attention(layer, store, &plan, (mask, window), &h, rope)?;
             if let Some((after, _)) = &layer.post_norm {
                 a = candle_nn::ops::rms_norm(&a, after, self.eps)?;
             }
@@ -633,7 +640,14 @@ impl Decoder {
             Tensor::from_vec(m, (1, b, 1, t, width), &self.device)
         };
         let local = self.local_rope.is_some() && width > self.window;
+        let decode_slots = (t == 1 && self.device.is_cpu()).then(|| {
+            caches
+                .iter()
+                .map(|c| (0..=c.len).map(|p| c.slot(p)).collect())
+                .collect()
+        });
         Ok(StepPlan {
+            decode_slots,
             write,
             read,
             width,
@@ -659,7 +673,7 @@ impl Decoder {
         l: &Layer,
         (ks, vs): &(Tensor, Tensor),
         plan: &StepPlan,
-        mask: Option<&Tensor>,
+        (mask, window): (Option<&Tensor>, usize),
         x: &Tensor,
         (cos, sin): &(Tensor, Tensor),
     ) -> Result<Tensor> {
@@ -701,6 +715,43 @@ impl Decoder {
             .contiguous()?;
         ks.scatter_set(&plan.write, &k, 1)?;
         vs.scatter_set(&plan.write, &v, 1)?;
+        if let Some(slots) = &plan.decode_slots {
+            // Decoding on the CPU: moss's kernel reads each sequence's positions in place.
+            let seqs: Vec<&[u32]> = slots
+                .iter()
+                .map(|s| &s[s.len().saturating_sub(window)..])
+                .collect();
+            let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
+            let mut out = vec![0f32; q.len()];
+            {
+                let (kst, kl) = ks.storage_and_layout();
+                let (vst, vl) = vs.storage_and_layout();
+                let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*kst, &*vst)
+                else {
+                    candle_core::bail!("the key/value store is not on the CPU");
+                };
+                if !kl.is_contiguous() || !vl.is_contiguous() {
+                    candle_core::bail!("the key/value store is not contiguous");
+                }
+                let store = kernels::attention::Store {
+                    keys: &kc.as_slice::<f32>()?[kl.start_offset()..],
+                    values: &vc.as_slice::<f32>()?[vl.start_offset()..],
+                    positions: ks.dims()[1],
+                    kv_heads: n_kv_head,
+                    head_dim,
+                };
+                kernels::attention::paged_decode_attention(
+                    &q,
+                    store,
+                    n_head,
+                    self.attn_scale as f32,
+                    &seqs,
+                    &mut out,
+                )?;
+            }
+            let y = Tensor::from_vec(out, (b, 1, n_head * head_dim), &self.device)?;
+            return l.wo.forward(&y);
+        }
         // Every sequence's keys and values, padded to the same width: (kv heads, b, width, d).
         let w = plan.width;
         let keys = ks
