@@ -25,10 +25,12 @@ if [ ! -x "$bin/llama-bench" ] || [ ! -x "$bin/llama-batched-bench" ] || [ ! -x 
   fi
   log "building llama.cpp (CPU, native) — several minutes on 2 cores"
   cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >/dev/null
   cmake --build "$src/build" -j2 --target llama-bench llama-batched-bench llama-completion >/dev/null
 fi
 
+# (a shared-library build moved from elsewhere finds its libraries here)
+export LD_LIBRARY_PATH="$bin:${LD_LIBRARY_PATH:-}"
 model="$(scripts/fetch-model --model qwen)"
 cargo build --release --quiet
 moss=target/release/moss

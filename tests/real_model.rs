@@ -106,3 +106,77 @@ fn moss_and_candle_agree_and_batching_changes_nothing() {
         assert_eq!(&candle.concat(), mine);
     }
 }
+
+/// Gemma 3 on moss's decoder computes what llama.cpp computes on the same GGUF. Greedy text is a
+/// fragile witness (llama.cpp rounds GELU's input and output to f16 and keeps keys and values in
+/// f16, so near-ties can go either way), so the main check is perplexity, measured the way
+/// llama.cpp's `llama-perplexity` does it (chunks of 128 tokens starting with BOS, the second half
+/// of each scored) on `tests/data/perplexity.txt`. llama.cpp (vendored in llama-cpp-python 0.3.36,
+/// built by bench/llama-cpp.sh): `llama-perplexity -m gemma-3-270m-q4_k_m.gguf -f
+/// tests/data/perplexity.txt -c 128 --chunks 4 -t 2 -b 128` → [1]116.8402, [2]102.7807,
+/// [3]120.6923, [4]127.7672. moss gave 115.96, 101.79, 119.16, 125.45; candle-transformers'
+/// quantized_gemma3 (SiLU gate) 426.07, 456.39, 570.97, 601.84. And a greedy continuation where no
+/// near-tie arises: `llama-completion … -n 32 --temp 0 -no-cnv -p "def fibonacci(n):"`.
+#[test]
+fn gemma_computes_what_llama_cpp_computes() {
+    use moss::engine::model::{Implementation, Model};
+    let Some(path) = real_model(GEMMA_FILE) else {
+        return;
+    };
+    let engine = start(&path, Duration::ZERO);
+    let info = engine.info.clone();
+    let bos = info.prompts.bos.expect("Gemma has a BOS token");
+    let encode = |text: &str| -> Vec<u32> {
+        let mut ids = vec![bos];
+        ids.extend(
+            info.prompts
+                .tokenizer
+                .encode(text, false)
+                .unwrap()
+                .get_ids(),
+        );
+        ids
+    };
+    let mut req = greedy(encode("def fibonacci(n):"), 32);
+    req.ignore_eos = true;
+    let (pieces, _, _) = collect(&engine, req);
+    let text = pieces.concat();
+    let expected =
+        "\n    if n == 0:\n        return 0\n    elif n == 1:\n        return 1\n    elif n == ";
+    assert!(text.starts_with(expected), "{text:?}");
+    drop(engine);
+
+    let file = moss::engine::gguf::ModelFile::open(&path).unwrap();
+    let mut model = Model::load(file, &candle_core::Device::Cpu, Implementation::Moss).unwrap();
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/perplexity.txt"),
+    )
+    .unwrap();
+    let ids = encode(&text);
+    let n_ctx = 128;
+    let (mut nll, mut count) = (0f64, 0usize);
+    let llama_cpp = [116.8402, 102.7807];
+    for (c, want) in llama_cpp.iter().enumerate() {
+        let mut chunk = ids[c * n_ctx..(c + 1) * n_ctx].to_vec();
+        chunk[0] = bos;
+        for j in 0..n_ctx - 1 {
+            let l: Vec<f32> = model
+                .forward(&chunk[j..j + 1], j)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            if j >= n_ctx / 2 {
+                let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let lse = l.iter().map(|v| (*v as f64 - max).exp()).sum::<f64>().ln() + max;
+                nll += lse - l[chunk[j + 1] as usize] as f64;
+                count += 1;
+            }
+        }
+        let ppl = (nll / count as f64).exp();
+        assert!(
+            (ppl / want - 1.0).abs() < 0.03,
+            "after chunk {}: perplexity {ppl:.4}, llama.cpp {want}",
+            c + 1
+        );
+    }
+}
