@@ -141,6 +141,11 @@ async fn main() -> anyhow::Result<()> {
         .env("MOSS_LIMITS__MAX_WAITING", "8")
         .env("MOSS_LIMITS__DAILY_USER_TOKENS", "0")
         .env("MOSS_DATABASE__MAX_CONNECTIONS", "16")
+        .env(
+            "MOSS_DATABASE__MIN_CONNECTIONS",
+            // every connection warm, as configured by default (min = max)
+            std::env::var("MOSS_LOAD_MIN_CONNECTIONS").unwrap_or_else(|_| "16".into()),
+        )
         .envs(
             ["AUTH", "WAITLIST", "GENERATE", "API"]
                 .iter()
@@ -181,10 +186,16 @@ async fn main() -> anyhow::Result<()> {
             &args.users.to_string(),
         ])
         .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "moss admin invite create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let codes: Vec<String> = String::from_utf8(out.stdout)?
         .lines()
         .map(String::from)
         .collect();
+    anyhow::ensure!(!codes.is_empty(), "no invite codes were minted");
     // Each account's session cookie and conversation.
     let mut sessions: Vec<(String, i64)> = Vec::new();
     let plain = reqwest::Client::new();

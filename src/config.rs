@@ -321,10 +321,10 @@ impl Config {
             }
             other => anyhow::bail!("engine.backend must be \"local\" or \"openai\", not `{other}`"),
         }
+        // (min_connections above max_connections is capped at it.)
         anyhow::ensure!(
-            self.database.max_connections >= 1
-                && self.database.min_connections <= self.database.max_connections,
-            "database.max_connections must be at least 1 and at least database.min_connections"
+            self.database.max_connections >= 1,
+            "database.max_connections must be at least 1"
         );
         anyhow::ensure!(
             matches!(self.smtp.security.as_str(), "starttls" | "tls" | "none"),
