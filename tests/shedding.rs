@@ -205,6 +205,32 @@ async fn a_full_queue_is_shed_at_once_until_tomorrow_morning(app: TestApp) {
         metrics.contains("moss_shed_total{reason=\"overloaded\"}"),
         "{metrics}"
     );
+    // The shed answer comes from the accept loop, before the router: it still carries the
+    // security headers and is counted under its route, like any other answer.
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["cache-control"], "no-store");
+    assert!(headers.contains_key("content-security-policy"));
+    assert!(
+        metrics.contains(
+            "moss_http_requests_total{route=\"/api/conversations/{id}/messages\",method=\"POST\",status=\"503\"}"
+        ),
+        "{metrics}"
+    );
+    // Every path that starts an answer is shed the same way; other paths are not affected.
+    for path in ["/api/messages/1/regenerate", "/v1/chat/completions"] {
+        let r = c.post(app.url(path)).json(&json!({})).send().await.unwrap();
+        assert_eq!(r.status(), 503, "{path}");
+        assert_eq!(r.headers()["x-should-retry"], "false", "{path}");
+    }
+    let r = c
+        .post(app.url("/api/conversations/x/y/messages"))
+        .json(&json!({"content": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = c.get(app.url("/api/conversations")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
 }
 both_backends!(
     a_full_queue_is_shed_at_once_until_tomorrow_morning,
