@@ -250,11 +250,7 @@ fn moss_decoder_matches_candle_transformers() {
             let a: Vec<f32> = ours.forward(step, pos).unwrap().to_vec1().unwrap();
             let b: Vec<f32> = theirs.forward(step, pos).unwrap().to_vec1().unwrap();
             pos += step.len();
-            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let worst = a
-                .iter()
-                .zip(&b)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let (worst, scale) = max_diff(&a, &b);
             assert!(scale > 0.0);
             assert!(
                 worst <= 1e-3 * scale,
@@ -284,6 +280,16 @@ fn moss_decoder_matches_candle_transformers() {
             assert_eq!(x, y, "{arch:?} {dtype:?} {q:?}");
         }
     }
+}
+
+/// The largest difference between `got` and `want`, and the largest magnitude in `want`.
+fn max_diff(got: &[f32], want: &[f32]) -> (f32, f32) {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    (worst, scale)
 }
 
 fn q5_engine(dir: &std::path::Path, max_batch: usize) -> moss::engine::EngineHandle {
@@ -403,11 +409,7 @@ fn the_paged_store_shares_prefixes_and_gives_every_block_back() {
         let close = |a: &candle_core::Tensor, b: &candle_core::Tensor, what: &str| {
             let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
             let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let worst = a
-                .iter()
-                .zip(&b)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let (worst, scale) = max_diff(&a, &b);
             assert!(
                 scale > 0.0 && worst <= 1e-4 * scale,
                 "{arch:?} {what}: {worst} of {scale}"
@@ -497,12 +499,7 @@ fn gemma_sliding_window_layers_forget_what_is_out_of_reach() {
     let diff = |m: &mut Model| {
         let x: Vec<f32> = m.forward(&a, 0).unwrap().to_vec1().unwrap();
         let y: Vec<f32> = m.forward(&b, 0).unwrap().to_vec1().unwrap();
-        let scale = x.iter().fold(0f32, |s, v| s.max(v.abs()));
-        let worst = x
-            .iter()
-            .zip(&y)
-            .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
-        (worst, scale)
+        max_diff(&y, &x)
     };
     let mut sliding = load(2);
     let (worst, scale) = diff(&mut sliding);
@@ -523,11 +520,7 @@ fn gemma_sliding_window_layers_forget_what_is_out_of_reach() {
         last = global.forward(&[t], i).unwrap();
     }
     let last: Vec<f32> = last.to_vec1().unwrap();
-    let scale = whole.iter().fold(0f32, |s, v| s.max(v.abs()));
-    let worst = whole
-        .iter()
-        .zip(&last)
-        .fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+    let (worst, scale) = max_diff(&last, &whole);
     assert!(
         worst <= 1e-3 * scale,
         "stepwise differs: {worst} of {scale}"

@@ -283,6 +283,22 @@ pub struct Decoder {
     own_pool: Option<KvPool>,
 }
 
+/// A pair of Gemma 3's norm weights (none in the other architectures).
+fn gemma_norms(
+    gemma: bool,
+    t: &mut impl FnMut(&str) -> Result<QTensor>,
+    [a, b]: [&str; 2],
+    device: &Device,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !gemma {
+        return Ok(None);
+    }
+    Ok(Some((
+        t(&format!("{a}.weight"))?.dequantize(device)?,
+        t(&format!("{b}.weight"))?.dequantize(device)?,
+    )))
+}
+
 fn matmul(t: QTensor) -> Result<QMatMul> {
     QMatMul::from_qtensor(kernels::accelerate(t)?)
 }
@@ -381,22 +397,13 @@ impl Decoder {
                 gate: matmul(t("ffn_gate.weight")?)?,
                 up: matmul(t("ffn_up.weight")?)?,
                 down: matmul(t("ffn_down.weight")?)?,
-                qk_norm: if gemma {
-                    Some((
-                        t("attn_q_norm.weight")?.dequantize(device)?,
-                        t("attn_k_norm.weight")?.dequantize(device)?,
-                    ))
-                } else {
-                    None
-                },
-                post_norm: if gemma {
-                    Some((
-                        t("post_attention_norm.weight")?.dequantize(device)?,
-                        t("post_ffw_norm.weight")?.dequantize(device)?,
-                    ))
-                } else {
-                    None
-                },
+                qk_norm: gemma_norms(gemma, &mut t, ["attn_q_norm", "attn_k_norm"], device)?,
+                post_norm: gemma_norms(
+                    gemma,
+                    &mut t,
+                    ["post_attention_norm", "post_ffw_norm"],
+                    device,
+                )?,
                 sliding: gemma && sliding(i),
             });
         }
