@@ -134,6 +134,18 @@ impl Prefixes {
     }
 }
 
+/// The store `run` needs: the KV budget admission counts against, plus a block per batch slot for
+/// rounding, and at least one whole context (a sequence admitted alone always fits).
+pub(super) fn kv_pool(
+    model: &Decoder,
+    info: &ModelInfo,
+    options: &EngineOptions,
+) -> candle_core::Result<KvPool> {
+    let per_token = model.kv_bytes_per_token();
+    let slack = (info.batch + 1) * super::decoder::KV_BLOCK * per_token;
+    model.kv_pool(options.kv_cache_bytes.max(info.context_length * per_token) + slack)
+}
+
 /// The engine loop with batching; returns when the job channel closes.
 pub(super) fn run(
     model: &Decoder,

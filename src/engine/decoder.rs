@@ -238,17 +238,25 @@ impl Drop for SeqCache {
 struct StepPlan {
     /// Store position of every new token, repeated over (kv heads, head dim) for `scatter_set`.
     write: Tensor,
-    /// Store positions to gather: `width` per sequence, padded with position 0.
-    read: Tensor,
-    width: usize,
-    /// Additive mask (1, batch, 1, t, width): 0 where a query may look, -inf elsewhere (padding
-    /// and later positions of the same step); none when nothing is hidden.
-    mask: Option<Tensor>,
-    /// The same for sliding-window layers, when the window hides something more.
-    local_mask: Option<Tensor>,
+    read: Read,
+}
+
+/// How attention reads the store in this step.
+enum Read {
     /// Decoding on the CPU: each sequence's store positions, in order (the new one last), for
     /// moss's paged attention kernel, which reads the store in place.
-    decode_slots: Option<Vec<Vec<u32>>>,
+    InPlace(Vec<Vec<u32>>),
+    /// Otherwise one gather of `width` positions per sequence (padded with position 0) and one
+    /// batched product.
+    Gather {
+        index: Tensor,
+        width: usize,
+        /// Additive mask (1, batch, 1, t, width): 0 where a query may look, -inf elsewhere
+        /// (padding and later positions of the same step); none when nothing is hidden.
+        mask: Option<Tensor>,
+        /// The same for sliding-window layers, when the window hides something more.
+        local_mask: Option<Tensor>,
+    },
 }
 
 pub struct Decoder {
@@ -567,16 +575,12 @@ impl Decoder {
         };
         let mut x = self.embed(tokens)?.reshape((b, t, self.hidden))?;
         for (layer, store) in self.layers.iter().zip(&pool.layers) {
-            let (rope, mask, window) = match (&local, layer.sliding) {
-                (Some(local), true) => (
-                    local,
-                    plan.local_mask.as_ref().or(plan.mask.as_ref()),
-                    self.window,
-                ),
-                _ => (&global, plan.mask.as_ref(), usize::MAX),
+            let rope = match (&local, layer.sliding) {
+                (Some(local), true) => local,
+                _ => &global,
             };
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.eps)?;
-            let mut a = self.attention(layer, store, &plan, (mask, window), &h, rope)?;
+            let mut a = self.attention(layer, store, &plan, &h, rope)?;
             if let Some((after, _)) = &layer.post_norm {
                 a = candle_nn::ops::rms_norm(&a, after, self.eps)?;
             }
@@ -611,7 +615,6 @@ impl Decoder {
     /// Where this step's keys and values go and come from (the caches already hold the blocks).
     fn plan(&self, caches: &[&mut SeqCache], t: usize) -> Result<StepPlan> {
         let b = caches.len();
-        let width = caches.iter().map(|c| c.len + t).max().unwrap_or(t);
         let write: Vec<u32> = caches
             .iter()
             .flat_map(|c| (c.len..c.len + t).map(|p| c.slot(p)))
@@ -620,14 +623,24 @@ impl Decoder {
             .reshape((1, b * t, 1))?
             .broadcast_as((self.n_kv_head, b * t, self.head_dim))?
             .contiguous()?;
-        let read: Vec<u32> = caches
+        if t == 1 && self.device.is_cpu() {
+            let slots = caches
+                .iter()
+                .map(|c| (0..=c.len).map(|p| c.slot(p)).collect())
+                .collect();
+            return Ok(StepPlan {
+                write,
+                read: Read::InPlace(slots),
+            });
+        }
+        let width = caches.iter().map(|c| c.len + t).max().unwrap_or(t);
+        let index: Vec<u32> = caches
             .iter()
             .flat_map(|c| (0..width).map(|p| if p < c.len + t { c.slot(p) } else { 0 }))
             .collect();
-        let read = Tensor::new(read.as_slice(), &self.device)?;
-        // Query i of a sequence at length `len` sees positions 0..=len+i.
-        let hidden = caches.iter().any(|c| c.len + t < width) || t > 1;
-        // … and in a sliding-window layer only the last `window` of those: len+i-window < j.
+        let index = Tensor::new(index.as_slice(), &self.device)?;
+        // Query i of a sequence at length `len` sees positions 0..=len+i, and in a sliding-window
+        // layer only the last `window` of those: len+i-window < j.
         let mask = |window: usize| -> Result<Tensor> {
             let m: Vec<f32> = caches
                 .iter()
@@ -646,27 +659,15 @@ impl Decoder {
                 .collect();
             Tensor::from_vec(m, (1, b, 1, t, width), &self.device)
         };
+        let hidden = caches.iter().any(|c| c.len + t < width) || t > 1;
         let local = self.local_rope.is_some() && width > self.window;
-        let decode_slots = (t == 1 && self.device.is_cpu()).then(|| {
-            caches
-                .iter()
-                .map(|c| (0..=c.len).map(|p| c.slot(p)).collect())
-                .collect()
-        });
         Ok(StepPlan {
-            decode_slots,
             write,
-            read,
-            width,
-            mask: if hidden {
-                Some(mask(usize::MAX)?)
-            } else {
-                None
-            },
-            local_mask: if local {
-                Some(mask(self.window)?)
-            } else {
-                None
+            read: Read::Gather {
+                index,
+                width,
+                mask: hidden.then(|| mask(usize::MAX)).transpose()?,
+                local_mask: local.then(|| mask(self.window)).transpose()?,
             },
         })
     }
@@ -680,7 +681,6 @@ impl Decoder {
         l: &Layer,
         (ks, vs): &(Tensor, Tensor),
         plan: &StepPlan,
-        (mask, window): (Option<&Tensor>, usize),
         x: &Tensor,
         (cos, sin): &(Tensor, Tensor),
     ) -> Result<Tensor> {
@@ -722,50 +722,31 @@ impl Decoder {
             .contiguous()?;
         ks.scatter_set(&plan.write, &k, 1)?;
         vs.scatter_set(&plan.write, &v, 1)?;
-        if let Some(slots) = &plan.decode_slots {
-            // Decoding on the CPU: moss's kernel reads each sequence's positions in place.
-            let seqs: Vec<&[u32]> = slots
-                .iter()
-                .map(|s| &s[s.len().saturating_sub(window)..])
-                .collect();
-            let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
-            let mut out = vec![0f32; q.len()];
-            {
-                let (kst, kl) = ks.storage_and_layout();
-                let (vst, vl) = vs.storage_and_layout();
-                let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*kst, &*vst)
-                else {
-                    candle_core::bail!("the key/value store is not on the CPU");
+        let (index, w, mask) = match &plan.read {
+            Read::Gather {
+                index,
+                width,
+                mask,
+                local_mask,
+            } => {
+                let mask = match l.sliding {
+                    true => local_mask.as_ref().or(mask.as_ref()),
+                    false => mask.as_ref(),
                 };
-                if !kl.is_contiguous() || !vl.is_contiguous() {
-                    candle_core::bail!("the key/value store is not contiguous");
-                }
-                let store = kernels::attention::Store {
-                    keys: &kc.as_slice::<f32>()?[kl.start_offset()..],
-                    values: &vc.as_slice::<f32>()?[vl.start_offset()..],
-                    positions: ks.dims()[1],
-                    kv_heads: n_kv_head,
-                    head_dim,
-                };
-                kernels::attention::paged_decode_attention(
-                    &q,
-                    store,
-                    n_head,
-                    self.attn_scale as f32,
-                    &seqs,
-                    &mut out,
-                )?;
+                (index, *width, mask)
             }
-            let y = Tensor::from_vec(out, (b, 1, n_head * head_dim), &self.device)?;
-            return l.wo.forward(&y);
-        }
+            Read::InPlace(slots) => {
+                // Decoding on the CPU: moss's kernel reads each sequence's positions in place.
+                let window = if l.sliding { self.window } else { usize::MAX };
+                return self.attend_in_place(l, (ks, vs), slots, window, &q);
+            }
+        };
         // Every sequence's keys and values, padded to the same width: (kv heads, b, width, d).
-        let w = plan.width;
         let keys = ks
-            .index_select(&plan.read, 1)?
+            .index_select(index, 1)?
             .reshape((n_kv_head, b, w, head_dim))?;
         let values = vs
-            .index_select(&plan.read, 1)?
+            .index_select(index, 1)?
             .reshape((n_kv_head, b, w, head_dim))?;
         // Queries grouped by their key/value head: (kv heads, b, rep·t, d).
         let q = (q
@@ -789,6 +770,56 @@ impl Decoder {
             .reshape((b, n_head, t, head_dim))?
             .transpose(1, 2)?
             .reshape((b, t, n_head * head_dim))?;
+        l.wo.forward(&y)
+    }
+
+    /// Decode attention through moss's kernel, reading the store in place; `q` is
+    /// (b, heads, 1, d), rotated.
+    fn attend_in_place(
+        &self,
+        l: &Layer,
+        (ks, vs): (&Tensor, &Tensor),
+        slots: &[Vec<u32>],
+        window: usize,
+        q: &Tensor,
+    ) -> Result<Tensor> {
+        let seqs: Vec<&[u32]> = slots
+            .iter()
+            .map(|s| &s[s.len().saturating_sub(window)..])
+            .collect();
+        let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
+        let mut out = vec![0f32; q.len()];
+        {
+            let (kst, kl) = ks.storage_and_layout();
+            let (vst, vl) = vs.storage_and_layout();
+            let (candle_core::Storage::Cpu(kc), candle_core::Storage::Cpu(vc)) = (&*kst, &*vst)
+            else {
+                candle_core::bail!("the key/value store is not on the CPU");
+            };
+            if !kl.is_contiguous() || !vl.is_contiguous() {
+                candle_core::bail!("the key/value store is not contiguous");
+            }
+            let store = kernels::attention::Store {
+                keys: &kc.as_slice::<f32>()?[kl.start_offset()..],
+                values: &vc.as_slice::<f32>()?[vl.start_offset()..],
+                positions: ks.dims()[1],
+                kv_heads: self.n_kv_head,
+                head_dim: self.head_dim,
+            };
+            kernels::attention::paged_decode_attention(
+                &q,
+                store,
+                self.n_head,
+                self.attn_scale as f32,
+                &seqs,
+                &mut out,
+            )?;
+        }
+        let y = Tensor::from_vec(
+            out,
+            (slots.len(), 1, self.n_head * self.head_dim),
+            &self.device,
+        )?;
         l.wo.forward(&y)
     }
 }

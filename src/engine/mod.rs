@@ -40,13 +40,14 @@ pub struct EngineOptions {
     pub queue_capacity: usize,
     /// Test knob: sleep this long after each generated token (slow generation on a tiny model).
     pub token_delay: Duration,
-    /// Which Qwen2 / Llama implementation to run (moss's by default; candle-transformers' to
+    /// Which implementation runs the model (moss's decoder by default; candle-transformers' to
     /// compare).
     pub implementation: model::Implementation,
-    /// Most sequences advanced together in one step (moss's decoder: Qwen2, Llama).
+    /// Most sequences advanced together in one step (moss's decoder: Qwen2, Llama, Gemma 3).
     pub max_batch: usize,
     /// KV-cache memory for running sequences (each reserves prompt + max_tokens positions; one
-    /// runs whatever its size); half as much again keeps finished sequences for prefix reuse.
+    /// runs whatever its size); finished sequences kept for prefix reuse use up to half of it and
+    /// give it back when running ones need it.
     pub kv_cache_bytes: usize,
     /// Nice value added to the engine thread (and the compute threads it starts): under CPU
     /// contention the web server's threads run first, so shedding stays fast while answers

@@ -35,25 +35,18 @@ pub(super) fn run(
             return;
         }
     };
-    // The batched engine's key/value store (its budget, plus a block per sequence for rounding),
-    // made before the service is told the model is ready.
-    let pool = match model.batched() {
-        Some(d) => {
-            // At least one whole context, so that a sequence running alone always fits.
-            let per_token = d.kv_bytes_per_token();
-            let slack = (info.batch + 1) * super::decoder::KV_BLOCK * per_token;
-            let bytes = options.kv_cache_bytes.max(info.context_length * per_token) + slack;
-            match d.kv_pool(bytes) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    let _ = ready.send(Err(LoadError::Device(format!(
-                        "cannot make the key/value cache: {e}"
-                    ))));
-                    return;
-                }
-            }
+    // The batched engine's key/value store, made before the service is told the model is ready.
+    let pool = match model
+        .batched()
+        .map(|d| super::batch::kv_pool(d, &info, &options))
+    {
+        Some(Err(e)) => {
+            let _ = ready.send(Err(LoadError::Device(format!(
+                "cannot make the key/value cache: {e}"
+            ))));
+            return;
         }
-        None => None,
+        pool => pool.and_then(Result::ok),
     };
     let info = Arc::new(info);
     if ready.send(Ok(info.clone())).is_err() {
