@@ -83,10 +83,26 @@ fn main() -> anyhow::Result<()> {
         "GB/s",
         "ceiling"
     );
-    let shapes = [(4864usize, 896usize), (896, 896), (896, 4864)];
+    println!("(* candle's kernel, which moss uses for that type: the same code in both columns)");
     let batches: &[usize] = if quick { &[1, 8] } else { &[1, 4, 8, 32] };
-    for dtype in [GgmlDType::Q5_0, GgmlDType::Q8_0] {
-        for &(n, k) in &shapes {
+    // moss's own kernels (Q5_0, Q8_0), then the types moss leaves to candle's (whose SIMD path
+    // candle 0.11 also picks at run time): there "moss" is the same code as "candle".
+    for dtype in [
+        GgmlDType::Q5_0,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        let ours_type = matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q8_0);
+        // k-quant rows are whole 256-value blocks: the default model's feed-forward down
+        // projection, and a square 2048.
+        let shapes: &[(usize, usize)] = match dtype {
+            GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => &[(896, 4864), (2048, 2048)],
+            _ => &[(4864, 896), (896, 896), (896, 4864)],
+        };
+        for &(n, k) in shapes {
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
                 .collect();
@@ -115,17 +131,22 @@ fn main() -> anyhow::Result<()> {
                 let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
                 let t_scalar = match dtype {
                     GgmlDType::Q5_0 => scalar::<kernels::BlockQ5_0>(&raw, (m, k, n), &xs, reps)?,
-                    _ => scalar::<kernels::BlockQ8_0>(&raw, (m, k, n), &xs, reps)?,
+                    GgmlDType::Q8_0 => scalar::<kernels::BlockQ8_0>(&raw, (m, k, n), &xs, reps)?,
+                    _ => f64::NAN, // candle's own: no separate scalar path to time
                 };
                 println!(
-                    "{:<6} {:>5} {:>11} {:>3} | {:>10.1} {:>10.1} {:>10.1} | {:>7.2}x {:>8.1} | {:>6.0}%",
-                    format!("{dtype:?}"),
+                    "{:<6} {:>5} {:>11} {:>3} | {:>10.1} {:>10.1} {:>10} | {:>7.2}x {:>8.1} | {:>6.0}%",
+                    format!("{dtype:?}{}", if ours_type { "" } else { "*" }),
                     m,
                     format!("{n}x{k}"),
                     "",
                     t_candle * 1e6,
                     t_moss * 1e6,
-                    t_scalar * 1e6,
+                    if t_scalar.is_nan() {
+                        "-".to_string()
+                    } else {
+                        format!("{:.1}", t_scalar * 1e6)
+                    },
                     t_candle / t_moss,
                     bytes / t_moss / 1e9,
                     100.0 * (bytes / t_moss) / bw

@@ -230,13 +230,20 @@ fn moss_decoder_matches_candle_transformers() {
     use candle_core::quantized::GgmlDType;
     use moss::engine::model::{Implementation, Model};
     let dir = tempfile::tempdir().unwrap();
+    // (architecture, matrix type, experts): the last is a Mixtral-style mixture of 4 experts,
+    // 2 per token.
     let cases = [Arch::Qwen2, Arch::Llama]
         .into_iter()
-        .flat_map(|a| [(a, GgmlDType::Q8_0), (a, GgmlDType::Q5_0)]);
-    for (arch, dtype) in cases {
-        let path = dir.path().join(format!("tiny-{arch:?}-{dtype:?}.gguf"));
+        .flat_map(|a| [(a, GgmlDType::Q8_0, 0), (a, GgmlDType::Q5_0, 0)])
+        .chain([(Arch::Llama, GgmlDType::Q8_0, 4)]);
+    for (arch, dtype, experts) in cases {
+        let path = dir
+            .path()
+            .join(format!("tiny-{arch:?}-{dtype:?}-{experts}.gguf"));
         let mut spec = moss::engine::tiny::TinySpec::new(arch);
         spec.matrices = dtype;
+        spec.experts = experts;
+        spec.experts_used = 2;
         moss::engine::tiny::write_tiny_model(&path, &spec).unwrap();
         let load = |imp| {
             let file = moss::engine::gguf::ModelFile::open(&path).unwrap();
@@ -254,7 +261,7 @@ fn moss_decoder_matches_candle_transformers() {
             assert!(scale > 0.0);
             assert!(
                 worst <= 1e-3 * scale,
-                "{arch:?} {dtype:?} at {pos}: logits differ by {worst} (scale {scale})"
+                "{arch:?} {dtype:?} {experts} experts at {pos}: logits differ by {worst} (scale {scale})"
             );
         }
         // greedy answers through the engine
@@ -277,7 +284,7 @@ fn moss_decoder_matches_candle_transformers() {
                 .ids;
             let (x, _, _) = collect(&a, greedy(prompt.clone(), 24));
             let (y, _, _) = collect(&b, greedy(prompt, 24));
-            assert_eq!(x, y, "{arch:?} {dtype:?} {q:?}");
+            assert_eq!(x, y, "{arch:?} {dtype:?} {experts} experts {q:?}");
         }
     }
 }
@@ -292,6 +299,48 @@ fn max_diff(got: &[f32], want: &[f32]) -> (f32, f32) {
     (worst, scale)
 }
 
+/// A mixture of experts stored the current llama.cpp way (one 3-D tensor per matrix holding
+/// every expert) computes exactly what the same weights stored one tensor per expert compute;
+/// routing matters (sending each token to all four experts gives other logits than to the best
+/// two); files whose expert counts make no sense are refused with a clear error.
+#[test]
+fn mixture_of_experts_layouts_agree() {
+    use moss::engine::model::{Implementation, Model};
+    let dir = tempfile::tempdir().unwrap();
+    let logits = |name: &str, f: &dyn Fn(&mut moss::engine::tiny::TinySpec)| {
+        let path = dir.path().join(name);
+        let mut spec = moss::engine::tiny::TinySpec::new(Arch::Llama);
+        (spec.experts, spec.experts_used) = (4, 2);
+        f(&mut spec);
+        moss::engine::tiny::write_tiny_model(&path, &spec).unwrap();
+        let file = moss::engine::gguf::ModelFile::open(&path).unwrap();
+        let mut m = Model::load(file, &candle_core::Device::Cpu, Implementation::Moss)?;
+        let prompt: Vec<u32> = (3..30).collect();
+        let mut out: Vec<f32> = m.forward(&prompt, 0).unwrap().to_vec1().unwrap();
+        out.extend(
+            m.forward(&[9], prompt.len())
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+        Ok::<_, moss::engine::gguf::LoadError>(out)
+    };
+    let apart = logits("apart.gguf", &|_| {}).unwrap();
+    let stacked = logits("stacked.gguf", &|s| s.stacked_experts = true).unwrap();
+    assert_eq!(apart, stacked);
+    // Every token to all four experts: a different answer from two of them.
+    let all = logits("all.gguf", &|s| s.experts_used = 4).unwrap();
+    let (worst, scale) = max_diff(&all, &apart);
+    assert!(
+        worst > 1e-3 * scale,
+        "routing to 2 or 4 experts gave the same logits"
+    );
+    let err = logits("bad.gguf", &|s| s.experts_used = 5)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("5 used per token"), "{err}");
+}
+
 fn q5_engine(dir: &std::path::Path, max_batch: usize) -> moss::engine::EngineHandle {
     q5_engine_for(dir, Arch::Qwen2, max_batch)
 }
@@ -301,10 +350,22 @@ fn q5_engine_for(
     arch: Arch,
     max_batch: usize,
 ) -> moss::engine::EngineHandle {
-    let path = dir.join(format!("tiny-q5-{}.gguf", arch.name()));
+    let mut spec = moss::engine::tiny::TinySpec::new(arch);
+    spec.matrices = candle_core::quantized::GgmlDType::Q5_0;
+    q5_engine_of(dir, spec, max_batch)
+}
+
+fn q5_engine_of(
+    dir: &std::path::Path,
+    spec: moss::engine::tiny::TinySpec,
+    max_batch: usize,
+) -> moss::engine::EngineHandle {
+    let path = dir.join(format!(
+        "tiny-q5-{}-{}.gguf",
+        spec.arch.name(),
+        spec.experts
+    ));
     if !path.exists() {
-        let mut spec = moss::engine::tiny::TinySpec::new(arch);
-        spec.matrices = candle_core::quantized::GgmlDType::Q5_0;
         moss::engine::tiny::write_tiny_model(&path, &spec).unwrap();
     }
     let mut opts = moss::engine::EngineOptions::new(&path);
@@ -314,17 +375,25 @@ fn q5_engine_for(
 }
 
 /// Continuous batching changes nothing but speed: eight different prompts generated together,
-/// in one batch, give exactly the tokens each gives alone.
+/// in one batch, give exactly the tokens each gives alone (a mixture of experts too: the rows of
+/// a step go to different experts).
 #[test]
 fn eight_prompts_in_one_batch_match_each_alone() {
     for arch in [Arch::Qwen2, Arch::Llama, Arch::Gemma3] {
-        eight_prompts_together(arch);
+        let mut spec = moss::engine::tiny::TinySpec::new(arch);
+        spec.matrices = candle_core::quantized::GgmlDType::Q5_0;
+        eight_prompts_together(spec);
     }
+    let mut moe = moss::engine::tiny::TinySpec::new(Arch::Llama);
+    moe.matrices = candle_core::quantized::GgmlDType::Q5_0;
+    (moe.experts, moe.experts_used) = (8, 2);
+    eight_prompts_together(moe);
 }
 
-fn eight_prompts_together(arch: Arch) {
+fn eight_prompts_together(spec: moss::engine::tiny::TinySpec) {
+    let arch = spec.arch;
     let dir = tempfile::tempdir().unwrap();
-    let engine = q5_engine_for(dir.path(), arch, 8);
+    let engine = q5_engine_of(dir.path(), spec, 8);
     let questions = [
         "hello",
         "what is the capital of france?",

@@ -104,6 +104,68 @@ fn q8_0_kernels_match_the_reference() {
     }
 }
 
+/// The other types real GGUFs use (Q4_0, Q4_K, Q5_K, Q6_K) multiply through candle's kernels,
+/// whose SIMD path candle also chooses at run time: held to the same dequantise-then-multiply
+/// reference on random data, through the path the decoder takes (`accelerate`, `QMatMul`), for
+/// one row (decode), a few (batched decode) and many (prefill), with column counts that leave
+/// remainders.
+#[test]
+fn the_other_gguf_types_match_the_reference() {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        for (k, n) in [(256, 5), (768, 37), (4864, 9)] {
+            let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.1..0.1)).collect();
+            let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype)
+                .unwrap();
+            assert_eq!(q.dtype(), dtype);
+            let wf: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(wf.iter().any(|v| *v != 0.0));
+            let mm = QMatMul::from_qtensor(accelerate(q).unwrap()).unwrap();
+            for m in [1, 3, 8, 17] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let got: Vec<f32> = mm
+                    .forward(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                assert_eq!(got.len(), m * n);
+                for i in 0..m {
+                    let xs = &x[i * k..(i + 1) * k];
+                    // Activations are rounded to 8 bits (half a step of max/127 per block, the
+                    // row's max bounding every block's; Q4_0's activation scale is an f16, which
+                    // adds up to 127 × 2⁻¹¹ of a step).
+                    let step = xs.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                    for j in 0..n {
+                        let ws = &wf[j * k..(j + 1) * k];
+                        let want: f64 = xs.iter().zip(ws).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let bound = ws.iter().map(|v| v.abs()).sum::<f32>() * step * 0.6 + 1e-4;
+                        let g = got[i * n + j];
+                        assert!(
+                            (g as f64 - want).abs() <= bound as f64,
+                            "{dtype:?} m={m} k={k} [{i},{j}]: {g} vs {want} (bound {bound})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn simd_and_scalar_dot_products_agree_exactly_on_integers() {
     // Same integer sums, same per-block scaling: only the float summation order differs.
@@ -173,8 +235,8 @@ fn paged_decode_attention_matches_the_reference_and_ignores_the_batch() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let (kv_heads, heads, d, positions) = (2usize, 6usize, 72usize, 300usize);
     let size = kv_heads * positions * d;
-    let keys: Vec<f32> = (0..size).map(|_| rng.gen_range(-1.0..1.0)).collect();
-    let values: Vec<f32> = (0..size).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let keys: Vec<f32> = (0..size).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let values: Vec<f32> = (0..size).map(|_| rng.random_range(-1.0..1.0)).collect();
     let store = Store {
         keys: &keys,
         values: &values,
@@ -185,10 +247,14 @@ fn paged_decode_attention_matches_the_reference_and_ignores_the_batch() {
     // three sequences of different lengths, their positions spread over the store
     let seqs: Vec<Vec<u32>> = [1usize, 37, 250]
         .iter()
-        .map(|&n| (0..n).map(|_| rng.gen_range(0..positions as u32)).collect())
+        .map(|&n| {
+            (0..n)
+                .map(|_| rng.random_range(0..positions as u32))
+                .collect()
+        })
         .collect();
     let q: Vec<f32> = (0..seqs.len() * heads * d)
-        .map(|_| rng.gen_range(-2.0..2.0))
+        .map(|_| rng.random_range(-2.0..2.0))
         .collect();
     let scale = 0.3f32;
     let views: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();

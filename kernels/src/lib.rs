@@ -92,10 +92,20 @@ pub fn available() -> Vec<Isa> {
     all[best..].to_vec()
 }
 
+/// What this CPU has (checked once: `supported` asks for every weight row).
 fn detect() -> Isa {
+    static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *BEST.get_or_init(probe)
+}
+
+fn probe() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        // Every AVX2 CPU has F16C too; the kernels convert block scales with it (half's own
+        // conversion is a run-time check and a call in a portable build, per block).
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
         if avx2
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
@@ -292,11 +302,18 @@ fn dot_q8_0_scalar(xs: &[BlockQ8_0], ys: &[BlockQ8_0], yd: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{half, BlockQ5_0, BlockQ8_0};
+    use super::{BlockQ5_0, BlockQ8_0};
     use std::arch::x86_64::*;
 
+    /// An f16 block scale as f32, with F16C (inlined into the kernels).
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn half(bits: u16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -306,7 +323,7 @@ mod simd {
 
     /// The 32 values of a Q5_0 block as signed bytes (q - 16), in value order.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn unpack_q5_0(b: &BlockQ5_0) -> __m256i {
         let q = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
         let mask = _mm_set1_epi8(0x0F);
@@ -329,7 +346,7 @@ mod simd {
     }
 
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn unpack_q8_0(b: &BlockQ8_0) -> __m256i {
         _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i)
     }
@@ -376,13 +393,13 @@ mod simd {
         use super::*;
 
         #[inline]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn dot(ax: __m256i, sy: __m256i) -> __m256i {
             _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
         }
 
-        rows_kernel!("avx2,fma", rows_q5_0, unpack_q5_0, BlockQ5_0, dot);
-        rows_kernel!("avx2,fma", rows_q8_0, unpack_q8_0, BlockQ8_0, dot);
+        rows_kernel!("avx2,fma,f16c", rows_q5_0, unpack_q5_0, BlockQ5_0, dot);
+        rows_kernel!("avx2,fma,f16c", rows_q8_0, unpack_q8_0, BlockQ8_0, dot);
     }
 
     /// Two blocks per 512-bit register (AVX-512 BW + VNNI); activations as plain bytes.
@@ -391,7 +408,7 @@ mod simd {
 
         macro_rules! wide_kernel {
             ($name:ident, $unpack:ident, $W:ty) => {
-                #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+                #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
                 pub unsafe fn $name<const N: usize>(
                     w: &[$W],
                     ys: [&[i8]; N],

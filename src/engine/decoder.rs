@@ -1,4 +1,4 @@
-//! Qwen2, Llama (Mistral, TinyLlama, …) and Gemma 3 decoders on candle with moss's quantized
+//! Qwen2, Llama (Mistral, TinyLlama, Mixtral-style mixtures of experts, …) and Gemma 3 decoders on candle with moss's quantized
 //! kernels (`moss-kernels`): the same computation as candle-transformers' `quantized_qwen2` and
 //! `quantized_llama` (dense models), and as llama.cpp's Gemma 3, except that
 //! - Q5_0 / Q8_0 weight matrices multiply through moss's SIMD kernels (candle's own stay in use
@@ -29,15 +29,33 @@ struct Layer {
     bias: Option<(Tensor, Tensor, Tensor)>,
     attn_norm: Tensor,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    ffn: Ffn,
     /// Gemma 3: norms of each query and key head.
     qk_norm: Option<(Tensor, Tensor)>,
     /// Gemma 3: norms of the attention's and the MLP's outputs.
     post_norm: Option<(Tensor, Tensor)>,
     /// Gemma 3: this layer sees the last `Decoder::window` positions only (local rotary table).
     sliding: bool,
+}
+
+/// A gated MLP: down(act(gate(x)) · up(x)).
+struct Mlp {
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+/// A layer's feed-forward part.
+enum Ffn {
+    Dense(Mlp),
+    /// A mixture of experts (Mixtral-style Llama): a router scores every expert for each token;
+    /// the `used` best run, their outputs weighted by the router's softmax renormalised over them.
+    Experts {
+        /// The router's weights, (experts, hidden) row-major, in f32.
+        router: Vec<f32>,
+        experts: Vec<Mlp>,
+        used: usize,
+    },
 }
 
 /// Cosines and sines of the rotary embedding, one row per position.
@@ -311,6 +329,74 @@ fn matmul(t: QTensor) -> Result<QMatMul> {
     QMatMul::from_qtensor(kernels::accelerate(t)?)
 }
 
+/// The `used` experts a token goes to, best first (ties: the lower index), and their weights: the
+/// router's softmax over all experts, renormalised over the chosen ones. Computed row by row in a
+/// fixed order, so a token is routed the same whatever else is in the batch.
+fn route(router: &[f32], x: &[f32], used: usize) -> (Vec<usize>, Vec<f32>) {
+    let logits: Vec<f32> = router
+        .chunks_exact(x.len())
+        .map(|w| {
+            let mut lanes = [0f32; 8];
+            let (wc, xc) = (w.chunks_exact(8), x.chunks_exact(8));
+            let tail: f32 = (wc.remainder().iter())
+                .zip(xc.remainder())
+                .map(|(a, b)| a * b)
+                .sum();
+            for (w, x) in wc.zip(xc) {
+                for l in 0..8 {
+                    lanes[l] += w[l] * x[l];
+                }
+            }
+            lanes.iter().sum::<f32>() + tail
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&i, &j| logits[j].total_cmp(&logits[i]));
+    order.truncate(used);
+    // softmax(l)[e] / Σ_chosen softmax(l) = exp(l_e - max) / Σ_chosen exp(l_c - max).
+    let max = logits[order[0]];
+    let p: Vec<f32> = order.iter().map(|&e| (logits[e] - max).exp()).collect();
+    let sum: f32 = p.iter().sum();
+    (order, p.into_iter().map(|v| v / sum).collect())
+}
+
+/// A layer's `n` experts: one tensor per expert and matrix (`ffn_gate.{j}`), or one 3-D tensor
+/// per matrix holding all of them (`ffn_gate_exps`), split here into the experts' own matrices.
+fn experts(t: &mut impl FnMut(&str) -> Result<QTensor>, n: usize) -> Result<Vec<Mlp>> {
+    let mut split = |name: &str| -> Result<Vec<QMatMul>> {
+        if let Ok(all) = t(&format!("ffn_{name}_exps.weight")) {
+            let (count, rows, cols) = all.shape().dims3()?;
+            if count != n {
+                candle_core::bail!("ffn_{name}_exps holds {count} experts, not {n}");
+            }
+            let data = all.data()?;
+            let per = data.len() / n;
+            let device = all.device();
+            return (0..n)
+                .map(|j| {
+                    let one = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                        all.dtype(),
+                        &data[j * per..(j + 1) * per],
+                        vec![rows, cols],
+                        &device,
+                    )?;
+                    matmul(one)
+                })
+                .collect();
+        }
+        (0..n)
+            .map(|j| matmul(t(&format!("ffn_{name}.{j}.weight"))?))
+            .collect()
+    };
+    let (gate, up, down) = (split("gate")?, split("up")?, split("down")?);
+    Ok(gate
+        .into_iter()
+        .zip(up)
+        .zip(down)
+        .map(|((gate, up), down)| Mlp { gate, up, down })
+        .collect())
+}
+
 impl Decoder {
     pub fn from_gguf<R: std::io::Seek + std::io::Read>(
         ct: &gguf_file::Content,
@@ -355,8 +441,14 @@ impl Decoder {
         if md("rope.dimension_count").is_ok_and(|v| v.to_u32().ok() != Some(head_dim as u32)) {
             candle_core::bail!("partial rotary embeddings are not supported");
         }
-        if md("expert_count").is_ok_and(|v| v.to_u32().unwrap_or(0) > 1) {
-            candle_core::bail!("mixture-of-experts models are not supported");
+        let n_expert = md("expert_count").and_then(|v| v.to_u32()).unwrap_or(0) as usize;
+        let n_expert_used = md("expert_used_count")
+            .and_then(|v| v.to_u32())
+            .unwrap_or(0) as usize;
+        if n_expert > 1 && (arch != "llama" || n_expert_used == 0 || n_expert_used > n_expert) {
+            candle_core::bail!(
+                "{arch} with {n_expert} experts, {n_expert_used} used per token, is not supported"
+            );
         }
         let mut get = |name: &str| ct.tensor(reader, name, device);
         let embedding = matmul(get("token_embd.weight")?)?;
@@ -402,9 +494,22 @@ impl Decoder {
                 },
                 attn_norm: t("attn_norm.weight")?.dequantize(device)?,
                 ffn_norm: t("ffn_norm.weight")?.dequantize(device)?,
-                gate: matmul(t("ffn_gate.weight")?)?,
-                up: matmul(t("ffn_up.weight")?)?,
-                down: matmul(t("ffn_down.weight")?)?,
+                ffn: if n_expert > 1 {
+                    Ffn::Experts {
+                        router: t("ffn_gate_inp.weight")?
+                            .dequantize(&Device::Cpu)?
+                            .flatten_all()?
+                            .to_vec1()?,
+                        experts: experts(&mut t, n_expert)?,
+                        used: n_expert_used,
+                    }
+                } else {
+                    Ffn::Dense(Mlp {
+                        gate: matmul(t("ffn_gate.weight")?)?,
+                        up: matmul(t("ffn_up.weight")?)?,
+                        down: matmul(t("ffn_down.weight")?)?,
+                    })
+                },
                 qk_norm: gemma_norms(gemma, &mut t, ["attn_q_norm", "attn_k_norm"], device)?,
                 post_norm: gemma_norms(
                     gemma,
@@ -586,13 +691,14 @@ impl Decoder {
             }
             let x1 = (x + a)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, self.eps)?;
-            let gate = layer.gate.forward(&h)?;
-            let g = if self.gelu {
-                gate.gelu()?
-            } else {
-                candle_nn::ops::silu(&gate)?
+            let mut m = match &layer.ffn {
+                Ffn::Dense(mlp) => self.mlp(mlp, &h)?,
+                Ffn::Experts {
+                    router,
+                    experts,
+                    used,
+                } => self.experts(router, experts, *used, &h)?,
             };
-            let mut m = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
             if let Some((_, after)) = &layer.post_norm {
                 m = candle_nn::ops::rms_norm(&m, after, self.eps)?;
             }
@@ -674,6 +780,51 @@ impl Decoder {
 }
 
 impl Decoder {
+    fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
+        let gate = mlp.gate.forward(x)?;
+        let g = if self.gelu {
+            gate.gelu()?
+        } else {
+            candle_nn::ops::silu(&gate)?
+        };
+        mlp.down.forward(&(g * mlp.up.forward(x)?)?)
+    }
+
+    /// The mixture of experts for every token of the batch at once: each expert runs once per
+    /// step, on the rows (of any sequences) routed to it, so its weights are read once for all of
+    /// them. A row's result depends on that row alone (its experts' outputs are added in expert
+    /// order), so batching cannot change it.
+    fn experts(&self, router: &[f32], experts: &[Mlp], used: usize, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let hidden = dims[dims.len() - 1];
+        let xs = x.reshape(((), hidden))?;
+        let mut rows = vec![Vec::<u32>::new(); experts.len()];
+        let mut weights = vec![Vec::<f32>::new(); experts.len()];
+        for (r, x) in xs
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?
+            .iter()
+            .enumerate()
+        {
+            let (chosen, w) = route(router, x, used);
+            for (e, w) in chosen.into_iter().zip(w) {
+                rows[e].push(r as u32);
+                weights[e].push(w);
+            }
+        }
+        let mut ys = xs.zeros_like()?;
+        for (e, mlp) in experts.iter().enumerate() {
+            if rows[e].is_empty() {
+                continue;
+            }
+            let idx = Tensor::new(rows[e].as_slice(), x.device())?;
+            let w = Tensor::new(weights[e].as_slice(), x.device())?.reshape(((), 1))?;
+            let y = self.mlp(mlp, &xs.index_select(&idx, 0)?)?;
+            ys = ys.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+        }
+        ys.reshape(dims)
+    }
+
     /// One layer's attention for the whole batch. Grouped queries are not expanded: the query heads
     /// sharing a key/value head become rows of one matrix product with it.
     fn attention(

@@ -1,7 +1,7 @@
 //! The transformer itself, picked by `general.architecture`, behind one small interface (reset,
 //! forward → last-token logits): moss's own decoder for Qwen2, Llama and Gemma 3 (`decoder.rs`,
 //! with moss's kernels, a quantized embedding and batched steps) or one of candle-transformers'
-//! quantized implementations (Llama mixture-of-experts; or any, to compare).
+//! quantized implementations (to compare).
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen2};
@@ -11,7 +11,8 @@ use super::gguf::{Arch, LoadError, ModelFile};
 /// Which implementation runs the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Implementation {
-    /// moss's (`decoder.rs`): SIMD kernels for Q5_0/Q8_0, embedding kept quantized, batching.
+    /// moss's (`decoder.rs`): SIMD kernels, embedding kept quantized, batching (mixtures of
+    /// experts included).
     #[default]
     Moss,
     /// candle-transformers' `quantized_qwen2` / `quantized_llama` / `quantized_gemma3`, unchanged
@@ -116,9 +117,7 @@ fn load_weights(
     implementation: Implementation,
 ) -> candle_core::Result<(Weights, usize)> {
     Ok(match arch {
-        Arch::Qwen2 | Arch::Llama | Arch::Gemma3
-            if implementation == Implementation::Moss && !is_moe(&content) =>
-        {
+        Arch::Qwen2 | Arch::Llama | Arch::Gemma3 if implementation == Implementation::Moss => {
             let m = super::decoder::Decoder::from_gguf(&content, reader, device)?;
             let ctx = m.context_length;
             (Weights::Moss(m), ctx)
@@ -153,13 +152,4 @@ fn load_weights(
             )
         }
     })
-}
-
-/// A Llama-architecture mixture of experts (candle-transformers runs those).
-fn is_moe(content: &candle_core::quantized::gguf_file::Content) -> bool {
-    content
-        .metadata
-        .get("llama.expert_count")
-        .and_then(|v| v.to_u32().ok())
-        .is_some_and(|n| n > 1)
 }

@@ -30,6 +30,13 @@ pub struct TinySpec {
     /// The type of the embedding and layer matrices (Q8_0 by default; Q5_0 exercises moss's
     /// kernels the way the default model does).
     pub matrices: GgmlDType,
+    /// Llama only: a mixture of this many experts per layer (0: one dense MLP), of which
+    /// `experts_used` run for each token.
+    pub experts: usize,
+    pub experts_used: usize,
+    /// Experts as one 3-D tensor per matrix (`ffn_gate_exps`, llama.cpp's current layout) rather
+    /// than one tensor per expert (`ffn_gate.{j}`, the older one candle-transformers reads).
+    pub stacked_experts: bool,
 }
 
 impl TinySpec {
@@ -44,6 +51,9 @@ impl TinySpec {
             context: 512,
             seed: 42,
             matrices: GgmlDType::Q8_0,
+            experts: 0,
+            experts_used: 0,
+            stacked_experts: false,
         }
     }
 }
@@ -262,6 +272,10 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> anyhow::Result<()> {
             if spec.arch == Arch::Llama {
                 md.push((format!("{arch}.rope.dimension_count"), u32v(head_dim)));
             }
+            if spec.experts > 1 {
+                md.push((format!("{arch}.expert_count"), u32v(spec.experts)));
+                md.push((format!("{arch}.expert_used_count"), u32v(spec.experts_used)));
+            }
         }
     }
 
@@ -295,18 +309,42 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> anyhow::Result<()> {
             format!("{p}.attn_output.weight"),
             rng.tensor(&[h, q_dim], s, q8)?,
         ));
-        tensors.push((
-            format!("{p}.ffn_gate.weight"),
-            rng.tensor(&[spec.ffn, h], s, q8)?,
-        ));
-        tensors.push((
-            format!("{p}.ffn_up.weight"),
-            rng.tensor(&[spec.ffn, h], s, q8)?,
-        ));
-        tensors.push((
-            format!("{p}.ffn_down.weight"),
-            rng.tensor(&[h, spec.ffn], s, q8)?,
-        ));
+        if spec.experts > 1 {
+            // The router (F32, as llama.cpp writes it), then the experts' matrices.
+            tensors.push((
+                format!("{p}.ffn_gate_inp.weight"),
+                rng.tensor(&[spec.experts, h], 1.0, GgmlDType::F32)?,
+            ));
+            let (n, f) = (spec.experts, spec.ffn);
+            for (name, dims) in [("gate", [f, h]), ("up", [f, h]), ("down", [h, f])] {
+                if spec.stacked_experts {
+                    tensors.push((
+                        format!("{p}.ffn_{name}_exps.weight"),
+                        rng.tensor(&[n, dims[0], dims[1]], s, q8)?,
+                    ));
+                } else {
+                    for j in 0..n {
+                        tensors.push((
+                            format!("{p}.ffn_{name}.{j}.weight"),
+                            rng.tensor(&dims, s, q8)?,
+                        ));
+                    }
+                }
+            }
+        } else {
+            tensors.push((
+                format!("{p}.ffn_gate.weight"),
+                rng.tensor(&[spec.ffn, h], s, q8)?,
+            ));
+            tensors.push((
+                format!("{p}.ffn_up.weight"),
+                rng.tensor(&[spec.ffn, h], s, q8)?,
+            ));
+            tensors.push((
+                format!("{p}.ffn_down.weight"),
+                rng.tensor(&[h, spec.ffn], s, q8)?,
+            ));
+        }
         tensors.push((format!("{p}.attn_norm.weight"), rng.ones(h)?));
         tensors.push((format!("{p}.ffn_norm.weight"), rng.ones(h)?));
         match spec.arch {
