@@ -2,7 +2,7 @@
 //! time, and the scalar fallback) next to candle's own for the same type, with the memory-
 //! bandwidth ceiling measured in the same run.
 //!
-//!     cargo bench --bench kernels [-- --quick]
+//!     cargo bench --bench kernels [-- --quick] [--only Q8_0]
 //!
 //! Shapes are the default model's (Qwen2.5-0.5B: hidden 896, feed-forward 4864). "GB/s" is
 //! weight bytes read per second; "of ceiling" compares it with the machine's copy bandwidth.
@@ -62,6 +62,8 @@ fn scalar<B: kernels::Block>(
 
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--only Q8_0` (a type's name as printed) times that type alone (for profiling one kernel).
+    let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     let dev = Device::Cpu;
     let bw = bandwidth();
     println!(
@@ -95,6 +97,9 @@ fn main() -> anyhow::Result<()> {
         GgmlDType::Q5K,
         GgmlDType::Q6K,
     ] {
+        if only.as_ref().is_some_and(|o| *o != format!("{dtype:?}")) {
+            continue;
+        }
         let ours_type = matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q8_0);
         // k-quant rows are whole 256-value blocks: the default model's feed-forward down
         // projection, and a square 2048.

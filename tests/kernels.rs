@@ -166,6 +166,62 @@ fn the_other_gguf_types_match_the_reference() {
     }
 }
 
+/// What batching relies on: through the path the decoder takes, a row multiplied together with
+/// others gives bit for bit what it gives alone, for every type real GGUFs use (the types whose
+/// candle kernel is `batch_sensitive` go one row at a time, as the decoder runs them; the others
+/// must not need it).
+#[test]
+fn a_row_multiplies_the_same_alone_and_in_a_batch() {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{Device, Module, Tensor};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        // An odd shape, and the default model's feed-forward down projection (candle repacks
+        // k-quant matrices of such sizes for its multi-row kernels).
+        for (k, n) in [(768, 37), (4864, 896)] {
+            let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.1..0.1)).collect();
+            let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype)
+                .unwrap();
+            let mm = QMatMul::from_qtensor(accelerate(q).unwrap()).unwrap();
+            for m in [2, 4, 5, 8, 13] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let run = |rows: &[f32], m: usize| -> Vec<u32> {
+                    let x = Tensor::from_vec(rows.to_vec(), (m, k), &Device::Cpu).unwrap();
+                    let y = if batch_sensitive(dtype) {
+                        forward_rows(&mm, &x)
+                    } else {
+                        mm.forward(&x)
+                    };
+                    y.unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .into_iter()
+                        .map(f32::to_bits)
+                        .collect()
+                };
+                let together = run(&x, m);
+                for i in 0..m {
+                    let alone = run(&x[i * k..(i + 1) * k], 1);
+                    assert_eq!(
+                        alone,
+                        together[i * n..(i + 1) * n],
+                        "{dtype:?} {n}x{k}: row {i} of {m} differs from the row alone"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn simd_and_scalar_dot_products_agree_exactly_on_integers() {
     // Same integer sums, same per-block scaling: only the float summation order differs.

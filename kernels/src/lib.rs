@@ -17,8 +17,8 @@ use std::borrow::Cow;
 
 pub mod attention;
 
-use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
-use candle_core::{CpuStorage, Result};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, QuantizedType};
+use candle_core::{CpuStorage, Module, Result, Tensor};
 use half::f16;
 
 /// Values per block (Q5_0 and Q8_0).
@@ -192,6 +192,7 @@ impl Block for BlockQ5_0 {
         }
     }
 
+    #[inline]
     fn rows<const N: usize>(
         isa: Isa,
         w: &[Self],
@@ -202,6 +203,7 @@ impl Block for BlockQ5_0 {
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[inline]
     unsafe fn rows_wide<const N: usize>(w: &[Self], ys: [&[i8]; N], yd: [&[f32]; N]) -> [f32; N] {
         simd::wide::rows_q5_0(w, ys, yd)
     }
@@ -240,6 +242,7 @@ impl Block for BlockQ8_0 {
         }
     }
 
+    #[inline]
     fn rows<const N: usize>(
         isa: Isa,
         w: &[Self],
@@ -250,6 +253,7 @@ impl Block for BlockQ8_0 {
     }
 
     #[cfg(target_arch = "x86_64")]
+    #[inline]
     unsafe fn rows_wide<const N: usize>(w: &[Self], ys: [&[i8]; N], yd: [&[f32]; N]) -> [f32; N] {
         simd::wide::rows_q8_0(w, ys, yd)
     }
@@ -355,6 +359,7 @@ mod simd {
     /// `$dot` turns (|x| unsigned, y with x's sign) bytes into 8 lanes of i32 sums.
     macro_rules! rows_kernel {
         ($features:literal, $name:ident, $unpack:ident, $W:ty, $dot:ident) => {
+            #[inline]
             #[target_feature(enable = $features)]
             pub unsafe fn $name<const N: usize>(
                 w: &[$W],
@@ -364,25 +369,56 @@ mod simd {
                 for r in 0..N {
                     assert!(ys[r].len() >= w.len() && yd[r].len() >= w.len());
                 }
+                // Blocks go in pairs, even ones into one running sum and odd ones into another,
+                // so that two chains of fused multiply-adds run at once. The order is the same
+                // for every N, so a row sums alike alone and in a batch.
                 let mut acc = [_mm256_setzero_ps(); N];
-                for (b, x) in w.iter().enumerate() {
-                    let qx = $unpack(x);
+                let mut odd = [_mm256_setzero_ps(); N];
+                let pairs = w.len() / 2;
+                for p in 0..pairs {
+                    let (b0, b1) = (2 * p, 2 * p + 1);
+                    let (x0, x1) = (w.get_unchecked(b0), w.get_unchecked(b1));
+                    let (q0, q1) = ($unpack(x0), $unpack(x1));
                     // maddubs / dpbusd multiply unsigned by signed bytes: |x| and y with x's sign
                     // (activations never hold -128, so the sign flip cannot overflow).
+                    let (a0, a1) = (_mm256_sign_epi8(q0, q0), _mm256_sign_epi8(q1, q1));
+                    let (d0, d1) = (half(x0.d), half(x1.d));
+                    for r in 0..N {
+                        let y0 = ys[r].get_unchecked(b0);
+                        let y1 = ys[r].get_unchecked(b1);
+                        let s0 = _mm256_sign_epi8(
+                            _mm256_loadu_si256(y0.qs.as_ptr() as *const __m256i),
+                            q0,
+                        );
+                        let s1 = _mm256_sign_epi8(
+                            _mm256_loadu_si256(y1.qs.as_ptr() as *const __m256i),
+                            q1,
+                        );
+                        let p0 = _mm256_cvtepi32_ps($dot(a0, s0));
+                        let p1 = _mm256_cvtepi32_ps($dot(a1, s1));
+                        let c0 = _mm256_set1_ps(d0 * *yd[r].get_unchecked(b0));
+                        let c1 = _mm256_set1_ps(d1 * *yd[r].get_unchecked(b1));
+                        acc[r] = _mm256_fmadd_ps(c0, p0, acc[r]);
+                        odd[r] = _mm256_fmadd_ps(c1, p1, odd[r]);
+                    }
+                }
+                if w.len() % 2 == 1 {
+                    let b = w.len() - 1;
+                    let x = w.get_unchecked(b);
+                    let qx = $unpack(x);
                     let ax = _mm256_sign_epi8(qx, qx);
                     let dw = half(x.d);
                     for r in 0..N {
                         let y = ys[r].get_unchecked(b);
                         let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-                        let sy = _mm256_sign_epi8(qy, qx);
-                        let p = _mm256_cvtepi32_ps($dot(ax, sy));
+                        let p = _mm256_cvtepi32_ps($dot(ax, _mm256_sign_epi8(qy, qx)));
                         let scale = _mm256_set1_ps(dw * *yd[r].get_unchecked(b));
                         acc[r] = _mm256_fmadd_ps(scale, p, acc[r]);
                     }
                 }
                 let mut out = [0f32; N];
                 for r in 0..N {
-                    out[r] = hsum(acc[r]);
+                    out[r] = hsum(_mm256_add_ps(acc[r], odd[r]));
                 }
                 out
             }
@@ -408,6 +444,7 @@ mod simd {
 
         macro_rules! wide_kernel {
             ($name:ident, $unpack:ident, $W:ty) => {
+                #[inline]
                 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
                 pub unsafe fn $name<const N: usize>(
                     w: &[$W],
@@ -508,43 +545,114 @@ pub fn matmul<B: Block>(
     } else {
         Vec::new()
     };
-    let (xq, xd, bytes) = (&xq, &xd, &bytes);
-    let dst_ptr = dst.as_mut_ptr() as usize;
-    // Tiles of activation rows against one weight row: the weight blocks are unpacked once
-    // for all rows of the tile.
-    macro_rules! tile {
-        ($n:literal, $wrow:expr, $i:expr) => {{
-            let yd: [&[f32]; $n] = std::array::from_fn(|t| &xd[($i + t) * kb..($i + t + 1) * kb]);
-            let blocks = || -> [f32; $n] {
-                let ys: [&[BlockQ8_0]; $n] =
-                    std::array::from_fn(|t| &xq[($i + t) * kb..($i + t + 1) * kb]);
-                B::rows::<$n>(isa, $wrow, ys, yd)
-            };
-            #[cfg(target_arch = "x86_64")]
-            let v = if wide {
-                let ys: [&[i8]; $n] =
-                    std::array::from_fn(|t| &bytes[($i + t) * k..($i + t + 1) * k]);
-                // SAFETY: `wide` is only set when `isa()` found the AVX-512 VNNI features;
-                // the slices have the lengths asserted inside.
-                unsafe { B::rows_wide::<$n>($wrow, ys, yd) }
-            } else {
-                blocks()
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let v = blocks();
-            v
-        }};
-    }
-    // Groups of weight rows; each group is read once for all rows of X.
-    const GROUP: usize = 8;
+    let job = Job {
+        isa,
+        wide,
+        m,
+        k,
+        n,
+        w,
+        xq: &xq,
+        xd: &xd,
+        bytes: &bytes,
+        dst: dst.as_mut_ptr() as usize,
+    };
     let groups = n.div_ceil(GROUP);
-    candle_core::utils::barrier_pool().execute_chunked(groups, |range| {
+    candle_core::utils::barrier_pool().execute_chunked(groups, |range| match isa {
+        // The loop over rows compiled with the SIMD features, so that the kernels inline into it
+        // (otherwise a portable build calls them once per weight row).
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` came through `supported`: the CPU has these features.
+        Isa::Avx512Vnni => unsafe { job.groups_avx512(range) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { job.groups_avx2(range) },
+        _ => job.groups(range),
+    });
+    Ok(())
+}
+
+/// Weight rows per work item; each group is read once for all rows of X.
+const GROUP: usize = 8;
+
+/// One quantized product, shared by the work items of the thread pool.
+struct Job<'a, B: Block> {
+    isa: Isa,
+    wide: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+    w: &'a [B],
+    xq: &'a [BlockQ8_0],
+    xd: &'a [f32],
+    bytes: &'a [i8],
+    /// `dst` as an address (written through by disjoint work items).
+    dst: usize,
+}
+
+impl<B: Block> Job<'_, B> {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn groups_avx2(&self, range: std::ops::Range<usize>) {
+        self.groups(range)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn groups_avx512(&self, range: std::ops::Range<usize>) {
+        self.groups(range)
+    }
+
+    /// Weight-row groups `range`: each weight row against tiles of activation rows (the weight
+    /// blocks are unpacked once for all rows of a tile).
+    #[inline(always)]
+    fn groups(&self, range: std::ops::Range<usize>) {
+        let Self {
+            isa,
+            wide,
+            m,
+            k,
+            n,
+            w,
+            xq,
+            xd,
+            bytes,
+            dst,
+        } = *self;
+        let kb = k / QK;
+        macro_rules! tile {
+            ($n:literal, $wrow:expr, $i:expr) => {{
+                let yd: [&[f32]; $n] =
+                    std::array::from_fn(|t| &xd[($i + t) * kb..($i + t + 1) * kb]);
+                let blocks = || -> [f32; $n] {
+                    let ys: [&[BlockQ8_0]; $n] =
+                        std::array::from_fn(|t| &xq[($i + t) * kb..($i + t + 1) * kb]);
+                    B::rows::<$n>(isa, $wrow, ys, yd)
+                };
+                #[cfg(target_arch = "x86_64")]
+                let v = if wide {
+                    let ys: [&[i8]; $n] =
+                        std::array::from_fn(|t| &bytes[($i + t) * k..($i + t + 1) * k]);
+                    // SAFETY: `wide` is only set when `isa()` found the AVX-512 VNNI features;
+                    // the slices have the lengths asserted inside.
+                    unsafe { B::rows_wide::<$n>($wrow, ys, yd) }
+                } else {
+                    blocks()
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let v = {
+                    let _ = (wide, bytes);
+                    blocks()
+                };
+                v
+            }};
+        }
         for g in range {
             for j in g * GROUP..((g + 1) * GROUP).min(n) {
                 let wrow = &w[j * kb..(j + 1) * kb];
                 let put = |i: usize, v: f32| {
                     // SAFETY: each (i, j) is written by exactly one work item, within m * n.
-                    unsafe { *(dst_ptr as *mut f32).add(i * n + j) = v };
+                    unsafe { *(dst as *mut f32).add(i * n + j) = v };
                 };
                 let mut i = 0;
                 while i + 8 <= m {
@@ -564,8 +672,7 @@ pub fn matmul<B: Block>(
                 }
             }
         }
-    });
-    Ok(())
+    }
 }
 
 /// Blocks held for candle: a `QTensor` whose matmul runs these kernels.
@@ -677,6 +784,33 @@ pub fn accelerate(t: QTensor) -> Result<QTensor> {
         _ => return Ok(t),
     };
     QTensor::new(QStorage::Cpu(storage), t.shape().clone())
+}
+
+/// Whether candle's kernel for `dtype` sums a row differently depending on how many rows are
+/// multiplied at once, so that a token's result would depend on the rest of its step (a batch of
+/// sequences, or a prompt chunk that the prefix cache shortened): on x86-64 candle 0.11 multiplies
+/// one Q6_K row with its compact GEMV and several with repacked tiles (`tests/kernels.rs` checks
+/// that every other type is indifferent).
+pub fn batch_sensitive(dtype: GgmlDType) -> bool {
+    cfg!(target_arch = "x86_64") && dtype == GgmlDType::Q6K
+}
+
+/// `mm.forward(x)` one row of `x` at a time (rows: every dimension but the last).
+pub fn forward_rows(mm: &QMatMul, x: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let k = *dims.last().unwrap_or(&0);
+    let rows = x.elem_count() / k.max(1);
+    if rows <= 1 {
+        return mm.forward(x);
+    }
+    let flat = x.reshape((rows, k))?.contiguous()?;
+    let outs = (0..rows)
+        .map(|i| mm.forward(&flat.narrow(0, i, 1)?))
+        .collect::<Result<Vec<_>>>()?;
+    let y = Tensor::cat(&outs, 0)?;
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("rows > 1") = y.dim(1)?;
+    y.reshape(shape)
 }
 
 fn data(t: &QTensor) -> Result<Cow<'_, [u8]>> {

@@ -20,11 +20,32 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 
 use super::kernels;
 
+/// A weight matrix, multiplied through candle's `QMatMul` (moss's kernels where the type has
+/// them).
+#[derive(Clone)]
+struct Weight {
+    mm: QMatMul,
+    /// Its kernel sums a row differently with the number of rows (`kernels::batch_sensitive`):
+    /// it runs one row at a time, so that a token's result never depends on what else is in the
+    /// step (other sequences, or how much of a prompt the prefix cache already held).
+    row_by_row: bool,
+}
+
+impl Weight {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.row_by_row {
+            kernels::forward_rows(&self.mm, x)
+        } else {
+            self.mm.forward(x)
+        }
+    }
+}
+
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Weight,
+    wk: Weight,
+    wv: Weight,
+    wo: Weight,
     /// Attention biases (Qwen2; none in Llama).
     bias: Option<(Tensor, Tensor, Tensor)>,
     attn_norm: Tensor,
@@ -40,9 +61,9 @@ struct Layer {
 
 /// A gated MLP: down(act(gate(x)) · up(x)).
 struct Mlp {
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Weight,
+    up: Weight,
+    down: Weight,
 }
 
 /// A layer's feed-forward part.
@@ -283,7 +304,7 @@ pub struct Decoder {
     embedding: QMatMul,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Weight,
     rope: Rope,
     /// Gemma 3's sliding-window layers: their rotary table and window.
     local_rope: Option<Rope>,
@@ -325,8 +346,12 @@ fn gemma_norms(
     )))
 }
 
-fn matmul(t: QTensor) -> Result<QMatMul> {
-    QMatMul::from_qtensor(kernels::accelerate(t)?)
+fn matmul(t: QTensor) -> Result<Weight> {
+    let row_by_row = t.device().is_cpu() && kernels::batch_sensitive(t.dtype());
+    Ok(Weight {
+        mm: QMatMul::from_qtensor(kernels::accelerate(t)?)?,
+        row_by_row,
+    })
 }
 
 /// The `used` experts a token goes to, best first (ties: the lower index), and their weights: the
@@ -363,7 +388,7 @@ fn route(router: &[f32], x: &[f32], used: usize) -> (Vec<usize>, Vec<f32>) {
 /// A layer's `n` experts: one tensor per expert and matrix (`ffn_gate.{j}`), or one 3-D tensor
 /// per matrix holding all of them (`ffn_gate_exps`), split here into the experts' own matrices.
 fn experts(t: &mut impl FnMut(&str) -> Result<QTensor>, n: usize) -> Result<Vec<Mlp>> {
-    let mut split = |name: &str| -> Result<Vec<QMatMul>> {
+    let mut split = |name: &str| -> Result<Vec<Weight>> {
         if let Ok(all) = t(&format!("ffn_{name}_exps.weight")) {
             let (count, rows, cols) = all.shape().dims3()?;
             if count != n {
@@ -456,6 +481,7 @@ impl Decoder {
             Ok(t) => matmul(t)?,
             Err(_) => embedding.clone(), // tied embeddings: the same blocks, held once
         };
+        let embedding = embedding.mm;
         let norm = get("output_norm.weight")?.dequantize(device)?;
         // Gemma 3: every sixth layer (by default) attends globally, the others to a window; the
         // pattern may also be given layer by layer (llama.cpp's keys, then candle's).
