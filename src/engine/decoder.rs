@@ -25,8 +25,8 @@ use super::kernels;
 #[derive(Clone)]
 struct Weight {
     mm: QMatMul,
-    /// Its kernel sums a row differently with the number of rows (`kernels::batch_sensitive`):
-    /// it runs one row at a time, so that a token's result never depends on what else is in the
+    /// Its kernel sums a lone row differently from several (`kernels::batch_sensitive`): a lone
+    /// row goes through as a pair, so that a token's result never depends on what else is in the
     /// step (other sequences, or how much of a prompt the prefix cache already held).
     row_by_row: bool,
 }
@@ -34,7 +34,7 @@ struct Weight {
 impl Weight {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.row_by_row {
-            kernels::forward_rows(&self.mm, x)
+            kernels::forward_as_batch(&self.mm, x)
         } else {
             self.mm.forward(x)
         }
