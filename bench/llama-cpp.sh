@@ -18,8 +18,10 @@ if [ ! -x "$bin/llama-bench" ] || [ ! -x "$bin/llama-batched-bench" ] || [ ! -x 
   command -v cmake >/dev/null || python3 -m pip install -q --disable-pip-version-check cmake
   mkdir -p "$home"
   if [ ! -d "$src" ]; then
-    url=$(curl -fsS "https://pypi.org/pypi/llama-cpp-python/$version/json" | python3 -c \
-      "import json,sys; print([u['url'] for u in json.load(sys.stdin)['urls'] if u['packagetype']=='sdist'][0])")
+    # The source release's address from PyPI's simple index (its JSON API is not always reachable).
+    url=$(curl -fsS "https://pypi.org/simple/llama-cpp-python/" \
+      | grep -o "href=\"[^\"]*llama_cpp_python-$version.tar.gz[^\"]*\"" | head -1 | cut -d'"' -f2 | cut -d'#' -f1)
+    [ -n "$url" ] || { log "llama-cpp-python $version's source release not found on PyPI"; exit 1; }
     log "downloading $url"
     curl -fsSL "$url" | tar xz -C "$home"
   fi
