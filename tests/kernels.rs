@@ -168,8 +168,8 @@ fn the_other_gguf_types_match_the_reference() {
 
 /// What batching relies on: through the path the decoder takes, a row multiplied together with
 /// others gives bit for bit what it gives alone, for every type real GGUFs use (the types whose
-/// candle kernel is `batch_sensitive` take a lone row as a pair, as the decoder runs them; the
-/// others must not need it).
+/// candle kernel is `batch_sensitive` go one row at a time, as the decoder runs them when
+/// decoding; the others must not need it).
 #[test]
 fn a_row_multiplies_the_same_alone_and_in_a_batch() {
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -195,7 +195,7 @@ fn a_row_multiplies_the_same_alone_and_in_a_batch() {
                 let run = |rows: &[f32], m: usize| -> Vec<u32> {
                     let x = Tensor::from_vec(rows.to_vec(), (m, k), &Device::Cpu).unwrap();
                     let y = if batch_sensitive(dtype) {
-                        forward_as_batch(&mm, &x)
+                        forward_rows(&mm, &x)
                     } else {
                         mm.forward(&x)
                     };

@@ -787,28 +787,29 @@ pub fn accelerate(t: QTensor) -> Result<QTensor> {
 }
 
 /// Whether candle's kernel for `dtype` sums one row differently from several rows multiplied at
-/// once, so that a token's result would depend on the rest of its step (a batch of sequences, or
-/// a prompt chunk that the prefix cache shortened): on x86-64 candle 0.11 multiplies a lone Q6_K
-/// row with its compact GEMV and two or more with repacked tiles, which agree with each other
-/// row for row. `tests/kernels.rs` checks that, and that every other type is indifferent.
+/// once, so that a sequence decoded in a batch would not get what it gets alone: on x86-64 candle
+/// 0.11 multiplies a lone Q6_K row with its compact GEMV and two or more with repacked tiles.
+/// `tests/kernels.rs` checks that every other type is indifferent.
 pub fn batch_sensitive(dtype: GgmlDType) -> bool {
     cfg!(target_arch = "x86_64") && dtype == GgmlDType::Q6K
 }
 
-/// `mm.forward(x)` with a lone row multiplied as a pair (itself twice, the copy dropped), so that
-/// it takes the many-row path of a `batch_sensitive` kernel like every other row.
-pub fn forward_as_batch(mm: &QMatMul, x: &Tensor) -> Result<Tensor> {
+/// `mm.forward(x)` one row of `x` at a time (rows: every dimension but the last): each row takes
+/// the one-row path, as it would alone.
+pub fn forward_rows(mm: &QMatMul, x: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let k = *dims.last().unwrap_or(&0);
-    if x.elem_count() != k {
+    let rows = x.elem_count() / k.max(1);
+    if rows <= 1 {
         return mm.forward(x);
     }
-    let row = x.reshape((1, k))?;
-    let y = mm
-        .forward(&Tensor::cat(&[&row, &row], 0)?)?
-        .narrow(0, 0, 1)?;
+    let flat = x.reshape((rows, k))?.contiguous()?;
+    let outs = (0..rows)
+        .map(|i| mm.forward(&flat.narrow(0, i, 1)?))
+        .collect::<Result<Vec<_>>>()?;
+    let y = Tensor::cat(&outs, 0)?;
     let mut shape = dims.to_vec();
-    *shape.last_mut().expect("one row") = y.dim(1)?;
+    *shape.last_mut().expect("rows > 1") = y.dim(1)?;
     y.reshape(shape)
 }
 

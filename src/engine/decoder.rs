@@ -25,16 +25,18 @@ use super::kernels;
 #[derive(Clone)]
 struct Weight {
     mm: QMatMul,
-    /// Its kernel sums a lone row differently from several (`kernels::batch_sensitive`): a lone
-    /// row goes through as a pair, so that a token's result never depends on what else is in the
-    /// step (other sequences, or how much of a prompt the prefix cache already held).
+    /// Its kernel sums a lone row differently from several (`kernels::batch_sensitive`): in
+    /// decoding steps it runs one row at a time (the fast one-row path, and a sequence's token
+    /// comes out the same alone and in a batch); prompt chunks take the many-row path.
     row_by_row: bool,
 }
 
 impl Weight {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.row_by_row {
-            kernels::forward_as_batch(&self.mm, x)
+    /// `x` times the matrix; `decoding`: the rows are sequences' next tokens (one each), which
+    /// must come out as each would alone.
+    fn forward(&self, x: &Tensor, decoding: bool) -> Result<Tensor> {
+        if decoding && self.row_by_row {
+            kernels::forward_rows(&self.mm, x)
         } else {
             self.mm.forward(x)
         }
@@ -704,6 +706,8 @@ impl Decoder {
             Some(r) => Some(r.at(caches, t)?),
             None => None,
         };
+        // Each sequence's next token: rows that must come out as they would alone.
+        let decoding = t == 1;
         let mut x = self.embed(tokens)?.reshape((b, t, self.hidden))?;
         for (layer, store) in self.layers.iter().zip(&pool.layers) {
             let rope = match (&local, layer.sliding) {
@@ -718,12 +722,12 @@ impl Decoder {
             let x1 = (x + a)?;
             let h = candle_nn::ops::rms_norm(&x1, &layer.ffn_norm, self.eps)?;
             let mut m = match &layer.ffn {
-                Ffn::Dense(mlp) => self.mlp(mlp, &h)?,
+                Ffn::Dense(mlp) => self.mlp(mlp, &h, decoding)?,
                 Ffn::Experts {
                     router,
                     experts,
                     used,
-                } => self.experts(router, experts, *used, &h)?,
+                } => self.experts(router, experts, *used, &h, decoding)?,
             };
             if let Some((_, after)) = &layer.post_norm {
                 m = candle_nn::ops::rms_norm(&m, after, self.eps)?;
@@ -735,9 +739,10 @@ impl Decoder {
         }
         // Only each sequence's last position is needed.
         let x = x.i((.., t - 1, ..))?.contiguous()?;
-        let logits = self
-            .output
-            .forward(&candle_nn::ops::rms_norm(&x, &self.norm, self.eps)?)?;
+        let logits = self.output.forward(
+            &candle_nn::ops::rms_norm(&x, &self.norm, self.eps)?,
+            decoding,
+        )?;
         match self.softcap {
             Some(c) => (logits / c)?.tanh()? * c,
             None => Ok(logits),
@@ -806,21 +811,29 @@ impl Decoder {
 }
 
 impl Decoder {
-    fn mlp(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
-        let gate = mlp.gate.forward(x)?;
+    fn mlp(&self, mlp: &Mlp, x: &Tensor, decoding: bool) -> Result<Tensor> {
+        let gate = mlp.gate.forward(x, decoding)?;
         let g = if self.gelu {
             gate.gelu()?
         } else {
             candle_nn::ops::silu(&gate)?
         };
-        mlp.down.forward(&(g * mlp.up.forward(x)?)?)
+        mlp.down
+            .forward(&(g * mlp.up.forward(x, decoding)?)?, decoding)
     }
 
     /// The mixture of experts for every token of the batch at once: each expert runs once per
     /// step, on the rows (of any sequences) routed to it, so its weights are read once for all of
     /// them. A row's result depends on that row alone (its experts' outputs are added in expert
     /// order), so batching cannot change it.
-    fn experts(&self, router: &[f32], experts: &[Mlp], used: usize, x: &Tensor) -> Result<Tensor> {
+    fn experts(
+        &self,
+        router: &[f32],
+        experts: &[Mlp],
+        used: usize,
+        x: &Tensor,
+        decoding: bool,
+    ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let hidden = dims[dims.len() - 1];
         let xs = x.reshape(((), hidden))?;
@@ -845,7 +858,7 @@ impl Decoder {
             }
             let idx = Tensor::new(rows[e].as_slice(), x.device())?;
             let w = Tensor::new(weights[e].as_slice(), x.device())?.reshape(((), 1))?;
-            let y = self.mlp(mlp, &xs.index_select(&idx, 0)?)?;
+            let y = self.mlp(mlp, &xs.index_select(&idx, 0)?, decoding)?;
             ys = ys.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
         }
         ys.reshape(dims)
@@ -869,7 +882,12 @@ impl Decoder {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (mut q, mut k, mut v) = (l.wq.forward(x)?, l.wk.forward(x)?, l.wv.forward(x)?);
+        let decoding = t == 1;
+        let (mut q, mut k, mut v) = (
+            l.wq.forward(x, decoding)?,
+            l.wk.forward(x, decoding)?,
+            l.wv.forward(x, decoding)?,
+        );
         if let Some((bq, bk, bv)) = &l.bias {
             q = q.broadcast_add(bq)?;
             k = k.broadcast_add(bk)?;
@@ -947,7 +965,7 @@ impl Decoder {
             .reshape((b, n_head, t, head_dim))?
             .transpose(1, 2)?
             .reshape((b, t, n_head * head_dim))?;
-        l.wo.forward(&y)
+        l.wo.forward(&y, decoding)
     }
 
     /// Decode attention through moss's kernel, reading the store in place; `q` is
@@ -997,6 +1015,6 @@ impl Decoder {
             (slots.len(), 1, self.n_head * self.head_dim),
             &self.device,
         )?;
-        l.wo.forward(&y)
+        l.wo.forward(&y, true)
     }
 }
