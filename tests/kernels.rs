@@ -104,6 +104,34 @@ fn q8_0_kernels_match_the_reference() {
     }
 }
 
+/// `n` × `k` random weights in `dtype`.
+fn random_matrix(
+    rng: &mut rand::rngs::StdRng,
+    dtype: candle_core::quantized::GgmlDType,
+    n: usize,
+    k: usize,
+) -> candle_core::quantized::QTensor {
+    let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.1..0.1)).collect();
+    let w = candle_core::Tensor::from_vec(w, (n, k), &candle_core::Device::Cpu).unwrap();
+    candle_core::quantized::QTensor::quantize(&w, dtype).unwrap()
+}
+
+/// `m` rows of `k` activations times a matrix through `product`, flattened.
+fn multiply(
+    product: impl Fn(&candle_core::Tensor) -> candle_core::Result<candle_core::Tensor>,
+    rows: &[f32],
+    m: usize,
+    k: usize,
+) -> Vec<f32> {
+    let x = candle_core::Tensor::from_vec(rows.to_vec(), (m, k), &candle_core::Device::Cpu);
+    product(&x.unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// The other types real GGUFs use (Q4_0, Q4_K, Q5_K, Q6_K) multiply through candle's kernels,
 /// whose SIMD path candle also chooses at run time: held to the same dequantise-then-multiply
 /// reference on random data, through the path the decoder takes (`accelerate`, `QMatMul`), for
@@ -111,8 +139,8 @@ fn q8_0_kernels_match_the_reference() {
 /// remainders.
 #[test]
 fn the_other_gguf_types_match_the_reference() {
-    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-    use candle_core::{Device, Module, Tensor};
+    use candle_core::quantized::{GgmlDType, QMatMul};
+    use candle_core::{Device, Module};
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     for dtype in [
         GgmlDType::Q4_0,
@@ -121,9 +149,7 @@ fn the_other_gguf_types_match_the_reference() {
         GgmlDType::Q6K,
     ] {
         for (k, n) in [(256, 5), (768, 37), (4864, 9)] {
-            let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.1..0.1)).collect();
-            let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype)
-                .unwrap();
+            let q = random_matrix(&mut rng, dtype, n, k);
             assert_eq!(q.dtype(), dtype);
             let wf: Vec<f32> = q
                 .dequantize(&Device::Cpu)
@@ -136,13 +162,7 @@ fn the_other_gguf_types_match_the_reference() {
             let mm = QMatMul::from_qtensor(accelerate(q).unwrap()).unwrap();
             for m in [1, 3, 8, 17] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
-                let got: Vec<f32> = mm
-                    .forward(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let got = multiply(|x| mm.forward(x), &x, m, k);
                 assert_eq!(got.len(), m * n);
                 for i in 0..m {
                     let xs = &x[i * k..(i + 1) * k];
@@ -172,8 +192,8 @@ fn the_other_gguf_types_match_the_reference() {
 /// decoding; the others must not need it).
 #[test]
 fn a_row_multiplies_the_same_alone_and_in_a_batch() {
-    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-    use candle_core::{Device, Module, Tensor};
+    use candle_core::quantized::{GgmlDType, QMatMul};
+    use candle_core::Module;
     let mut rng = rand::rngs::StdRng::seed_from_u64(6);
     for dtype in [
         GgmlDType::Q4_0,
@@ -186,27 +206,20 @@ fn a_row_multiplies_the_same_alone_and_in_a_batch() {
         // An odd shape, and the default model's feed-forward down projection (candle repacks
         // k-quant matrices of such sizes for its multi-row kernels).
         for (k, n) in [(768, 37), (4864, 896)] {
-            let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-0.1..0.1)).collect();
-            let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), dtype)
-                .unwrap();
+            let q = random_matrix(&mut rng, dtype, n, k);
             let mm = QMatMul::from_qtensor(accelerate(q).unwrap()).unwrap();
             for m in [2, 4, 5, 8, 13] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let run = |rows: &[f32], m: usize| -> Vec<u32> {
-                    let x = Tensor::from_vec(rows.to_vec(), (m, k), &Device::Cpu).unwrap();
-                    let y = if batch_sensitive(dtype) {
-                        forward_rows(&mm, &x)
-                    } else {
-                        mm.forward(&x)
+                    let product = |x: &candle_core::Tensor| {
+                        if batch_sensitive(dtype) {
+                            forward_rows(&mm, x)
+                        } else {
+                            mm.forward(x)
+                        }
                     };
-                    y.unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .into_iter()
-                        .map(f32::to_bits)
-                        .collect()
+                    let y = multiply(product, rows, m, k);
+                    y.into_iter().map(f32::to_bits).collect()
                 };
                 let together = run(&x, m);
                 for i in 0..m {

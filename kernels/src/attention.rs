@@ -96,8 +96,9 @@ pub fn paged_decode_attention(
 }
 
 /// A dot product in a fixed order: eight running sums (which the compiler keeps in one SIMD
-/// register), then the remainder, then the eight added pairwise.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// register), then the remainder, then the eight added pairwise. The same inputs always give the
+/// same bits, whatever else is computed alongside (the decoder's expert router uses it too).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8;
     for c in 0..chunks {

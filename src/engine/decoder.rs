@@ -362,20 +362,7 @@ fn matmul(t: QTensor) -> Result<Weight> {
 fn route(router: &[f32], x: &[f32], used: usize) -> (Vec<usize>, Vec<f32>) {
     let logits: Vec<f32> = router
         .chunks_exact(x.len())
-        .map(|w| {
-            let mut lanes = [0f32; 8];
-            let (wc, xc) = (w.chunks_exact(8), x.chunks_exact(8));
-            let tail: f32 = (wc.remainder().iter())
-                .zip(xc.remainder())
-                .map(|(a, b)| a * b)
-                .sum();
-            for (w, x) in wc.zip(xc) {
-                for l in 0..8 {
-                    lanes[l] += w[l] * x[l];
-                }
-            }
-            lanes.iter().sum::<f32>() + tail
-        })
+        .map(|w| kernels::attention::dot(w, x))
         .collect();
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&i, &j| logits[j].total_cmp(&logits[i]));
