@@ -2,7 +2,7 @@
 //! time, and the scalar fallback) next to candle's own for the same type, with the memory-
 //! bandwidth ceiling measured in the same run.
 //!
-//!     cargo bench --bench kernels [-- --quick] [--only Q8_0]
+//!     cargo bench --bench kernels [-- --quick] [--only Q8_0] [--shape 151936x896]
 //!
 //! Shapes are the default model's (Qwen2.5-0.5B: hidden 896, feed-forward 4864). "GB/s" is
 //! weight bytes read per second; "of ceiling" compares it with the machine's copy bandwidth.
@@ -52,10 +52,10 @@ fn scalar<B: kernels::Block>(
     xs: &[f32],
     reps: usize,
 ) -> anyhow::Result<f64> {
-    let b = kernels::FastBlocks::<B>::from_bytes(raw)?;
+    let b = kernels::FastBlocks::<B>::from_bytes(raw, mkn.1)?;
     let mut dst = vec![0f32; mkn.0 * mkn.2];
     Ok(time(
-        || kernels::matmul(kernels::Isa::Scalar, mkn, xs, b.blocks(), &mut dst).unwrap(),
+        || B::matmul_packed(kernels::Isa::Scalar, mkn, xs, b.packed(), &mut dst).unwrap(),
         reps.min(5),
     ))
 }
@@ -64,6 +64,15 @@ fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     // `--only Q8_0` (a type's name as printed) times that type alone (for profiling one kernel).
     let only = std::env::args().skip_while(|a| a != "--only").nth(1);
+    // `--shape 151936x896` (rows x columns) times that shape instead of the default model's
+    // (e.g. its output projection, which does not fit in the cache).
+    let shape: Option<(usize, usize)> = std::env::args()
+        .skip_while(|a| a != "--shape")
+        .nth(1)
+        .and_then(|s| {
+            let (n, k) = s.split_once('x')?;
+            Some((n.parse().ok()?, k.parse().ok()?))
+        });
     let dev = Device::Cpu;
     let bw = bandwidth();
     println!(
@@ -103,11 +112,16 @@ fn main() -> anyhow::Result<()> {
         let ours_type = matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q8_0);
         // k-quant rows are whole 256-value blocks: the default model's feed-forward down
         // projection, and a square 2048.
-        let shapes: &[(usize, usize)] = match dtype {
-            GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => &[(896, 4864), (2048, 2048)],
-            _ => &[(4864, 896), (896, 896), (896, 4864)],
+        let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
+        let shapes: Vec<(usize, usize)> = match (shape, k_quant) {
+            (Some((n, k)), true) if k % 256 == 0 => vec![(n, k)],
+            (Some(_), true) => vec![],
+            (Some((n, k)), false) if k % 32 == 0 => vec![(n, k)],
+            (Some(_), false) => vec![],
+            (None, true) => vec![(896, 4864), (2048, 2048)],
+            (None, false) => vec![(4864, 896), (896, 896), (896, 4864)],
         };
-        for &(n, k) in shapes {
+        for (n, k) in shapes {
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
                 .collect();

@@ -16,6 +16,7 @@
 use std::borrow::Cow;
 
 pub mod attention;
+pub mod q5_0;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, QuantizedType};
 use candle_core::{CpuStorage, Module, Result, Tensor};
@@ -27,7 +28,7 @@ pub const QK: usize = 32;
 /// GGUF Q5_0: 32 values `d * (q - 16)`, q 5 bits: low 4 bits in `qs` (value j in the low nibble
 /// of byte j, value j+16 in its high nibble), 5th bit j in bit j of `qh`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct BlockQ5_0 {
     pub d: u16,
     pub qh: [u8; 4],
@@ -37,7 +38,7 @@ const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
 
 /// GGUF Q8_0: 32 values `d * q`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct BlockQ8_0 {
     pub d: u16,
     pub qs: [i8; 32],
@@ -50,33 +51,35 @@ pub enum Isa {
     /// AVX-512 (F, BW, VL) with VNNI: two blocks per 512-bit register, one instruction for the
     /// 8-bit dot products.
     Avx512Vnni,
+    /// AVX-512 (F, BW, VL) without VNNI (Skylake-X, Cascade Lake without it): two blocks per
+    /// 512-bit register, the 8-bit dot products in two instructions as with AVX2.
+    Avx512,
     Avx2,
     Scalar,
 }
 
-/// The best implementation this CPU supports; `MOSS_KERNELS=avx2` or `=scalar` caps it
-/// (benchmarks and tests compare them).
+/// Every implementation, best first.
+const ALL: [Isa; 4] = [Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2, Isa::Scalar];
+
+/// The best implementation this CPU supports; `MOSS_KERNELS=avx512`, `=avx2` or `=scalar` caps
+/// it (benchmarks and tests compare them).
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
-        let cap = std::env::var("MOSS_KERNELS").unwrap_or_default();
-        let best = detect();
-        match (cap.as_str(), best) {
-            ("scalar", _) => Isa::Scalar,
-            ("avx2", Isa::Avx512Vnni) => Isa::Avx2,
-            _ => best,
-        }
+        let cap = match std::env::var("MOSS_KERNELS").unwrap_or_default().as_str() {
+            "avx512" => Isa::Avx512,
+            "avx2" => Isa::Avx2,
+            "scalar" => Isa::Scalar,
+            _ => Isa::Avx512Vnni,
+        };
+        supported(cap)
     })
 }
 
 /// `isa` if this CPU can run it, else the best it can (so that no caller can reach instructions
 /// the CPU lacks).
 pub fn supported(isa: Isa) -> Isa {
-    let rank = |i: Isa| match i {
-        Isa::Avx512Vnni => 0,
-        Isa::Avx2 => 1,
-        Isa::Scalar => 2,
-    };
+    let rank = |i: Isa| ALL.iter().position(|a| *a == i).unwrap_or(ALL.len());
     let best = detect();
     if rank(isa) >= rank(best) {
         isa
@@ -87,9 +90,11 @@ pub fn supported(isa: Isa) -> Isa {
 
 /// Every implementation this CPU can run, best first.
 pub fn available() -> Vec<Isa> {
-    let all = [Isa::Avx512Vnni, Isa::Avx2, Isa::Scalar];
-    let best = all.iter().position(|i| *i == detect()).unwrap_or(2);
-    all[best..].to_vec()
+    let best = ALL
+        .iter()
+        .position(|i| *i == detect())
+        .unwrap_or(ALL.len() - 1);
+    ALL[best..].to_vec()
 }
 
 /// What this CPU has (checked once: `supported` asks for every weight row).
@@ -106,13 +111,15 @@ fn probe() -> Isa {
         let avx2 = is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c");
-        if avx2
+        let avx512 = avx2
             && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512vnni")
-        {
+            && is_x86_feature_detected!("avx512vl");
+        if avx512 && is_x86_feature_detected!("avx512vnni") {
             return Isa::Avx512Vnni;
+        }
+        if avx512 {
+            return Isa::Avx512;
         }
         if avx2 {
             return Isa::Avx2;
@@ -127,57 +134,32 @@ fn half(bits: u16) -> f32 {
 }
 
 /// A block type these kernels handle.
-pub trait Block: Copy + Send + Sync + 'static {
+pub trait Block: Copy + Default + Send + Sync + 'static {
     const DTYPE: GgmlDType;
+    /// The layout the kernels read, which `FastBlocks` holds: Q8_0 its blocks as they are; Q5_0
+    /// pairs of blocks rearranged so that each step does less unpacking (`q5_0::Pair`).
+    type Packed: Copy + Send + Sync + 'static;
     fn dequantize(blocks: &[Self], out: &mut [f32]);
-    /// Dot products of one weight row with N activation rows (`yd`: their block scales as f32).
-    fn rows<const N: usize>(
-        isa: Isa,
-        w: &[Self],
-        ys: [&[BlockQ8_0]; N],
-        yd: [&[f32]; N],
-    ) -> [f32; N];
     fn quantize(xs: &[f32], out: &mut [Self]);
-
-    /// `rows` for `Isa::Avx512Vnni`, with activations as plain bytes (`k` per row) so that two
-    /// blocks load as one 512-bit vector.
-    ///
-    /// # Safety
-    /// The CPU must have the `Isa::Avx512Vnni` features; each `ys[r]` holds `32 * w.len()` bytes
-    /// and each `yd[r]` `w.len()` scales.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn rows_wide<const N: usize>(w: &[Self], ys: [&[i8]; N], yd: [&[f32]; N]) -> [f32; N];
-
-    /// One dot product (tests and references).
-    fn dot(isa: Isa, xs: &[Self], ys: &[BlockQ8_0]) -> f32 {
-        let yd: Vec<f32> = ys.iter().map(|y| half(y.d)).collect();
-        Self::rows::<1>(isa, xs, [ys], [&yd])[0]
-    }
-}
-
-/// Runs `simd::<level>::$kernel` for the SIMD levels, `$scalar` otherwise.
-macro_rules! dispatch {
-    ($isa:expr, $kernel:ident, $scalar:ident, $w:expr, $ys:expr, $yd:expr) => {
-        match supported($isa) {
-            // Activations in blocks: the 256-bit AVX2 kernel (the AVX-512 kernels read the byte
-            // layout of `rows_wide`, which `matmul` uses on those CPUs).
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: each level is only chosen when the CPU reports its features (`detect`), and
-            // AVX-512 VNNI implies AVX2.
-            Isa::Avx512Vnni | Isa::Avx2 => unsafe { simd::avx2::$kernel($w, $ys, $yd) },
-            _ => {
-                let mut out = [0f32; N];
-                for r in 0..N {
-                    out[r] = $scalar($w, $ys[r], $yd[r]);
-                }
-                out
-            }
-        }
-    };
+    /// Rows of `kb` blocks in the kernels' layout.
+    fn pack(w: Vec<Self>, kb: usize) -> Vec<Self::Packed>;
+    /// Packed units in a row of `kb` blocks.
+    fn packed_len(kb: usize) -> usize;
+    /// One packed row, dequantised into `out` (the row's values).
+    fn unpack(row: &[Self::Packed], out: &mut [f32]);
+    /// `matmul` on packed weights (rows of `packed_len(k / QK)` units).
+    fn matmul_packed(
+        isa: Isa,
+        mkn: (usize, usize, usize),
+        lhs: &[f32],
+        w: &[Self::Packed],
+        dst: &mut [f32],
+    ) -> Result<()>;
 }
 
 impl Block for BlockQ5_0 {
     const DTYPE: GgmlDType = GgmlDType::Q5_0;
+    type Packed = q5_0::Pair;
 
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
         for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
@@ -190,22 +172,6 @@ impl Block for BlockQ5_0 {
                 out[j + 16] = d * (hi as i32 - 16) as f32;
             }
         }
-    }
-
-    #[inline]
-    fn rows<const N: usize>(
-        isa: Isa,
-        w: &[Self],
-        ys: [&[BlockQ8_0]; N],
-        yd: [&[f32]; N],
-    ) -> [f32; N] {
-        dispatch!(isa, rows_q5_0, dot_q5_0_scalar, w, ys, yd)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    unsafe fn rows_wide<const N: usize>(w: &[Self], ys: [&[i8]; N], yd: [&[f32]; N]) -> [f32; N] {
-        simd::wide::rows_q5_0(w, ys, yd)
     }
 
     fn quantize(xs: &[f32], out: &mut [Self]) {
@@ -228,10 +194,33 @@ impl Block for BlockQ5_0 {
             b.d = f16::from_f32(d).to_bits();
         }
     }
+
+    fn pack(w: Vec<Self>, kb: usize) -> Vec<q5_0::Pair> {
+        q5_0::pack(&w, kb)
+    }
+
+    fn packed_len(kb: usize) -> usize {
+        kb.div_ceil(2)
+    }
+
+    fn unpack(row: &[q5_0::Pair], out: &mut [f32]) {
+        q5_0::unpack(row, out)
+    }
+
+    fn matmul_packed(
+        isa: Isa,
+        mkn: (usize, usize, usize),
+        lhs: &[f32],
+        w: &[q5_0::Pair],
+        dst: &mut [f32],
+    ) -> Result<()> {
+        q5_0::matmul(isa, mkn, lhs, w, dst)
+    }
 }
 
 impl Block for BlockQ8_0 {
     const DTYPE: GgmlDType = GgmlDType::Q8_0;
+    type Packed = Self;
 
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
         for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
@@ -242,6 +231,36 @@ impl Block for BlockQ8_0 {
         }
     }
 
+    fn quantize(xs: &[f32], out: &mut [Self]) {
+        quantize_q8_0(xs, out)
+    }
+
+    fn pack(w: Vec<Self>, _: usize) -> Vec<Self> {
+        w
+    }
+
+    fn packed_len(kb: usize) -> usize {
+        kb
+    }
+
+    fn unpack(row: &[Self], out: &mut [f32]) {
+        Self::dequantize(row, out)
+    }
+
+    fn matmul_packed(
+        isa: Isa,
+        mkn: (usize, usize, usize),
+        lhs: &[f32],
+        w: &[Self],
+        dst: &mut [f32],
+    ) -> Result<()> {
+        matmul_q8_0(isa, mkn, lhs, w, dst)
+    }
+}
+
+impl BlockQ8_0 {
+    /// Dot products of one weight row with N activation rows (`yd`: their block scales as f32),
+    /// activations in blocks.
     #[inline]
     fn rows<const N: usize>(
         isa: Isa,
@@ -249,17 +268,37 @@ impl Block for BlockQ8_0 {
         ys: [&[BlockQ8_0]; N],
         yd: [&[f32]; N],
     ) -> [f32; N] {
-        dispatch!(isa, rows_q8_0, dot_q8_0_scalar, w, ys, yd)
+        match supported(isa) {
+            // Activations in blocks: the 256-bit AVX2 kernel (the AVX-512 kernels read the byte
+            // layout of `rows_wide`, which `matmul` uses on those CPUs).
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: each level is only chosen when the CPU reports its features (`detect`), and
+            // the AVX-512 levels imply AVX2.
+            Isa::Avx512Vnni | Isa::Avx512 | Isa::Avx2 => unsafe {
+                simd::avx2::rows_q8_0(w, ys, yd)
+            },
+            _ => std::array::from_fn(|r| dot_q8_0_scalar(w, ys[r], yd[r])),
+        }
     }
 
+    /// `rows` for the AVX-512 levels, with activations as plain bytes (`k` per row) so that two
+    /// blocks load as one 512-bit vector; `vnni` picks the `Isa::Avx512Vnni` kernel.
+    ///
+    /// # Safety
+    /// The CPU must have the `Isa::Avx512` features (`Isa::Avx512Vnni`'s with `vnni`); each
+    /// `ys[r]` holds `32 * w.len()` bytes and each `yd[r]` `w.len()` scales.
     #[cfg(target_arch = "x86_64")]
     #[inline]
-    unsafe fn rows_wide<const N: usize>(w: &[Self], ys: [&[i8]; N], yd: [&[f32]; N]) -> [f32; N] {
-        simd::wide::rows_q8_0(w, ys, yd)
-    }
-
-    fn quantize(xs: &[f32], out: &mut [Self]) {
-        quantize_q8_0(xs, out)
+    unsafe fn rows_wide<const N: usize>(
+        vnni: bool,
+        w: &[Self],
+        ys: [&[i8]; N],
+        yd: [&[f32]; N],
+    ) -> [f32; N] {
+        match vnni {
+            true => simd::vnni::rows_q8_0(w, ys, yd),
+            false => simd::bw::rows_q8_0(w, ys, yd),
+        }
     }
 }
 
@@ -274,21 +313,6 @@ pub fn quantize_q8_0(xs: &[f32], out: &mut [BlockQ8_0]) {
         }
         b.d = f16::from_f32(d).to_bits();
     }
-}
-
-fn dot_q5_0_scalar(xs: &[BlockQ5_0], ys: &[BlockQ8_0], yd: &[f32]) -> f32 {
-    let mut sum = 0f32;
-    for ((x, y), yd) in xs.iter().zip(ys).zip(yd) {
-        let qh = u32::from_le_bytes(x.qh);
-        let mut acc = 0i32;
-        for j in 0..16 {
-            let lo = ((x.qs[j] & 0x0F) as u32 | ((qh >> j) & 1) << 4) as i32 - 16;
-            let hi = ((x.qs[j] >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4) as i32 - 16;
-            acc += lo * y.qs[j] as i32 + hi * y.qs[j + 16] as i32;
-        }
-        sum += half(x.d) * yd * acc as f32;
-    }
-    sum
 }
 
 fn dot_q8_0_scalar(xs: &[BlockQ8_0], ys: &[BlockQ8_0], yd: &[f32]) -> f32 {
@@ -306,47 +330,23 @@ fn dot_q8_0_scalar(xs: &[BlockQ8_0], ys: &[BlockQ8_0], yd: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{BlockQ5_0, BlockQ8_0};
+    use super::BlockQ8_0;
     use std::arch::x86_64::*;
 
     /// An f16 block scale as f32, with F16C (inlined into the kernels).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn half(bits: u16) -> f32 {
+    pub(crate) unsafe fn half(bits: u16) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
-    }
-
-    /// The 32 values of a Q5_0 block as signed bytes (q - 16), in value order.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn unpack_q5_0(b: &BlockQ5_0) -> __m256i {
-        let q = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
-        let mask = _mm_set1_epi8(0x0F);
-        let lo = _mm_and_si128(q, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-        let nibbles = _mm256_set_m128i(hi, lo);
-        // Byte i of `bytes` holds byte i/8 of qh (lanes are 16 bytes: lane 1 reads qh[2..4]).
-        let qh = _mm256_set1_epi32(i32::from_le_bytes(b.qh));
-        let pick = _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3,
-            3, 3, 3,
-        );
-        let bytes = _mm256_shuffle_epi8(qh, pick);
-        // Byte i tests bit i % 8.
-        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-        // q - 16 = nibble when the 5th bit is set, nibble - 16 (nibble | 0xF0 as i8) when not.
-        let minus16 = _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8));
-        _mm256_or_si256(nibbles, minus16)
     }
 
     #[inline]
@@ -430,87 +430,125 @@ mod simd {
 
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn dot(ax: __m256i, sy: __m256i) -> __m256i {
+        pub(super) unsafe fn dot(ax: __m256i, sy: __m256i) -> __m256i {
             _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
         }
 
-        rows_kernel!("avx2,fma,f16c", rows_q5_0, unpack_q5_0, BlockQ5_0, dot);
         rows_kernel!("avx2,fma,f16c", rows_q8_0, unpack_q8_0, BlockQ8_0, dot);
     }
 
-    /// Two blocks per 512-bit register (AVX-512 BW + VNNI); activations as plain bytes.
-    pub mod wide {
+    /// Two blocks per 512-bit register (AVX-512 BW); activations as plain bytes. `$dot` and
+    /// `$dot256` turn (|x| unsigned, y with x's sign) bytes into i32 lane sums, 512 and 256 bits.
+    macro_rules! wide_kernel {
+        ($features:literal, $name:ident, $unpack:ident, $W:ty, $dot:ident, $dot256:ident) => {
+            #[inline]
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const N: usize>(
+                w: &[$W],
+                ys: [&[i8]; N],
+                yd: [&[f32]; N],
+            ) -> [f32; N] {
+                let kb = w.len();
+                for r in 0..N {
+                    assert!(ys[r].len() >= kb * 32 && yd[r].len() >= kb);
+                }
+                // Lanes 0-7 take element 0, lanes 8-15 element 1.
+                let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+                let zero = _mm512_setzero_si512();
+                let mut acc = [_mm512_setzero_ps(); N];
+                for p in 0..kb / 2 {
+                    let (a, b) = (&w[2 * p], &w[2 * p + 1]);
+                    let qx = _mm512_inserti64x4(_mm512_castsi256_si512($unpack(a)), $unpack(b), 1);
+                    let ax = _mm512_abs_epi8(qx);
+                    let negative = _mm512_movepi8_mask(qx);
+                    let dw = _mm512_permutexvar_ps(
+                        halves,
+                        _mm512_castps128_ps512(_mm_setr_ps(half(a.d), half(b.d), 0.0, 0.0)),
+                    );
+                    for r in 0..N {
+                        let qy = _mm512_loadu_si512(ys[r].as_ptr().add(64 * p) as *const __m512i);
+                        // y takes x's sign, so |x| (unsigned) times it is x times y.
+                        let sy = _mm512_mask_sub_epi8(qy, negative, zero, qy);
+                        let d = _mm512_cvtepi32_ps($dot(ax, sy));
+                        let two = _mm_setr_ps(
+                            *yd[r].get_unchecked(2 * p),
+                            *yd[r].get_unchecked(2 * p + 1),
+                            0.0,
+                            0.0,
+                        );
+                        let dy = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(two));
+                        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dy), d, acc[r]);
+                    }
+                }
+                let mut out = [0f32; N];
+                for r in 0..N {
+                    out[r] = _mm512_reduce_add_ps(acc[r]);
+                }
+                if kb % 2 == 1 {
+                    // The odd last block, 256 bits wide.
+                    let x = &w[kb - 1];
+                    let qx = $unpack(x);
+                    let ax = _mm256_sign_epi8(qx, qx);
+                    for r in 0..N {
+                        let qy =
+                            _mm256_loadu_si256(ys[r].as_ptr().add(32 * (kb - 1)) as *const __m256i);
+                        let sy = _mm256_sign_epi8(qy, qx);
+                        let v = _mm256_cvtepi32_ps($dot256(ax, sy));
+                        out[r] += half(x.d) * yd[r][kb - 1] * hsum(v);
+                    }
+                }
+                out
+            }
+        };
+    }
+
+    /// AVX-512 with VNNI: one instruction per 8-bit dot product.
+    pub mod vnni {
         use super::*;
 
-        macro_rules! wide_kernel {
-            ($name:ident, $unpack:ident, $W:ty) => {
-                #[inline]
-                #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-                pub unsafe fn $name<const N: usize>(
-                    w: &[$W],
-                    ys: [&[i8]; N],
-                    yd: [&[f32]; N],
-                ) -> [f32; N] {
-                    let kb = w.len();
-                    for r in 0..N {
-                        assert!(ys[r].len() >= kb * 32 && yd[r].len() >= kb);
-                    }
-                    // Lanes 0-7 take element 0, lanes 8-15 element 1.
-                    let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-                    let zero = _mm512_setzero_si512();
-                    let mut acc = [_mm512_setzero_ps(); N];
-                    for p in 0..kb / 2 {
-                        let (a, b) = (&w[2 * p], &w[2 * p + 1]);
-                        let qx =
-                            _mm512_inserti64x4(_mm512_castsi256_si512($unpack(a)), $unpack(b), 1);
-                        let ax = _mm512_abs_epi8(qx);
-                        let negative = _mm512_movepi8_mask(qx);
-                        let dw = _mm512_permutexvar_ps(
-                            halves,
-                            _mm512_castps128_ps512(_mm_setr_ps(half(a.d), half(b.d), 0.0, 0.0)),
-                        );
-                        for r in 0..N {
-                            let qy =
-                                _mm512_loadu_si512(ys[r].as_ptr().add(64 * p) as *const __m512i);
-                            // y takes x's sign, so |x| (unsigned) times it is x times y.
-                            let sy = _mm512_mask_sub_epi8(qy, negative, zero, qy);
-                            let d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, ax, sy));
-                            let two = _mm_setr_ps(
-                                *yd[r].get_unchecked(2 * p),
-                                *yd[r].get_unchecked(2 * p + 1),
-                                0.0,
-                                0.0,
-                            );
-                            let dy = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(two));
-                            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dy), d, acc[r]);
-                        }
-                    }
-                    let mut out = [0f32; N];
-                    for r in 0..N {
-                        out[r] = _mm512_reduce_add_ps(acc[r]);
-                    }
-                    if kb % 2 == 1 {
-                        // The odd last block, 256 bits wide.
-                        let x = &w[kb - 1];
-                        let qx = $unpack(x);
-                        let ax = _mm256_sign_epi8(qx, qx);
-                        for r in 0..N {
-                            let qy = _mm256_loadu_si256(
-                                ys[r].as_ptr().add(32 * (kb - 1)) as *const __m256i
-                            );
-                            let sy = _mm256_sign_epi8(qy, qx);
-                            let d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy);
-                            let v = _mm256_cvtepi32_ps(d);
-                            out[r] += half(x.d) * yd[r][kb - 1] * hsum(v);
-                        }
-                    }
-                    out
-                }
-            };
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn dot(ax: __m512i, sy: __m512i) -> __m512i {
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), ax, sy)
         }
 
-        wide_kernel!(rows_q5_0, unpack_q5_0, BlockQ5_0);
-        wide_kernel!(rows_q8_0, unpack_q8_0, BlockQ8_0);
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn dot256(ax: __m256i, sy: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+        }
+
+        wide_kernel!(
+            "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+            rows_q8_0,
+            unpack_q8_0,
+            BlockQ8_0,
+            dot,
+            dot256
+        );
+    }
+
+    /// AVX-512 BW without VNNI: multiply-add of byte pairs, then of 16-bit pairs (no overflow:
+    /// |x| <= 128 and |y| <= 127 give pair sums within i16).
+    pub mod bw {
+        use super::*;
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+        unsafe fn dot(ax: __m512i, sy: __m512i) -> __m512i {
+            _mm512_madd_epi16(_mm512_maddubs_epi16(ax, sy), _mm512_set1_epi16(1))
+        }
+
+        use super::avx2::dot as dot256;
+
+        wide_kernel!(
+            "avx2,fma,f16c,avx512f,avx512bw,avx512vl",
+            rows_q8_0,
+            unpack_q8_0,
+            BlockQ8_0,
+            dot,
+            dot256
+        );
     }
 }
 
@@ -522,12 +560,28 @@ pub fn matmul<B: Block>(
     w: &[B],
     dst: &mut [f32],
 ) -> Result<()> {
-    let isa = supported(isa);
-    if k == 0 || k % QK != 0 || lhs.len() != m * k || w.len() != n * (k / QK) || dst.len() < m * n {
+    if k == 0 || k % QK != 0 || w.len() != n * (k / QK) {
         candle_core::bail!(
-            "quantized matmul: shapes do not fit (m {m}, k {k}, n {n}, lhs {}, blocks {})",
-            lhs.len(),
+            "quantized matmul: {} blocks are not {n} rows of {k} values",
             w.len()
+        );
+    }
+    B::matmul_packed(isa, (m, k, n), lhs, &B::pack(w.to_vec(), k / QK), dst)
+}
+
+/// Checks a product's shapes (`units` packed units per weight row) and rounds the rows of X to
+/// Q8_0 blocks, the other operand of every dot product.
+fn prepare(
+    (m, k, n): (usize, usize, usize),
+    lhs: &[f32],
+    w: usize,
+    units: impl Fn(usize) -> usize,
+    dst: &[f32],
+) -> Result<Vec<BlockQ8_0>> {
+    if k == 0 || k % QK != 0 || lhs.len() != m * k || w != n * units(k / QK) || dst.len() < m * n {
+        candle_core::bail!(
+            "quantized matmul: shapes do not fit (m {m}, k {k}, n {n}, lhs {}, weights {w})",
+            lhs.len(),
         );
     }
     let kb = k / QK;
@@ -535,11 +589,23 @@ pub fn matmul<B: Block>(
     for (row, out) in lhs.chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
         quantize_q8_0(row, out);
     }
+    Ok(xq)
+}
+
+fn matmul_q8_0(
+    isa: Isa,
+    (m, k, n): (usize, usize, usize),
+    lhs: &[f32],
+    w: &[BlockQ8_0],
+    dst: &mut [f32],
+) -> Result<()> {
+    let isa = supported(isa);
+    let xq = prepare((m, k, n), lhs, w.len(), |kb| kb, dst)?;
     let xd: Vec<f32> = xq.iter().map(|b| half(b.d)).collect();
     // The wide kernels read activations as plain bytes, two blocks per load. They serve every
     // batch size, one row included: a row then sums in the same order alone as in a batch, so
     // batching cannot change an answer (the 256-bit kernel is ~10 % faster for one row alone).
-    let wide = cfg!(target_arch = "x86_64") && isa == Isa::Avx512Vnni;
+    let wide = cfg!(target_arch = "x86_64") && matches!(isa, Isa::Avx512Vnni | Isa::Avx512);
     let bytes: Vec<i8> = if wide {
         xq.iter().flat_map(|b| b.qs).collect()
     } else {
@@ -557,136 +623,159 @@ pub fn matmul<B: Block>(
         bytes: &bytes,
         dst: dst.as_mut_ptr() as usize,
     };
-    let groups = n.div_ceil(GROUP);
-    candle_core::utils::barrier_pool().execute_chunked(groups, |range| match isa {
-        // The loop over rows compiled with the SIMD features, so that the kernels inline into it
-        // (otherwise a portable build calls them once per weight row).
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` came through `supported`: the CPU has these features.
-        Isa::Avx512Vnni => unsafe { job.groups_avx512(range) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { job.groups_avx2(range) },
-        _ => job.groups(range),
-    });
+    run(isa, &job);
     Ok(())
 }
 
 /// Weight rows per work item; each group is read once for all rows of X.
 const GROUP: usize = 8;
 
-/// One quantized product, shared by the work items of the thread pool.
-struct Job<'a, B: Block> {
-    isa: Isa,
-    wide: bool,
-    m: usize,
-    k: usize,
-    n: usize,
-    w: &'a [B],
-    xq: &'a [BlockQ8_0],
-    xd: &'a [f32],
-    bytes: &'a [i8],
+/// A quantized product split into work items: weight row `j` against rows `i..i + N` of X.
+trait Tiles: Sync {
+    /// (m, n): rows of X, rows of W.
+    fn dims(&self) -> (usize, usize);
     /// `dst` as an address (written through by disjoint work items).
-    dst: usize,
+    fn dst(&self) -> usize;
+    fn tile<const N: usize>(&self, j: usize, i: usize) -> [f32; N];
 }
 
-impl<B: Block> Job<'_, B> {
+/// Runs `job` on candle's thread pool, groups of `GROUP` weight rows per work item, with the loop
+/// over rows compiled for `isa`'s SIMD features so that the kernels inline into it (otherwise a
+/// portable build calls them once per weight row).
+fn run<T: Tiles>(isa: Isa, job: &T) {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn groups_avx2(&self, range: std::ops::Range<usize>) {
-        self.groups(range)
+    unsafe fn avx2<T: Tiles>(job: &T, range: std::ops::Range<usize>) {
+        groups(job, range)
     }
-
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    unsafe fn avx512<T: Tiles>(job: &T, range: std::ops::Range<usize>) {
+        groups(job, range)
+    }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn groups_avx512(&self, range: std::ops::Range<usize>) {
-        self.groups(range)
+    unsafe fn avx512_vnni<T: Tiles>(job: &T, range: std::ops::Range<usize>) {
+        groups(job, range)
     }
+    let isa = supported(isa);
+    let count = job.dims().1.div_ceil(GROUP);
+    candle_core::utils::barrier_pool().execute_chunked(count, |range| match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` came through `supported`: the CPU has these features.
+        Isa::Avx512Vnni => unsafe { avx512_vnni(job, range) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512 => unsafe { avx512(job, range) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { avx2(job, range) },
+        _ => groups(job, range),
+    });
+}
 
-    /// Weight-row groups `range`: each weight row against tiles of activation rows (the weight
-    /// blocks are unpacked once for all rows of a tile).
-    #[inline(always)]
-    fn groups(&self, range: std::ops::Range<usize>) {
-        let Self {
-            isa,
-            wide,
-            m,
-            k,
-            n,
-            w,
-            xq,
-            xd,
-            bytes,
-            dst,
-        } = *self;
-        let kb = k / QK;
-        macro_rules! tile {
-            ($n:literal, $wrow:expr, $i:expr) => {{
-                let yd: [&[f32]; $n] =
-                    std::array::from_fn(|t| &xd[($i + t) * kb..($i + t + 1) * kb]);
-                let blocks = || -> [f32; $n] {
-                    let ys: [&[BlockQ8_0]; $n] =
-                        std::array::from_fn(|t| &xq[($i + t) * kb..($i + t + 1) * kb]);
-                    B::rows::<$n>(isa, $wrow, ys, yd)
-                };
-                #[cfg(target_arch = "x86_64")]
-                let v = if wide {
-                    let ys: [&[i8]; $n] =
-                        std::array::from_fn(|t| &bytes[($i + t) * k..($i + t + 1) * k]);
-                    // SAFETY: `wide` is only set when `isa()` found the AVX-512 VNNI features;
-                    // the slices have the lengths asserted inside.
-                    unsafe { B::rows_wide::<$n>($wrow, ys, yd) }
-                } else {
-                    blocks()
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let v = {
-                    let _ = (wide, bytes);
-                    blocks()
-                };
-                v
-            }};
-        }
-        for g in range {
-            for j in g * GROUP..((g + 1) * GROUP).min(n) {
-                let wrow = &w[j * kb..(j + 1) * kb];
-                let put = |i: usize, v: f32| {
+/// Weight-row groups `range`: each weight row against tiles of 8, then 4, then 1 rows of X (the
+/// weights are unpacked once for all rows of a tile).
+#[inline(always)]
+fn groups<T: Tiles>(job: &T, range: std::ops::Range<usize>) {
+    let (m, n) = job.dims();
+    let dst = job.dst() as *mut f32;
+    for g in range {
+        for j in g * GROUP..((g + 1) * GROUP).min(n) {
+            let put = |i: usize, v: &[f32]| {
+                for (t, v) in v.iter().enumerate() {
                     // SAFETY: each (i, j) is written by exactly one work item, within m * n.
-                    unsafe { *(dst as *mut f32).add(i * n + j) = v };
-                };
-                let mut i = 0;
-                while i + 8 <= m {
-                    let v: [f32; 8] = tile!(8, wrow, i);
-                    v.into_iter().enumerate().for_each(|(t, v)| put(i + t, v));
-                    i += 8;
+                    unsafe { *dst.add((i + t) * n + j) = *v };
                 }
-                while i + 4 <= m {
-                    let v: [f32; 4] = tile!(4, wrow, i);
-                    v.into_iter().enumerate().for_each(|(t, v)| put(i + t, v));
-                    i += 4;
-                }
-                while i < m {
-                    let v: [f32; 1] = tile!(1, wrow, i);
-                    put(i, v[0]);
-                    i += 1;
-                }
+            };
+            let mut i = 0;
+            while i + 8 <= m {
+                put(i, &job.tile::<8>(j, i));
+                i += 8;
+            }
+            while i + 4 <= m {
+                put(i, &job.tile::<4>(j, i));
+                i += 4;
+            }
+            while i < m {
+                put(i, &job.tile::<1>(j, i));
+                i += 1;
             }
         }
     }
 }
 
-/// Blocks held for candle: a `QTensor` whose matmul runs these kernels.
+/// One Q8_0 product, shared by the work items of the thread pool.
+struct Job<'a> {
+    isa: Isa,
+    wide: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+    w: &'a [BlockQ8_0],
+    xq: &'a [BlockQ8_0],
+    xd: &'a [f32],
+    bytes: &'a [i8],
+    dst: usize,
+}
+
+impl Tiles for Job<'_> {
+    fn dims(&self) -> (usize, usize) {
+        (self.m, self.n)
+    }
+
+    fn dst(&self) -> usize {
+        self.dst
+    }
+
+    #[inline(always)]
+    fn tile<const N: usize>(&self, j: usize, i: usize) -> [f32; N] {
+        let Self {
+            isa,
+            wide,
+            k,
+            w,
+            xq,
+            xd,
+            bytes,
+            ..
+        } = *self;
+        let kb = k / QK;
+        let wrow = &w[j * kb..(j + 1) * kb];
+        let yd: [&[f32]; N] = std::array::from_fn(|t| &xd[(i + t) * kb..(i + t + 1) * kb]);
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            let ys: [&[i8]; N] = std::array::from_fn(|t| &bytes[(i + t) * k..(i + t + 1) * k]);
+            // SAFETY: `wide` is only set for the AVX-512 levels, which `supported` only gives
+            // where the CPU has them; the slices have the lengths asserted inside.
+            return unsafe { BlockQ8_0::rows_wide::<N>(isa == Isa::Avx512Vnni, wrow, ys, yd) };
+        }
+        let _ = (wide, bytes);
+        let ys: [&[BlockQ8_0]; N] = std::array::from_fn(|t| &xq[(i + t) * kb..(i + t + 1) * kb]);
+        BlockQ8_0::rows::<N>(isa, wrow, ys, yd)
+    }
+}
+
+/// Weights held for candle in the kernels' layout (`Block::Packed`): a `QTensor` whose matmul
+/// runs these kernels. Its bytes (`QTensor::data`) are that layout, not GGUF's.
 pub struct FastBlocks<B: Block> {
-    blocks: Vec<B>,
+    packed: Vec<B::Packed>,
+    /// Values per row.
+    k: usize,
     isa: Isa,
 }
 
 impl<B: Block> FastBlocks<B> {
-    /// Copies raw GGUF bytes into blocks.
-    pub fn from_bytes(data: &[u8]) -> Result<Self> {
+    /// Raw GGUF bytes of a matrix with rows of `k` values, packed.
+    pub fn from_bytes(data: &[u8], k: usize) -> Result<Self> {
         let size = std::mem::size_of::<B>();
-        if data.len() % size != 0 {
-            candle_core::bail!("{} bytes are not whole {:?} blocks", data.len(), B::DTYPE);
+        let row = k / QK * size;
+        if k == 0 || k % QK != 0 || data.len() % row != 0 {
+            candle_core::bail!(
+                "{} bytes are not whole rows of {k} {:?} values",
+                data.len(),
+                B::DTYPE
+            );
         }
         let mut blocks = Vec::<B>::with_capacity(data.len() / size);
         // SAFETY: B is a plain `repr(C)` struct of integers (any bit pattern is valid); the
@@ -699,24 +788,33 @@ impl<B: Block> FastBlocks<B> {
             );
             blocks.set_len(data.len() / size);
         }
-        Ok(Self { blocks, isa: isa() })
+        Ok(Self {
+            packed: B::pack(blocks, k / QK),
+            k,
+            isa: isa(),
+        })
     }
 
-    pub fn blocks(&self) -> &[B] {
-        &self.blocks
+    /// The weights as the kernels read them.
+    pub fn packed(&self) -> &[B::Packed] {
+        &self.packed
     }
 
-    /// Dequantises rows `ids` of a `rows` × `hidden` matrix (an embedding lookup).
-    pub fn rows(&self, ids: &[u32], hidden: usize) -> Result<Vec<f32>> {
-        let per_row = hidden / QK;
-        let rows = self.blocks.len() / per_row.max(1);
-        let mut out = vec![0f32; ids.len() * hidden];
-        for (o, &id) in out.chunks_exact_mut(hidden).zip(ids) {
+    fn per_row(&self) -> usize {
+        B::packed_len(self.k / QK)
+    }
+
+    /// Dequantises rows `ids` (an embedding lookup).
+    pub fn rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let (k, per_row) = (self.k, self.per_row());
+        let rows = self.packed.len() / per_row;
+        let mut out = vec![0f32; ids.len() * k];
+        for (o, &id) in out.chunks_exact_mut(k).zip(ids) {
             let id = id as usize;
             if id >= rows {
                 candle_core::bail!("token id {id} is out of range for {rows} rows");
             }
-            B::dequantize(&self.blocks[id * per_row..(id + 1) * per_row], o);
+            B::unpack(&self.packed[id * per_row..(id + 1) * per_row], o);
         }
         Ok(out)
     }
@@ -728,7 +826,7 @@ impl<B: Block> QuantizedType for FastBlocks<B> {
     }
 
     fn matmul_t(&self, mkn: (usize, usize, usize), lhs: &[f32], dst: &mut [f32]) -> Result<()> {
-        matmul(self.isa, mkn, lhs, &self.blocks, dst)
+        B::matmul_packed(self.isa, mkn, lhs, &self.packed, dst)
     }
 
     fn matmul_t_f16(&self, _: (usize, usize, usize), _: &[f16], _: &mut [f16]) -> Result<()> {
@@ -736,21 +834,30 @@ impl<B: Block> QuantizedType for FastBlocks<B> {
     }
 
     fn embedding(&self, ids: &[u32], _rows: usize, hidden: usize) -> Result<CpuStorage> {
-        Ok(CpuStorage::F32(self.rows(ids, hidden)?))
+        if hidden != self.k {
+            candle_core::bail!("an embedding of {hidden} values from rows of {}", self.k);
+        }
+        Ok(CpuStorage::F32(self.rows(ids)?))
     }
 
     fn dequantize(&self, elem_count: usize) -> Result<CpuStorage> {
         let mut out = vec![0f32; elem_count];
-        B::dequantize(&self.blocks, &mut out);
+        for (row, o) in self
+            .packed
+            .chunks(self.per_row())
+            .zip(out.chunks_mut(self.k))
+        {
+            B::unpack(row, o);
+        }
         Ok(CpuStorage::F32(out))
     }
 
     fn storage_size_in_bytes(&self) -> usize {
-        self.blocks.len() * std::mem::size_of::<B>()
+        self.packed.len() * std::mem::size_of::<B::Packed>()
     }
 
     fn as_ptr(&self) -> *const u8 {
-        self.blocks.as_ptr() as *const u8
+        self.packed.as_ptr() as *const u8
     }
 
     fn block_size(&self) -> usize {
@@ -758,11 +865,13 @@ impl<B: Block> QuantizedType for FastBlocks<B> {
     }
 
     fn from_float(&mut self, xs: &[f32]) {
-        B::quantize(xs, &mut self.blocks)
+        let mut blocks = vec![B::default(); xs.len() / QK];
+        B::quantize(xs, &mut blocks);
+        self.packed = B::pack(blocks, self.k / QK);
     }
 
     fn from_float_imatrix(&mut self, xs: &[f32], _: &[f32], _: usize) {
-        B::quantize(xs, &mut self.blocks)
+        self.from_float(xs)
     }
 
     fn size(&self) -> usize {
@@ -776,10 +885,11 @@ pub fn accelerate(t: QTensor) -> Result<QTensor> {
     if !t.device().is_cpu() {
         return Ok(t);
     }
+    let k = *t.shape().dims().last().unwrap_or(&0);
     let storage: Box<dyn QuantizedType> = match t.dtype() {
-        GgmlDType::Q5_0 => Box::new(FastBlocks::<BlockQ5_0>::from_bytes(&data(&t)?)?),
+        GgmlDType::Q5_0 => Box::new(FastBlocks::<BlockQ5_0>::from_bytes(&data(&t)?, k)?),
         GgmlDType::Q8_0 if isa() != Isa::Scalar => {
-            Box::new(FastBlocks::<BlockQ8_0>::from_bytes(&data(&t)?)?)
+            Box::new(FastBlocks::<BlockQ8_0>::from_bytes(&data(&t)?, k)?)
         }
         _ => return Ok(t),
     };

@@ -43,10 +43,81 @@ impl Weight {
     }
 }
 
+/// Weight matrices that multiply the same input (a layer's queries, keys and values; an MLP's gate
+/// and up projections). Those of one type and width are held as one matrix, their rows one after
+/// another: one pass over the thread pool and one rounding of the input instead of one each, and
+/// every output element is the same dot product as with the matrices apart.
+struct Fused {
+    /// Each held matrix with the row counts of the matrices it stands for, in order.
+    parts: Vec<(Weight, Vec<usize>)>,
+}
+
+impl Fused {
+    fn new(ts: Vec<QTensor>) -> Result<Self> {
+        let mut groups: Vec<Vec<QTensor>> = Vec::new();
+        for t in ts {
+            let joins = groups.last().is_some_and(|g| {
+                let last = &g[g.len() - 1];
+                t.device().is_cpu()
+                    && last.dtype() == t.dtype()
+                    && last.shape().dims2().ok().map(|d| d.1) == t.shape().dims2().ok().map(|d| d.1)
+            });
+            match groups.last_mut() {
+                Some(g) if joins => g.push(t),
+                _ => groups.push(vec![t]),
+            }
+        }
+        let parts = groups
+            .into_iter()
+            .map(|g| {
+                let rows: Vec<usize> = g.iter().map(|t| t.shape().dims()[0]).collect();
+                if g.len() == 1 {
+                    return Ok((
+                        matmul(g.into_iter().next().unwrap_or_else(|| unreachable!()))?,
+                        rows,
+                    ));
+                }
+                let (dtype, cols, device) = (g[0].dtype(), g[0].shape().dims2()?.1, g[0].device());
+                let mut bytes = Vec::new();
+                for t in &g {
+                    bytes.extend_from_slice(&t.data()?);
+                }
+                drop(g);
+                let joined = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    dtype,
+                    &bytes,
+                    vec![rows.iter().sum(), cols],
+                    &device,
+                )?;
+                Ok((matmul(joined)?, rows))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { parts })
+    }
+
+    /// Each matrix's product with `x`, in order (see `Weight::forward`).
+    fn forward(&self, x: &Tensor, decoding: bool) -> Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        for (w, rows) in &self.parts {
+            let y = w.forward(x, decoding)?;
+            if rows.len() == 1 {
+                out.push(y);
+                continue;
+            }
+            let last = y.rank() - 1;
+            let mut start = 0;
+            for &n in rows {
+                out.push(y.narrow(last, start, n)?);
+                start += n;
+            }
+        }
+        Ok(out)
+    }
+}
+
 struct Layer {
-    wq: Weight,
-    wk: Weight,
-    wv: Weight,
+    /// Queries, keys, values.
+    qkv: Fused,
     wo: Weight,
     /// Attention biases (Qwen2; none in Llama).
     bias: Option<(Tensor, Tensor, Tensor)>,
@@ -63,8 +134,8 @@ struct Layer {
 
 /// A gated MLP: down(act(gate(x)) · up(x)).
 struct Mlp {
-    gate: Weight,
-    up: Weight,
+    /// Gate, up.
+    gate_up: Fused,
     down: Weight,
 }
 
@@ -377,7 +448,7 @@ fn route(router: &[f32], x: &[f32], used: usize) -> (Vec<usize>, Vec<f32>) {
 /// A layer's `n` experts: one tensor per expert and matrix (`ffn_gate.{j}`), or one 3-D tensor
 /// per matrix holding all of them (`ffn_gate_exps`), split here into the experts' own matrices.
 fn experts(t: &mut impl FnMut(&str) -> Result<QTensor>, n: usize) -> Result<Vec<Mlp>> {
-    let mut split = |name: &str| -> Result<Vec<Weight>> {
+    let mut split = |name: &str| -> Result<Vec<QTensor>> {
         if let Ok(all) = t(&format!("ffn_{name}_exps.weight")) {
             let (count, rows, cols) = all.shape().dims3()?;
             if count != n {
@@ -388,27 +459,30 @@ fn experts(t: &mut impl FnMut(&str) -> Result<QTensor>, n: usize) -> Result<Vec<
             let device = all.device();
             return (0..n)
                 .map(|j| {
-                    let one = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    candle_core::quantized::ggml_file::qtensor_from_ggml(
                         all.dtype(),
                         &data[j * per..(j + 1) * per],
                         vec![rows, cols],
                         &device,
-                    )?;
-                    matmul(one)
+                    )
                 })
                 .collect();
         }
         (0..n)
-            .map(|j| matmul(t(&format!("ffn_{name}.{j}.weight"))?))
+            .map(|j| t(&format!("ffn_{name}.{j}.weight")))
             .collect()
     };
     let (gate, up, down) = (split("gate")?, split("up")?, split("down")?);
-    Ok(gate
-        .into_iter()
+    gate.into_iter()
         .zip(up)
         .zip(down)
-        .map(|((gate, up), down)| Mlp { gate, up, down })
-        .collect())
+        .map(|((gate, up), down)| {
+            Ok(Mlp {
+                gate_up: Fused::new(vec![gate, up])?,
+                down: matmul(down)?,
+            })
+        })
+        .collect()
 }
 
 impl Decoder {
@@ -494,9 +568,11 @@ impl Decoder {
         for i in 0..blocks {
             let mut t = |n: &str| get(&format!("blk.{i}.{n}"));
             layers.push(Layer {
-                wq: matmul(t("attn_q.weight")?)?,
-                wk: matmul(t("attn_k.weight")?)?,
-                wv: matmul(t("attn_v.weight")?)?,
+                qkv: Fused::new(vec![
+                    t("attn_q.weight")?,
+                    t("attn_k.weight")?,
+                    t("attn_v.weight")?,
+                ])?,
                 wo: matmul(t("attn_output.weight")?)?,
                 bias: match t("attn_q.bias") {
                     Ok(bq) => Some((
@@ -520,8 +596,7 @@ impl Decoder {
                     }
                 } else {
                     Ffn::Dense(Mlp {
-                        gate: matmul(t("ffn_gate.weight")?)?,
-                        up: matmul(t("ffn_up.weight")?)?,
+                        gate_up: Fused::new(vec![t("ffn_gate.weight")?, t("ffn_up.weight")?])?,
                         down: matmul(t("ffn_down.weight")?)?,
                     })
                 },
@@ -799,14 +874,17 @@ impl Decoder {
 
 impl Decoder {
     fn mlp(&self, mlp: &Mlp, x: &Tensor, decoding: bool) -> Result<Tensor> {
-        let gate = mlp.gate.forward(x, decoding)?;
+        let [gate, up]: [Tensor; 2] = mlp
+            .gate_up
+            .forward(x, decoding)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("an MLP without gate and up".into()))?;
         let g = if self.gelu {
             gate.gelu()?
         } else {
             candle_nn::ops::silu(&gate)?
         };
-        mlp.down
-            .forward(&(g * mlp.up.forward(x, decoding)?)?, decoding)
+        mlp.down.forward(&(g * up)?, decoding)
     }
 
     /// The mixture of experts for every token of the batch at once: each expert runs once per
@@ -870,11 +948,10 @@ impl Decoder {
                 .contiguous()
         };
         let decoding = t == 1;
-        let (mut q, mut k, mut v) = (
-            l.wq.forward(x, decoding)?,
-            l.wk.forward(x, decoding)?,
-            l.wv.forward(x, decoding)?,
-        );
+        let [mut q, mut k, mut v]: [Tensor; 3] =
+            l.qkv.forward(x, decoding)?.try_into().map_err(|_| {
+                candle_core::Error::Msg("attention without queries, keys, values".into())
+            })?;
         if let Some((bq, bk, bv)) = &l.bias {
             q = q.broadcast_add(bq)?;
             k = k.broadcast_add(bk)?;
