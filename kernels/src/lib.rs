@@ -3,8 +3,9 @@
 //!
 //! `W` is a GGUF weight matrix of `n` rows of `k` values (blocks of 32); `X` is `m` rows of `k`
 //! f32 activations. `matmul` quantises each row of X to Q8_0 once, then computes every output
-//! with an integer dot product: AVX2 when the CPU has it (checked at run time, so a portable build
-//! is fast too), else a plain scalar loop. Work is split over weight rows on candle's own thread
+//! with an integer dot product: AVX-512 (with or without VNNI) or AVX2 when the CPU has it
+//! (checked at run time, so a portable build is fast too), else a plain scalar loop. Q5_0 is held
+//! rearranged in pairs of blocks (`q5_0`), which the kernels unpack with less work. Work is split over weight rows on candle's own thread
 //! pool; each weight row is read once for all rows of X (prefill and batched decode).
 //!
 //! `QuantizedType` lets a candle `QTensor` hold these blocks, so `QMatMul` uses them unchanged.

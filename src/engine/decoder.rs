@@ -69,13 +69,12 @@ impl Fused {
         }
         let parts = groups
             .into_iter()
-            .map(|g| {
+            .map(|mut g| {
                 let rows: Vec<usize> = g.iter().map(|t| t.shape().dims()[0]).collect();
                 if g.len() == 1 {
-                    return Ok((
-                        matmul(g.into_iter().next().unwrap_or_else(|| unreachable!()))?,
-                        rows,
-                    ));
+                    if let Some(one) = g.pop() {
+                        return Ok((matmul(one)?, rows));
+                    }
                 }
                 let (dtype, cols, device) = (g[0].dtype(), g[0].shape().dims2()?.1, g[0].device());
                 let mut bytes = Vec::new();
