@@ -52,8 +52,9 @@ pub enum Isa {
     /// AVX-512 (F, BW, VL) with VNNI: two blocks per 512-bit register, one instruction for the
     /// 8-bit dot products.
     Avx512Vnni,
-    /// AVX-512 (F, BW, VL) without VNNI (Skylake-X, Cascade Lake without it): two blocks per
-    /// 512-bit register, the 8-bit dot products in two instructions as with AVX2.
+    /// AVX-512 (F, BW, VL) without VNNI (Skylake-X, Cascade Lake without it): Q5_0's 5th bits
+    /// unpacked with byte masks; Q8_0 as with AVX2 (a 512-bit kernel with two-instruction dot
+    /// products measured no faster).
     Avx512,
     Avx2,
     Scalar,
@@ -270,7 +271,7 @@ impl BlockQ8_0 {
         yd: [&[f32]; N],
     ) -> [f32; N] {
         match supported(isa) {
-            // Activations in blocks: the 256-bit AVX2 kernel (the AVX-512 kernels read the byte
+            // Activations in blocks: the 256-bit AVX2 kernel (the VNNI kernel reads the byte
             // layout of `rows_wide`, which `matmul` uses on those CPUs).
             #[cfg(target_arch = "x86_64")]
             // SAFETY: each level is only chosen when the CPU reports its features (`detect`), and
@@ -282,24 +283,16 @@ impl BlockQ8_0 {
         }
     }
 
-    /// `rows` for the AVX-512 levels, with activations as plain bytes (`k` per row) so that two
-    /// blocks load as one 512-bit vector; `vnni` picks the `Isa::Avx512Vnni` kernel.
+    /// `rows` for `Isa::Avx512Vnni`, with activations as plain bytes (`k` per row) so that two
+    /// blocks load as one 512-bit vector.
     ///
     /// # Safety
-    /// The CPU must have the `Isa::Avx512` features (`Isa::Avx512Vnni`'s with `vnni`); each
-    /// `ys[r]` holds `32 * w.len()` bytes and each `yd[r]` `w.len()` scales.
+    /// The CPU must have the `Isa::Avx512Vnni` features; each `ys[r]` holds `32 * w.len()` bytes
+    /// and each `yd[r]` `w.len()` scales.
     #[cfg(target_arch = "x86_64")]
     #[inline]
-    unsafe fn rows_wide<const N: usize>(
-        vnni: bool,
-        w: &[Self],
-        ys: [&[i8]; N],
-        yd: [&[f32]; N],
-    ) -> [f32; N] {
-        match vnni {
-            true => simd::vnni::rows_q8_0(w, ys, yd),
-            false => simd::bw::rows_q8_0(w, ys, yd),
-        }
+    unsafe fn rows_wide<const N: usize>(w: &[Self], ys: [&[i8]; N], yd: [&[f32]; N]) -> [f32; N] {
+        simd::vnni::rows_q8_0(w, ys, yd)
     }
 }
 
@@ -431,7 +424,7 @@ mod simd {
 
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub(super) unsafe fn dot(ax: __m256i, sy: __m256i) -> __m256i {
+        unsafe fn dot(ax: __m256i, sy: __m256i) -> __m256i {
             _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
         }
 
@@ -528,29 +521,6 @@ mod simd {
             dot256
         );
     }
-
-    /// AVX-512 BW without VNNI: multiply-add of byte pairs, then of 16-bit pairs (no overflow:
-    /// |x| <= 128 and |y| <= 127 give pair sums within i16).
-    pub mod bw {
-        use super::*;
-
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
-        unsafe fn dot(ax: __m512i, sy: __m512i) -> __m512i {
-            _mm512_madd_epi16(_mm512_maddubs_epi16(ax, sy), _mm512_set1_epi16(1))
-        }
-
-        use super::avx2::dot as dot256;
-
-        wide_kernel!(
-            "avx2,fma,f16c,avx512f,avx512bw,avx512vl",
-            rows_q8_0,
-            unpack_q8_0,
-            BlockQ8_0,
-            dot,
-            dot256
-        );
-    }
 }
 
 /// `dst[i][j] = X[i] · W[j]` for `m` rows of X (`k` f32 each) and `n` rows of W.
@@ -606,7 +576,7 @@ fn matmul_q8_0(
     // The wide kernels read activations as plain bytes, two blocks per load. They serve every
     // batch size, one row included: a row then sums in the same order alone as in a batch, so
     // batching cannot change an answer (the 256-bit kernel is ~10 % faster for one row alone).
-    let wide = cfg!(target_arch = "x86_64") && matches!(isa, Isa::Avx512Vnni | Isa::Avx512);
+    let wide = cfg!(target_arch = "x86_64") && isa == Isa::Avx512Vnni;
     let bytes: Vec<i8> = if wide {
         xq.iter().flat_map(|b| b.qs).collect()
     } else {
@@ -615,14 +585,12 @@ fn matmul_q8_0(
     let job = Job {
         isa,
         wide,
-        m,
         k,
-        n,
         w,
         xq: &xq,
         xd: &xd,
         bytes: &bytes,
-        dst: dst.as_mut_ptr() as usize,
+        out: Out::new(m, n, dst),
     };
     run(isa, &job);
     Ok(())
@@ -631,12 +599,28 @@ fn matmul_q8_0(
 /// Weight rows per work item; each group is read once for all rows of X.
 const GROUP: usize = 8;
 
+/// Where a product's `m` × `n` results go.
+#[derive(Clone, Copy)]
+struct Out {
+    m: usize,
+    n: usize,
+    /// `dst` as an address (written through by disjoint work items).
+    addr: usize,
+}
+
+impl Out {
+    fn new(m: usize, n: usize, dst: &mut [f32]) -> Self {
+        Self {
+            m,
+            n,
+            addr: dst.as_mut_ptr() as usize,
+        }
+    }
+}
+
 /// A quantized product split into work items: weight row `j` against rows `i..i + N` of X.
 trait Tiles: Sync {
-    /// (m, n): rows of X, rows of W.
-    fn dims(&self) -> (usize, usize);
-    /// `dst` as an address (written through by disjoint work items).
-    fn dst(&self) -> usize;
+    fn out(&self) -> &Out;
     fn tile<const N: usize>(&self, j: usize, i: usize) -> [f32; N];
 }
 
@@ -660,7 +644,7 @@ fn run<T: Tiles>(isa: Isa, job: &T) {
         groups(job, range)
     }
     let isa = supported(isa);
-    let count = job.dims().1.div_ceil(GROUP);
+    let count = job.out().n.div_ceil(GROUP);
     candle_core::utils::barrier_pool().execute_chunked(count, |range| match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` came through `supported`: the CPU has these features.
@@ -679,8 +663,8 @@ fn run<T: Tiles>(isa: Isa, job: &T) {
 /// weights are unpacked once for all rows of a tile).
 #[inline(always)]
 fn groups<T: Tiles>(job: &T, range: std::ops::Range<usize>) {
-    let (m, n) = job.dims();
-    let dst = job.dst() as *mut f32;
+    let Out { m, n, addr } = *job.out();
+    let dst = addr as *mut f32;
     for g in range {
         for j in g * GROUP..((g + 1) * GROUP).min(n) {
             let put = |i: usize, v: &[f32]| {
@@ -710,23 +694,17 @@ fn groups<T: Tiles>(job: &T, range: std::ops::Range<usize>) {
 struct Job<'a> {
     isa: Isa,
     wide: bool,
-    m: usize,
     k: usize,
-    n: usize,
     w: &'a [BlockQ8_0],
     xq: &'a [BlockQ8_0],
     xd: &'a [f32],
     bytes: &'a [i8],
-    dst: usize,
+    out: Out,
 }
 
 impl Tiles for Job<'_> {
-    fn dims(&self) -> (usize, usize) {
-        (self.m, self.n)
-    }
-
-    fn dst(&self) -> usize {
-        self.dst
+    fn out(&self) -> &Out {
+        &self.out
     }
 
     #[inline(always)]
@@ -747,9 +725,9 @@ impl Tiles for Job<'_> {
         #[cfg(target_arch = "x86_64")]
         if wide {
             let ys: [&[i8]; N] = std::array::from_fn(|t| &bytes[(i + t) * k..(i + t + 1) * k]);
-            // SAFETY: `wide` is only set for the AVX-512 levels, which `supported` only gives
-            // where the CPU has them; the slices have the lengths asserted inside.
-            return unsafe { BlockQ8_0::rows_wide::<N>(isa == Isa::Avx512Vnni, wrow, ys, yd) };
+            // SAFETY: `wide` is only set for `Isa::Avx512Vnni`, which `supported` only gives
+            // where the CPU has it; the slices have the lengths asserted inside.
+            return unsafe { BlockQ8_0::rows_wide::<N>(wrow, ys, yd) };
         }
         let _ = (wide, bytes);
         let ys: [&[BlockQ8_0]; N] = std::array::from_fn(|t| &xq[(i + t) * kb..(i + t + 1) * kb]);

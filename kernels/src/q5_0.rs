@@ -17,7 +17,7 @@
 //!
 //! A row with an odd number of blocks ends with a pair padded by a zero block (scale 0).
 
-use super::{half, prepare, run, supported, BlockQ5_0, BlockQ8_0, Isa, Tiles, QK};
+use super::{half, prepare, run, supported, BlockQ5_0, BlockQ8_0, Isa, Out, Tiles, QK};
 use candle_core::Result;
 
 /// Two Q5_0 blocks in the kernels' layout (see the module's documentation).
@@ -151,12 +151,10 @@ pub fn matmul(
     let acts: Vec<Acts> = xq.chunks_exact(kb).flat_map(arrange).collect();
     let job = Job {
         isa,
-        m,
-        n,
         per_row: kb.div_ceil(2),
         w,
         acts: &acts,
-        dst: dst.as_mut_ptr() as usize,
+        out: Out::new(m, n, dst),
     };
     run(isa, &job);
     Ok(())
@@ -164,21 +162,15 @@ pub fn matmul(
 
 struct Job<'a> {
     isa: Isa,
-    m: usize,
-    n: usize,
     per_row: usize,
     w: &'a [Pair],
     acts: &'a [Acts],
-    dst: usize,
+    out: Out,
 }
 
 impl Tiles for Job<'_> {
-    fn dims(&self) -> (usize, usize) {
-        (self.m, self.n)
-    }
-
-    fn dst(&self) -> usize {
-        self.dst
+    fn out(&self) -> &Out {
+        &self.out
     }
 
     #[inline(always)]
