@@ -2,8 +2,7 @@
 //! system (running + waiting) and per account. A permit travels with the answer and frees its
 //! slot when the answer ends, however it ends. Also: when "tomorrow morning" is.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -22,62 +21,30 @@ pub enum Shed {
 pub struct Admission {
     slots: Arc<Semaphore>,
     capacity: usize,
-    per_user: usize,
-    // A plain mutex over a small map: held for a few instructions, never across an await.
-    users: Arc<Mutex<HashMap<i64, usize>>>,
+    /// Answers in progress per account.
+    users: crate::shares::Shares<i64>,
 }
 
 /// A taken slot; dropping it frees the slot and the account's count.
 pub struct Permit {
     _slot: OwnedSemaphorePermit,
-    user: i64,
-    users: Arc<Mutex<HashMap<i64, usize>>>,
+    _user: crate::shares::Share<i64>,
 }
 
-impl Drop for Permit {
-    fn drop(&mut self) {
-        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = users.get_mut(&self.user) {
-            *n -= 1;
-            if *n == 0 {
-                users.remove(&self.user);
-            }
-        }
-    }
-}
-
-/// A slot taken before anyone is known (the first thing a generation request does); it becomes a
-/// `Permit` once the account is known, or is freed when dropped.
+/// A slot taken before it is known whose it is; it becomes a `Permit` in `claim`.
 pub struct Slot(OwnedSemaphorePermit);
-
-/// A slot shared through request extensions between the middleware that takes it and the
-/// handler that claims it.
-#[derive(Clone, Default)]
-pub struct SlotCell(Arc<Mutex<Option<Slot>>>);
-
-impl SlotCell {
-    pub fn new(slot: Slot) -> Self {
-        Self(Arc::new(Mutex::new(Some(slot))))
-    }
-
-    pub fn take(&self) -> Option<Slot> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
 
 impl Admission {
     pub fn new(capacity: usize, per_user: usize) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(capacity)),
             capacity,
-            per_user,
-            users: Arc::default(),
+            users: crate::shares::Shares::new(per_user),
         }
     }
 
-    /// Takes a slot without waiting and without knowing who asks: a full service sheds here,
-    /// before any other work.
-    pub fn try_slot(&self) -> Result<Slot, Shed> {
+    /// Takes a slot without waiting.
+    fn try_slot(&self) -> Result<Slot, Shed> {
         self.slots
             .clone()
             .try_acquire_owned()
@@ -87,16 +54,11 @@ impl Admission {
 
     /// Gives a slot to `user`, unless they already have their answers in progress (the slot is
     /// then freed).
-    pub fn claim(&self, slot: Slot, user: i64) -> Result<Permit, Shed> {
-        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-        if users.get(&user).copied().unwrap_or(0) >= self.per_user {
-            return Err(Shed::Busy);
-        }
-        *users.entry(user).or_insert(0) += 1;
+    fn claim(&self, slot: Slot, user: i64) -> Result<Permit, Shed> {
+        let share = self.users.try_take(user).ok_or(Shed::Busy)?;
         Ok(Permit {
             _slot: slot.0,
-            user,
-            users: self.users.clone(),
+            _user: share,
         })
     }
 

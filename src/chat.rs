@@ -23,7 +23,9 @@ pub enum StreamEvent {
         text: String,
     },
     Done {
-        message_id: i64,
+        /// The stored answer; `None` when nothing was kept (an API call without `store`, or a
+        /// conversation deleted while its answer was made).
+        message_id: Option<i64>,
         finish_reason: String,
         usage: Usage,
         html: String,
@@ -135,7 +137,7 @@ pub async fn refuse(
     });
     let html = crate::render::markdown(&answer);
     let _ = tx.try_send(StreamEvent::Done {
-        message_id: stored.id,
+        message_id: Some(stored.id),
         finish_reason: "refused".into(),
         usage: Usage::default(),
         html,
@@ -367,12 +369,10 @@ async fn relay(
         prompt_tokens: usage.prompt_tokens as i64,
         completion_tokens: usage.completion_tokens as i64,
     };
-    let stored_id = match &turn.stateless {
-        // Nothing is kept for API requests unless asked; message id 0 says so.
-        Some(st) if !st.keep => Some(0),
-        _ => store_with_retry(&deps.db, turn.user_id, turn.conversation_id, &m)
-            .await
-            .map(|msg| msg.id),
+    let storage = match &turn.stateless {
+        // Nothing is kept for API requests unless asked.
+        Some(st) if !st.keep => Storage::NotKept,
+        _ => store_with_retry(&deps.db, turn.user_id, turn.conversation_id, &m).await,
     };
     let spent = (usage.prompt_tokens + usage.completion_tokens) as i64;
     if spent > 0 {
@@ -385,35 +385,48 @@ async fn relay(
         }
     }
     drop(turn.permit); // the slot is free before the client hears "done"
-    match (stored_id, finish) {
-        (Some(id), FinishReason::Error) => {
-            let _ = tx
-                .send(StreamEvent::Error {
-                    code: "generation_failed".into(),
-                    message: format!("The answer failed (kept as message {}).", id),
-                })
-                .await;
-        }
-        (Some(id), f) => {
-            let html = crate::render::markdown(&text);
-            let _ = tx
-                .send(StreamEvent::Done {
-                    message_id: id,
-                    finish_reason: f.as_str().into(),
-                    usage,
-                    html,
-                })
-                .await;
-        }
-        (None, _) => {
+    let message_id = match storage {
+        Storage::Kept(id) => Some(id),
+        Storage::NotKept | Storage::Gone => None,
+        Storage::Failed => {
             let _ = tx
                 .send(StreamEvent::Error {
                     code: "unavailable".into(),
                     message: "The answer could not be stored.".into(),
                 })
                 .await;
+            return;
         }
-    }
+    };
+    let event = match finish {
+        FinishReason::Error => StreamEvent::Error {
+            code: "generation_failed".into(),
+            message: match message_id {
+                Some(id) => format!("The answer failed (kept as message {id})."),
+                None => "The answer failed.".into(),
+            },
+        },
+        f => StreamEvent::Done {
+            message_id,
+            finish_reason: f.as_str().into(),
+            usage,
+            html: crate::render::markdown(&text),
+        },
+    };
+    let _ = tx.send(event).await;
+}
+
+/// Where an answer ended up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Storage {
+    /// Stored as this message.
+    Kept(i64),
+    /// Not to be stored (an API call without `store`).
+    NotKept,
+    /// Its conversation was deleted while the answer was made: nothing to store it in.
+    Gone,
+    /// The database refused or stayed away through every retry.
+    Failed,
 }
 
 /// Stores an answer, retrying for a while if the database is briefly away: an answer is never
@@ -423,15 +436,15 @@ async fn store_with_retry(
     user_id: i64,
     conversation_id: i64,
     m: &NewMessage<'_>,
-) -> Option<Message> {
+) -> Storage {
     for attempt in 0..10u32 {
         match chats::add_message(db, user_id, conversation_id, m).await {
-            Ok(Some(msg)) => return Some(msg),
-            Ok(None) => return None, // the conversation was deleted meanwhile
+            Ok(Some(msg)) => return Storage::Kept(msg.id),
+            Ok(None) => return Storage::Gone,
             Err(e @ (crate::db::DbError::Other(_) | crate::db::DbError::Conflict)) => {
                 // Not the database being away: trying again would fail the same way.
                 tracing::error!("storing an answer failed: {e}");
-                return None;
+                return Storage::Failed;
             }
             Err(e) => {
                 tracing::warn!(attempt, "storing an answer failed: {e}");
@@ -443,5 +456,5 @@ async fn store_with_retry(
         }
     }
     tracing::error!("an answer could not be stored after retries");
-    None
+    Storage::Failed
 }

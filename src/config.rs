@@ -79,6 +79,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     pub request_timeout_secs: u64,
     pub header_timeout_secs: u64,
+    pub body_timeout_secs: u64,
+    pub max_header_bytes: usize,
     pub shutdown_grace_secs: u64,
 }
 
@@ -119,6 +121,10 @@ pub struct AccountsConfig {
     pub free_login_failures: i64,
     pub max_login_block_secs: i64,
     pub reset_link_minutes: i64,
+    pub reset_mails_per_hour: i64,
+    pub hash_threads: usize,
+    pub hash_wait_ms: u64,
+    pub hashes_per_client: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -132,6 +138,7 @@ pub struct InvitesConfig {
 #[serde(deny_unknown_fields)]
 pub struct WaitlistConfig {
     pub resend_confirmation_minutes: i64,
+    pub confirm_link_hours: i64,
 }
 
 #[derive(Clone, Deserialize)]
@@ -341,6 +348,30 @@ impl Config {
         anyhow::ensure!(
             self.server.max_body_bytes >= 1024,
             "server.max_body_bytes must be at least 1024"
+        );
+        anyhow::ensure!(
+            self.server.body_timeout_secs >= 1,
+            "server.body_timeout_secs must be at least 1"
+        );
+        // hyper's smallest read buffer.
+        anyhow::ensure!(
+            self.server.max_header_bytes >= 8192,
+            "server.max_header_bytes must be at least 8192"
+        );
+        anyhow::ensure!(
+            self.accounts.hashes_per_client >= 1 && self.accounts.hash_wait_ms >= 1,
+            "accounts.hashes_per_client and accounts.hash_wait_ms must be at least 1"
+        );
+        anyhow::ensure!(
+            self.waitlist.confirm_link_hours >= 1,
+            "waitlist.confirm_link_hours must be at least 1"
+        );
+        let public = &self.server.public_url;
+        anyhow::ensure!(
+            public.is_empty()
+                || ((public.starts_with("http://") || public.starts_with("https://"))
+                    && reqwest::Url::parse(public).is_ok_and(|u| u.host_str().is_some())),
+            "server.public_url must be empty or an http(s) URL, not `{public}`"
         );
         let s = &e.sampling;
         anyhow::ensure!(

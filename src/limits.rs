@@ -77,6 +77,17 @@ pub struct ClientKey {
 }
 
 impl ClientKey {
+    /// From `limits.trusted_proxies` (addresses or CIDR networks).
+    pub fn from_config(trusted: &[String]) -> anyhow::Result<Self> {
+        let nets = trusted
+            .iter()
+            .map(|p| Net::parse(p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self {
+            trusted: Arc::new(nets),
+        })
+    }
+
     /// The client address for a request from `peer` with these headers.
     pub fn client_ip(&self, peer: IpAddr, forwarded: Option<&str>) -> IpAddr {
         let mut ip = peer;
@@ -131,7 +142,7 @@ pub type Limiter = GovernorConfig<ClientKey, NoOpMiddleware<QuantaInstant>>;
 
 /// A bucket's governor configuration.
 pub fn config(bucket: Bucket, key: &ClientKey) -> Arc<Limiter> {
-    // One token every 60/per_minute seconds (`period`, not `per_second`: see SECURITY.md 12).
+    // One token every 60/per_minute seconds (`period`: governor's `per_second(n)` means one token every n seconds).
     let period = Duration::from_millis((60_000 / bucket.per_minute.max(1) as u64).max(1));
     Arc::new(
         GovernorConfigBuilder::default()

@@ -80,7 +80,7 @@
     },
     reset: function (form, f) {
       return send("POST", "/api/password/reset", { token: params.get("token") || "", password: f.password }).then(function (r) {
-        if (r.ok) say(form, lang() === "zh" ? "密码已更新，请重新登录。" : "Password changed. Please sign in again.");
+        if (r.ok) say(form, lang() === "zh" ? "密码已更新，所有设备均已退出，API 密钥也已撤销（可在设置中新建）。请重新登录。" : "Password changed. You are signed out everywhere and your API keys were revoked (make new ones in Settings). Please sign in again.");
         else say(form, errorText(r.body), true);
       });
     },

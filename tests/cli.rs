@@ -127,3 +127,40 @@ fn unknown_config_key_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("devise"));
 }
+
+/// `--database-url sqlite:///absolute/path.db` names a file that need not exist yet: it is made.
+#[test]
+fn a_sqlite_url_for_a_new_file_creates_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fresh.db");
+    for url in [
+        format!("sqlite://{}", file.display()),
+        format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("other.db").display()
+        ),
+    ] {
+        let out = moss()
+            .arg("--database-url")
+            .arg(&url)
+            .args(["admin", "user", "list"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(file.is_file());
+    // A folder that does not exist is a clear one-line error, not a panic.
+    let out = moss()
+        .arg("--database-url")
+        .arg(format!("sqlite://{}/missing/x.db", dir.path().display()))
+        .args(["admin", "user", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

@@ -406,86 +406,248 @@ async fn database_outage_gives_503_and_recovers() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(ok, "the service did not recover");
-    assert_eq!(app.status("/readyz").await, 200);
+    // /readyz shares one probe a second: it turns within a second or two.
+    let mut ready = false;
+    for _ in 0..50 {
+        ready = app.status("/readyz").await == 200;
+        if ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ready, "/readyz did not recover");
+}
+
+/// The database goes away while an answer is being made and comes back: the answer is stored
+/// exactly once (its store is retried), the stream ends with `done`, and the slot is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_cut_mid_answer_then_restored() {
+    let options = Options {
+        db_proxy: true,
+        token_delay_ms: SLOW,
+        configure: Some(|c| {
+            c.database.acquire_timeout_secs = 1;
+            // No connection is opened behind the test's back: the first one tried after the cut
+            // is the answer's store.
+            c.database.min_connections = 0;
+            c.limits.max_running = 1;
+            c.limits.max_waiting = 0;
+        }),
+        ..Options::default()
+    };
+    let Some(app) = TestApp::start(common::server::Backend::Postgres, options).await else {
+        return;
+    };
+    let c = app.user("cut@example.com").await;
+    let conv = app.conversation(&c).await;
+    let mut r = app.answer_in_progress(&c, conv, 10).await;
+    let proxy = app.proxy.as_ref().unwrap();
+    proxy.cut();
+    // The answer ends and tries to store itself against the missing database …
+    tokio::time::timeout(Duration::from_secs(30), proxy.knocked_while_cut())
+        .await
+        .expect("the answer tried to store itself");
+    proxy.restore().await;
+    // … and is stored once the database is back; the stream ends with `done`.
+    let mut rest = String::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), r.chunk())
+        .await
+        .expect("the stream ends")
+        .unwrap()
+    {
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let events = common::server::parse_sse(&rest);
+    let (name, done) = events.last().unwrap();
+    assert_eq!(name, "done", "{rest}");
+    let id = done["message_id"].as_i64().unwrap();
+    let rows: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, role FROM messages WHERE conversation_id = $1 ORDER BY id")
+            .bind(conv)
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (rows[0].0, "user".to_string()),
+            (id, "assistant".to_string())
+        ],
+        "the question and one answer"
+    );
+    // The only slot is free again.
+    let (status, events) = app
+        .chat(&c, conv, json!({"content": "again", "max_tokens": 3}))
+        .await;
+    assert_eq!(status, 200, "{events:?}");
+    assert_eq!(events.last().unwrap().0, "done");
+}
+
+/// `moss serve` on a tiny model in `dir`, slowed to `delay_ms` a token: the child, its base URL
+/// and a signed-in client (the first admin).
+fn spawn_server(
+    dir: &std::path::Path,
+    grace_secs: u64,
+    delay_ms: u64,
+) -> (std::process::Child, String, String) {
+    use std::io::BufRead;
+    let model = common::tiny_model(dir, moss::engine::Arch::Qwen2);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moss"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--model"])
+        .arg(&model)
+        .env("MOSS_DATABASE__DATA_DIR", dir.join("data"))
+        .env("MOSS_ENGINE__DEVICE", "cpu")
+        .env("MOSS_ENGINE__TOKEN_DELAY_MS", delay_ms.to_string())
+        .env("MOSS_ENGINE__SYSTEM_PROMPT", "You are moss.")
+        .env("MOSS_SERVER__SHUTDOWN_GRACE_SECS", grace_secs.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut last_word = || {
+        lines
+            .next()
+            .unwrap()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let base = last_word();
+    let invite = last_word();
+    let code = invite.split("code=").nth(1).unwrap().to_string();
+    (child, base, code)
+}
+
+/// Registers with `code` and starts an answer of `max_tokens`; returns the stream once its first
+/// token has arrived, with what was read so far.
+async fn start_answer(base: &str, code: &str, max_tokens: u32) -> (reqwest::Response, String) {
+    let c = reqwest::Client::builder()
+        .cookie_store(true)
+        .build()
+        .unwrap();
+    let r = c
+        .post(format!("{base}/api/register"))
+        .json(&json!({"invite_code": code, "email": "t@example.com", "password": "long enough pw"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let conv: Value = c
+        .post(format!("{base}/api/conversations"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let conv = conv["id"].as_i64().unwrap();
+    let mut r = c
+        .post(format!("{base}/api/conversations/{conv}/messages"))
+        .json(&json!({"content": "hello", "max_tokens": max_tokens, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    while !seen.contains("event: token") {
+        seen.push_str(&String::from_utf8_lossy(&r.chunk().await.unwrap().unwrap()));
+    }
+    (r, seen)
+}
+
+async fn read_rest(mut r: reqwest::Response, mut seen: String) -> Vec<(String, Value)> {
+    while let Ok(Some(chunk)) = r.chunk().await {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    common::server::parse_sse(&seen)
+}
+
+fn sigterm(child: &std::process::Child) {
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// The stored answers of the server's SQLite database in `dir`: (finish_reason, content).
+fn stored_answers(rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> Vec<(String, String)> {
+    rt.block_on(async {
+        let url = format!("sqlite://{}", dir.join("data/moss.db").display());
+        let db = moss::db::Db::connect(&url, &Default::default())
+            .await
+            .unwrap();
+        sqlx::query_as("SELECT finish_reason, content FROM messages WHERE role = 'assistant'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+    })
 }
 
 /// SIGTERM while an answer streams: the process stops accepting, gives the answer the grace period,
 /// stores what it has, and exits 0.
 #[test]
 fn sigterm_mid_answer_keeps_the_partial_answer_and_exits_cleanly() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(dir.path(), moss::engine::Arch::Qwen2);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_moss"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--model"])
-        .arg(&model)
-        .env("MOSS_DATABASE__DATA_DIR", dir.path().join("data"))
-        .env("MOSS_ENGINE__DEVICE", "cpu")
-        .env("MOSS_ENGINE__TOKEN_DELAY_MS", "50")
-        .env("MOSS_ENGINE__SYSTEM_PROMPT", "You are moss.")
-        .env("MOSS_SERVER__SHUTDOWN_GRACE_SECS", "1")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = lines
-        .next()
-        .unwrap()
-        .unwrap()
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .to_string();
-    let invite = lines
-        .next()
-        .unwrap()
-        .unwrap()
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .to_string();
-    let code = invite.split("code=").nth(1).unwrap().to_string();
+    let (mut child, base, code) = spawn_server(dir.path(), 1, 50);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let c = reqwest::Client::builder().cookie_store(true).build().unwrap();
-        let r = c.post(format!("{base}/api/register")).json(&json!({"invite_code": code, "email": "t@example.com", "password": "long enough pw"})).send().await.unwrap();
-        assert_eq!(r.status(), 201);
-        let conv: Value = c.post(format!("{base}/api/conversations")).send().await.unwrap().json().await.unwrap();
-        let conv = conv["id"].as_i64().unwrap();
-        let mut r = c.post(format!("{base}/api/conversations/{conv}/messages")).json(&json!({"content": "hello", "max_tokens": 400})).send().await.unwrap();
-        let mut seen = String::new();
-        while !seen.contains("event: token") {
-            seen.push_str(&String::from_utf8_lossy(&r.chunk().await.unwrap().unwrap()));
-        }
-        assert!(std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+        let (r, seen) = start_answer(&base, &code, 400).await;
+        sigterm(&child);
         // the stream ends with the stored partial answer
-        let mut rest = seen;
-        while let Ok(Some(chunk)) = r.chunk().await {
-            rest.push_str(&String::from_utf8_lossy(&chunk));
-        }
-        let events = common::server::parse_sse(&rest);
-        let done = events.iter().find(|(n, _)| n == "done").unwrap_or_else(|| panic!("no done event: {rest}"));
+        let events = read_rest(r, seen).await;
+        let done = events
+            .iter()
+            .find(|(n, _)| n == "done")
+            .unwrap_or_else(|| panic!("no done event: {events:?}"));
         assert_eq!(done.1["finish_reason"], "cancelled");
     });
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
     // the partial answer is in the database
-    rt.block_on(async {
-        let url = format!("sqlite://{}", dir.path().join("data/moss.db").display());
-        let db = moss::db::Db::connect(&url, &Default::default())
-            .await
-            .unwrap();
-        let (reason, content): (String, String) =
-            sqlx::query_as("SELECT finish_reason, content FROM messages WHERE role = 'assistant'")
-                .fetch_one(&db.pool)
-                .await
-                .unwrap();
-        assert_eq!(reason, "cancelled");
-        assert!(!content.is_empty());
-    });
+    let answers = stored_answers(&rt, dir.path());
+    assert_eq!(answers.len(), 1);
+    assert_eq!(answers[0].0, "cancelled");
+    assert!(!answers[0].1.is_empty());
 }
 
-/// SECURITY.md 12: request headers trickled in (slowloris) and idle keep-alive connections do not
+/// SIGTERM while an answer streams that ends within the grace period: no new connection is
+/// accepted from the signal on, and the answer is finished and stored whole.
+#[test]
+fn sigterm_lets_an_answer_within_the_grace_period_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, base, code) = spawn_server(dir.path(), 30, 40);
+    let addr = base.trim_start_matches("http://").to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let max_tokens = 40;
+    rt.block_on(async {
+        let (r, seen) = start_answer(&base, &code, max_tokens).await;
+        sigterm(&child);
+        // The listener closes while the answer still runs (about 1.5 s of it is left).
+        let mut refused = false;
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(&addr).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(refused, "new connections are refused after the signal");
+        let events = read_rest(r, seen).await;
+        let (name, done) = events.last().unwrap();
+        assert_eq!(name, "done", "{events:?}");
+        assert_eq!(done["finish_reason"], "length", "finished whole: {done}");
+        assert_eq!(done["usage"]["completion_tokens"], max_tokens);
+    });
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let answers = stored_answers(&rt, dir.path());
+    assert_eq!(answers.len(), 1);
+    assert_eq!(answers[0].0, "length");
+}
+
+/// Request headers trickled in (slowloris) and idle keep-alive connections do not
 /// hold a socket past `server.header_timeout_secs`.
 async fn slow_headers_and_idle_connections_are_cut_off(app: TestApp) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -143,6 +143,99 @@ async fn waitlist_to_signed_in(app: TestApp) {
 }
 both_backends!(waitlist_to_signed_in, WITH_MAIL);
 
+/// The confirmation link of the newest mail to `to` once there are more than `seen` of them.
+async fn next_confirm_link(app: &TestApp, to: &str, seen: usize) -> String {
+    let sink = app.smtp.as_ref().unwrap();
+    for _ in 0..200 {
+        let mails: Vec<String> = sink
+            .messages()
+            .iter()
+            .map(|m| common::server::decode_mail(m))
+            .filter(|m| m.lines().next().is_some_and(|l| l.contains(to)))
+            .collect();
+        if mails.len() > seen {
+            return link(mails.last().unwrap(), &app.url("/waitlist/confirm?token="));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no new mail to {to}");
+}
+
+/// A confirmation link confirms once (a second click changes nothing), stops confirming after
+/// `waitlist.confirm_link_hours` (signing up again sends a new one), and an address that never
+/// confirms is never admitted.
+async fn confirm_links_confirm_once_and_expire(app: TestApp) {
+    let browser = app.client();
+    let join = |email: &'static str| {
+        browser
+            .post(app.url("/api/waitlist"))
+            .json(&json!({ "email": email }))
+            .send()
+    };
+    for email in ["a@example.com", "b@example.com", "never@example.com"] {
+        assert_eq!(join(email).await.unwrap().status(), 202);
+    }
+    let pool = app.db.pool.clone();
+    let confirmed_at = |email: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT confirmed_at FROM waitlist WHERE email = $1",
+            )
+            .bind(email)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let a = next_confirm_link(&app, "a@example.com", 0).await;
+    assert_eq!(browser.get(&a).send().await.unwrap().status(), 200);
+    let first = confirmed_at("a@example.com").await.expect("confirmed");
+    let again = browser.get(&a).send().await.unwrap();
+    assert_eq!(
+        again.status(),
+        200,
+        "the link still shows the place in line"
+    );
+    assert_eq!(
+        confirmed_at("a@example.com").await,
+        Some(first),
+        "confirmed once"
+    );
+    // b's link was sent longer ago than links stay valid.
+    let b = next_confirm_link(&app, "b@example.com", 0).await;
+    let hours = app.config.waitlist.confirm_link_hours;
+    sqlx::query(
+        "UPDATE waitlist SET confirm_sent_at = confirm_sent_at - $1 WHERE email = 'b@example.com'",
+    )
+    .bind(hours * 3_600_000 + 60_000)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let page = browser.get(&b).send().await.unwrap();
+    assert_eq!(page.status(), 410);
+    assert_eq!(confirmed_at("b@example.com").await, None);
+    // Signing up again sends a new link, which works.
+    assert_eq!(join("b@example.com").await.unwrap().status(), 202);
+    let b2 = next_confirm_link(&app, "b@example.com", 1).await;
+    assert_ne!(b, b2);
+    assert_eq!(browser.get(&b2).send().await.unwrap().status(), 200);
+    assert!(confirmed_at("b@example.com").await.is_some());
+    // Admitting "everyone" admits the confirmed entries only.
+    let admitted = moss::admin::admit(&app.db, &app.config, 10, None)
+        .await
+        .unwrap();
+    let mut emails: Vec<&str> = admitted.iter().map(|a| a.email.as_str()).collect();
+    emails.sort();
+    assert_eq!(emails, ["a@example.com", "b@example.com"]);
+    assert_eq!(confirmed_at("never@example.com").await, None);
+    assert!(moss::admin::admit(&app.db, &app.config, 10, None)
+        .await
+        .unwrap()
+        .is_empty());
+}
+both_backends!(confirm_links_confirm_once_and_expire, WITH_MAIL);
+
 async fn password_reset_by_email(app: TestApp) {
     let sink = app.smtp.as_ref().unwrap();
     let laptop = app.user("r@example.com").await;
@@ -231,9 +324,11 @@ async fn password_reset_by_email(app: TestApp) {
         .await
         .unwrap()
         .unwrap();
-    let old = moss::db::accounts::create_reset(&app.db, user.id, -1)
+    let mut tx = app.db.begin().await.unwrap();
+    let old = moss::db::accounts::create_reset(&mut tx, user.id, -1)
         .await
         .unwrap();
+    tx.commit().await.unwrap();
     assert_eq!(
         reset(&old, "yet another password").await.unwrap().status(),
         400

@@ -15,27 +15,23 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The upstream: a moss with the local engine, slowed so an answer can be cut short.
 async fn upstream_moss() -> (TestApp, String) {
+    upstream_moss_with(None).await
+}
+
+/// `upstream_moss` with its configuration changed by `configure`.
+async fn upstream_moss_with(configure: Option<fn(&mut moss::config::Config)>) -> (TestApp, String) {
     let up = TestApp::start(
         Backend::Sqlite,
         Options {
             token_delay_ms: 25,
+            configure,
             ..Default::default()
         },
     )
     .await
     .unwrap();
     let c = up.user("operator@example.com").await;
-    let r = c
-        .post(up.url("/api/keys"))
-        .json(&json!({"name": "downstream moss"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let key = r.json::<Value>().await.unwrap()["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let key = up.api_key(&c).await;
     (up, key)
 }
 
@@ -260,6 +256,59 @@ async fn answers_come_from_the_upstream_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_come_from_the_upstream_postgres() {
     answers_come_from_the_upstream(Backend::Postgres).await;
+}
+
+/// The upstream dies mid-answer (its connection is cut), then hangs mid-answer (nothing more
+/// arrives): each time the partial answer is kept, the stream ends with an error, and the
+/// account's answer slot is free again — nothing waits forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_dies_or_hangs_mid_answer() {
+    let _turn = SERIAL.lock().await;
+    // An upstream that takes several answers of one key at once: one that is still letting go
+    // of a cut-off answer must not refuse the next as `busy`.
+    let (up, key) = upstream_moss_with(Some(|c| c.limits.per_user_answers = 4)).await;
+    let relay = Relay::start(up.base.trim_start_matches("http://").parse().unwrap()).await;
+    let mut opts = through(vec![format!("http://{}/v1", relay.addr)], &key, 5);
+    opts.configure = Some(|c| c.engine.upstream.idle_timeout_secs = 1);
+    let down = TestApp::start(Backend::Sqlite, opts).await.unwrap();
+    let alice = down.user("alice@example.com").await;
+    let ask = json!({"content": "hello", "temperature": 0, "max_tokens": LONG});
+    for failure in ["dies", "hangs"] {
+        let conv = down.conversation(&alice).await;
+        let mut r = down.answer_in_progress(&alice, conv, LONG).await;
+        match failure {
+            "dies" => relay.cut(),
+            _ => relay.pause(),
+        }
+        let mut rest = String::new();
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), r.chunk())
+            .await
+            .expect("the stream ends")
+            .unwrap()
+        {
+            rest.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        let events = parse_sse(&rest);
+        let (name, err) = events.last().unwrap();
+        assert_eq!(name, "error", "{failure}: {rest}");
+        assert_eq!(err["code"], "generation_failed", "{failure}");
+        let last = down.messages(&alice, conv).await.last().cloned().unwrap();
+        assert_eq!(last["role"], "assistant", "{failure}: partial answer kept");
+        assert_eq!(last["finish_reason"], "error", "{failure}");
+        assert!(!last["content"].as_str().unwrap().is_empty(), "{failure}");
+        // The slot went with the answer: the account's next request is answered.
+        relay.restore().await;
+        let conv2 = down.conversation(&alice).await;
+        let r = alice
+            .post(down.url(&format!("/api/conversations/{conv2}/messages")))
+            .json(&ask)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{failure}: the slot was freed");
+        let events = parse_sse(&r.text().await.unwrap());
+        assert_eq!(events.last().unwrap().0, "done", "{failure}: {events:?}");
+    }
 }
 
 /// An HTTP server that plays a failing upstream: `/v1/chat/completions` answers `status`, or

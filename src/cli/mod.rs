@@ -1,4 +1,4 @@
-//! The command line: global options and one subcommand per CONTRACT.md command.
+//! The command line: global options and one subcommand per documented command.
 
 mod admin;
 pub mod bench;

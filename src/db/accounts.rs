@@ -34,11 +34,11 @@ pub struct NewUser<'a> {
     pub invite_id: Option<i64>,
 }
 
-/// Inserts a user inside `tx`; `DbError::Conflict` when the e-mail is taken.
-pub async fn insert_user(tx: &mut sqlx::AnyConnection, u: &NewUser<'_>) -> DbResult<User> {
+/// Inserts a user inside `tx`; `None` when the e-mail is taken (the transaction stays usable).
+pub async fn insert_user(tx: &mut sqlx::AnyConnection, u: &NewUser<'_>) -> DbResult<Option<User>> {
     let row = sqlx::query_as::<_, User>(
         "INSERT INTO users (email, password_hash, display_name, role, pseudonym, locale, invite_id, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (email) DO NOTHING \
          RETURNING id, email, display_name, role, pseudonym, locale, created_at",
     )
     .bind(u.email)
@@ -49,7 +49,7 @@ pub async fn insert_user(tx: &mut sqlx::AnyConnection, u: &NewUser<'_>) -> DbRes
     .bind(u.locale)
     .bind(u.invite_id)
     .bind(now_ms())
-    .fetch_one(tx)
+    .fetch_optional(tx)
     .await?;
     Ok(row)
 }
@@ -83,56 +83,84 @@ pub async fn set_role(db: &Db, email: &str, role: &str) -> DbResult<bool> {
     Ok(r.rows_affected() > 0)
 }
 
-/// Credentials and throttle state for a login attempt.
+/// Credentials and throttle state for a sign-in attempt from one client.
 #[derive(Debug, sqlx::FromRow)]
 pub struct LoginRecord {
     pub id: i64,
     pub password_hash: String,
-    pub failed_logins: i64,
-    pub login_blocked_until: i64,
+    /// Until when this client may not sign in to this account (0: it may).
+    pub blocked_until: i64,
 }
 
-pub async fn login_record(db: &Db, email: &str) -> DbResult<Option<LoginRecord>> {
+/// The account behind `email` and the throttle state of `client` for it: one statement, whether
+/// or not the account exists.
+pub async fn login_record(db: &Db, email: &str, client: &str) -> DbResult<Option<LoginRecord>> {
     Ok(sqlx::query_as::<_, LoginRecord>(
-        "SELECT id, password_hash, failed_logins, login_blocked_until FROM users WHERE email = $1",
+        "SELECT u.id, u.password_hash, COALESCE(f.blocked_until, 0) AS blocked_until FROM users u \
+         LEFT JOIN login_failures f ON f.user_id = u.id AND f.client = $2 WHERE u.email = $1",
     )
     .bind(email)
+    .bind(client)
     .fetch_optional(&db.pool)
     .await?)
 }
 
-/// Counts a failed login; after `free` failures each further one blocks the account for a
-/// doubling delay (capped), so guessing is slow but the owner is never locked out for long.
+/// Counts a failed sign-in of `client` on the account; after `free` failures each further one
+/// blocks that client (only) for a doubling delay, capped at `max_block_ms`. Someone guessing
+/// from one address slows themselves down; the owner, elsewhere, is never locked out by it.
 pub async fn record_failed_login(
     db: &Db,
     user_id: i64,
+    client: &str,
     free: i64,
     max_block_ms: i64,
 ) -> DbResult<()> {
+    let now = now_ms();
+    // One transaction: the count and the block it earns are seen together.
+    let mut tx = db.begin().await?;
     let failures: i64 = sqlx::query_scalar(
-        "UPDATE users SET failed_logins = failed_logins + 1 WHERE id = $1 RETURNING failed_logins",
+        "INSERT INTO login_failures (user_id, client, failures, blocked_until, updated_at) VALUES ($1, $2, 1, 0, $3) \
+         ON CONFLICT (user_id, client) DO UPDATE SET failures = login_failures.failures + 1, updated_at = $3 \
+         RETURNING failures",
     )
     .bind(user_id)
-    .fetch_one(&db.pool)
+    .bind(client)
+    .bind(now)
+    .fetch_one(&mut *tx)
     .await?;
     if failures > free {
         let exp = (failures - free - 1).min(20) as u32;
         let block = (1000i64 << exp).min(max_block_ms);
-        sqlx::query("UPDATE users SET login_blocked_until = $1 WHERE id = $2")
-            .bind(now_ms() + block)
-            .bind(user_id)
-            .execute(&db.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE login_failures SET blocked_until = $1 WHERE user_id = $2 AND client = $3",
+        )
+        .bind(now + block)
+        .bind(user_id)
+        .bind(client)
+        .execute(&mut *tx)
+        .await?;
     }
+    tx.commit().await?;
     Ok(())
 }
 
-pub async fn reset_failed_logins(db: &Db, user_id: i64) -> DbResult<()> {
-    sqlx::query("UPDATE users SET failed_logins = 0, login_blocked_until = 0 WHERE id = $1")
+/// Forgets `client`'s failures on the account (after a successful sign-in from it).
+pub async fn clear_failed_logins(db: &Db, user_id: i64, client: &str) -> DbResult<()> {
+    sqlx::query("DELETE FROM login_failures WHERE user_id = $1 AND client = $2")
         .bind(user_id)
+        .bind(client)
         .execute(&db.pool)
         .await?;
     Ok(())
+}
+
+/// Removes throttle rows untouched since `before` (run periodically).
+pub async fn purge_login_failures(db: &Db, before: i64) -> DbResult<u64> {
+    let r = sqlx::query("DELETE FROM login_failures WHERE updated_at < $1 AND blocked_until < $1")
+        .bind(before)
+        .execute(&db.pool)
+        .await?;
+    Ok(r.rows_affected())
 }
 
 /// Creates a session and returns the cookie value (only its hash is stored).
@@ -205,23 +233,57 @@ pub async fn purge_sessions(db: &Db, idle_ms: i64) -> DbResult<u64> {
     Ok(r.rows_affected())
 }
 
-/// Stores a password-reset token for `user_id`; returns the token for the e-mail.
-pub async fn create_reset(db: &Db, user_id: i64, ttl_ms: i64) -> DbResult<String> {
+/// Reset links made for `user_id` since `since` (the per-account mail throttle).
+pub async fn resets_since(db: &Db, user_id: i64, since: i64) -> DbResult<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM password_resets WHERE user_id = $1 AND created_at >= $2",
+    )
+    .bind(user_id)
+    .bind(since)
+    .fetch_one(&db.pool)
+    .await?)
+}
+
+/// Stores a new password-reset token for `user_id` and ends the earlier unused ones (only the
+/// newest link works), inside `tx`; returns the token for the e-mail.
+pub async fn create_reset(
+    tx: &mut sqlx::AnyConnection,
+    user_id: i64,
+    ttl_ms: i64,
+) -> DbResult<String> {
     let token = crate::secrets::token();
     let now = now_ms();
+    sqlx::query("UPDATE password_resets SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("INSERT INTO password_resets (token_hash, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)")
         .bind(sha256_hex(&token))
         .bind(user_id)
         .bind(now)
         .bind(now + ttl_ms)
-        .execute(&db.pool)
+        .execute(&mut *tx)
         .await?;
     Ok(token)
 }
 
-/// Uses a reset token (once, before expiry): sets the password and ends every session of the
-/// account, in one transaction. False when the token is unknown, used or expired.
-pub async fn reset_password(db: &Db, token: &str, password_hash: &str) -> DbResult<bool> {
+/// What a used reset token did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResetDone {
+    /// API keys that were live and are now revoked.
+    pub keys_revoked: u64,
+}
+
+/// Uses a reset token (once, before expiry), in one transaction: sets the password, ends every
+/// session, revokes every API key (a reset means the password may have been known to someone
+/// else, who may also have made keys) and forgets sign-in failures. `None` when the token is
+/// unknown, used or expired.
+pub async fn reset_password(
+    db: &Db,
+    token: &str,
+    password_hash: &str,
+) -> DbResult<Option<ResetDone>> {
     let mut tx = db.begin().await?;
     let now = now_ms();
     let user_id: Option<i64> = sqlx::query_scalar(
@@ -233,24 +295,35 @@ pub async fn reset_password(db: &Db, token: &str, password_hash: &str) -> DbResu
     .fetch_optional(&mut *tx)
     .await?;
     let Some(user_id) = user_id else {
-        return Ok(false);
+        return Ok(None);
     };
-    sqlx::query("UPDATE users SET password_hash = $1, failed_logins = 0, login_blocked_until = 0 WHERE id = $2")
+    sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
         .bind(password_hash)
         .bind(user_id)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("DELETE FROM sessions WHERE user_id = $1")
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
+    for stmt in [
+        "DELETE FROM sessions WHERE user_id = $1",
+        "DELETE FROM login_failures WHERE user_id = $1",
+    ] {
+        sqlx::query(stmt).bind(user_id).execute(&mut *tx).await?;
+    }
+    let keys = sqlx::query(
+        "UPDATE api_keys SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("UPDATE password_resets SET used_at = $1 WHERE user_id = $2 AND used_at IS NULL")
         .bind(now)
         .bind(user_id)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(true)
+    Ok(Some(ResetDone {
+        keys_revoked: keys.rows_affected(),
+    }))
 }
 
 /// Deletes an account and everything it owns (cascades), and its waitlist entry. Consent records

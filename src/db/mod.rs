@@ -109,6 +109,15 @@ impl Db {
         } else {
             anyhow::bail!("unsupported database URL (use sqlite://FILE or postgres://...)");
         };
+        // A SQLite file that does not exist yet is created (sqlx opens read-write only, unless
+        // the URL asks otherwise with its own `mode=`).
+        let url = match backend {
+            Backend::Sqlite if !url.contains("mode=") && !url.contains(":memory:") => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}mode=rwc")
+            }
+            _ => url.to_string(),
+        };
         let statement_ms = settings.statement_timeout.as_millis();
         let pool = AnyPoolOptions::new()
             .max_connections(settings.max_connections)
@@ -117,7 +126,7 @@ impl Db {
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     let setup: Vec<String> = match backend {
-                        // synchronous=FULL: NORMAL can lose commits on power loss (SECURITY.md 15).
+                        // synchronous=FULL: NORMAL can lose commits on power loss.
                         Backend::Sqlite => vec![
                             "PRAGMA journal_mode = WAL".into(),
                             "PRAGMA synchronous = FULL".into(),
@@ -134,7 +143,7 @@ impl Db {
                     Ok(())
                 })
             })
-            .connect(url)
+            .connect(&url)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open database: {e}"))?;
         Ok(Self { pool, backend })

@@ -85,21 +85,43 @@ pub async fn signup(
     Ok((resent.rows_affected() > 0).then_some(token))
 }
 
-/// Confirms the address behind `token`. False when the token is unknown.
-pub async fn confirm(db: &Db, token: &str) -> DbResult<bool> {
+/// What a confirmation link did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmation {
+    /// The entry now waits in line.
+    Confirmed,
+    /// It was confirmed before: nothing changes (the link confirms once).
+    Already,
+    /// The link was sent longer ago than it stays valid; signing up again sends a new one.
+    Expired,
+    Unknown,
+}
+
+/// Confirms the address behind `token` if its link was sent within `valid_ms`.
+pub async fn confirm(db: &Db, token: &str, valid_ms: i64) -> DbResult<Confirmation> {
     let hash = sha256_hex(token);
-    sqlx::query(
-        "UPDATE waitlist SET confirmed_at = $1 WHERE token_hash = $2 AND confirmed_at IS NULL",
+    let now = now_ms();
+    let done = sqlx::query(
+        "UPDATE waitlist SET confirmed_at = $1 WHERE token_hash = $2 AND confirmed_at IS NULL AND confirm_sent_at >= $3",
     )
-    .bind(now_ms())
+    .bind(now)
     .bind(&hash)
+    .bind(now - valid_ms)
     .execute(&db.pool)
     .await?;
-    let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM waitlist WHERE token_hash = $1")
-        .bind(&hash)
-        .fetch_optional(&db.pool)
-        .await?;
-    Ok(exists.is_some())
+    if done.rows_affected() > 0 {
+        return Ok(Confirmation::Confirmed);
+    }
+    let row: Option<Option<i64>> =
+        sqlx::query_scalar("SELECT confirmed_at FROM waitlist WHERE token_hash = $1")
+            .bind(&hash)
+            .fetch_optional(&db.pool)
+            .await?;
+    Ok(match row {
+        None => Confirmation::Unknown,
+        Some(Some(_)) => Confirmation::Already,
+        Some(None) => Confirmation::Expired,
+    })
 }
 
 /// The status behind `token`, or None when the token is unknown.

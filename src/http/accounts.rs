@@ -13,7 +13,7 @@ use serde_json::json;
 use super::auth::{cleared_cookie, cookie_name, session_cookie, CurrentUser};
 use super::{
     bounded_text, check_password, hash_password, normalize_email, verify_password, AppError,
-    AppResult, AppState, EmailBody, JsonBody,
+    AppResult, AppState, ClientAddr, EmailBody, JsonBody,
 };
 use crate::db::accounts::{self, NewUser, User};
 use crate::db::{consent, invites, now_ms, waitlist};
@@ -45,6 +45,7 @@ struct RegisterBody {
 
 async fn register(
     State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
     jar: CookieJar,
     JsonBody(b): JsonBody<RegisterBody>,
 ) -> AppResult<impl IntoResponse> {
@@ -60,7 +61,7 @@ async fn register(
     if crate::secrets::normalize_code(&b.invite_code).is_none() {
         return Err(AppError::InvalidInvite);
     }
-    let password_hash = hash_password(b.password).await?;
+    let password_hash = hash_password(&state, client, b.password).await?;
     let user = create_account(
         &state,
         &b.invite_code,
@@ -78,8 +79,10 @@ async fn register(
     ))
 }
 
-/// Redeems the code and creates the account in one transaction: an e-mail conflict rolls the
-/// code's use back, and of many simultaneous registrations with one code exactly one succeeds.
+/// Redeems the code and creates the account in one transaction; of many simultaneous
+/// registrations with one code exactly one succeeds. An address that already has an account
+/// still spends the code's use (`409 email_taken`): were the use given back, one code could test
+/// address after address for an account.
 async fn create_account(
     state: &AppState,
     code: &str,
@@ -100,10 +103,9 @@ async fn create_account(
         locale,
         invite_id: Some(invite_id),
     };
-    let user = match accounts::insert_user(&mut tx, &new).await {
-        Ok(u) => u,
-        Err(e) if e.is_conflict() => return Err(AppError::EmailTaken),
-        Err(e) => return Err(e.into()),
+    let Some(user) = accounts::insert_user(&mut tx, &new).await? else {
+        tx.commit().await.map_err(crate::db::DbError::from)?;
+        return Err(AppError::EmailTaken);
     };
     waitlist::mark_registered(&mut tx, email).await?;
     tx.commit().await.map_err(crate::db::DbError::from)?;
@@ -127,41 +129,51 @@ struct LoginBody {
 
 async fn login(
     State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
     jar: CookieJar,
     JsonBody(b): JsonBody<LoginBody>,
 ) -> AppResult<impl IntoResponse> {
     let email = b.email.trim().to_lowercase();
-    let record = accounts::login_record(&state.db, &email).await?;
-    // Unknown addresses pay for a hash too, so timing does not tell which accounts exist.
-    let hash = record
-        .as_ref()
-        .map(|r| r.password_hash.clone())
-        .unwrap_or_else(|| crate::secrets::dummy_hash().to_string());
-    let ok = b.password.len() <= 4096 && verify_password(b.password, hash).await?;
+    if b.password.len() > 4096 {
+        return Err(AppError::InvalidCredentials);
+    }
+    let who = client.to_string();
+    // Known and unknown addresses do the same work in the same order: one lookup, one hash
+    // (against a random password's hash for no account); a failure is recorded after answering.
+    let record = accounts::login_record(&state.db, &email, &who).await?;
+    let hash = record.as_ref().map(|r| r.password_hash.clone());
+    let ok = verify_password(&state, client, b.password, hash).await?;
     let Some(record) = record else {
         return Err(AppError::InvalidCredentials);
     };
-    let cfg = &state.config.accounts;
-    if record.login_blocked_until > now_ms() {
+    // This client is blocked for this account: answered exactly like a wrong password.
+    if record.blocked_until > now_ms() {
         return Err(AppError::InvalidCredentials);
     }
     if !ok {
-        accounts::record_failed_login(
-            &state.db,
-            record.id,
-            cfg.free_login_failures,
-            cfg.max_login_block_secs * 1000,
-        )
-        .await?;
+        let (db, cfg) = (state.db.clone(), state.config.clone());
+        tokio::spawn(async move {
+            let a = &cfg.accounts;
+            let r = accounts::record_failed_login(
+                &db,
+                record.id,
+                &who,
+                a.free_login_failures,
+                a.max_login_block_secs * 1000,
+            );
+            if let Err(e) = r.await {
+                tracing::warn!("recording a failed sign-in failed: {e}");
+            }
+        });
         return Err(AppError::InvalidCredentials);
     }
-    accounts::reset_failed_logins(&state.db, record.id).await?;
+    accounts::clear_failed_logins(&state.db, record.id, &who).await?;
     // A new session id at every sign-in; any session the browser had before is ended.
     if let Some(old) = jar.get(cookie_name(&state)) {
         accounts::delete_session(&state.db, old.value()).await?;
     }
     let token = accounts::create_session(&state.db, record.id, absolute_ms(&state)).await?;
-    let user = accounts::user_by_email(&state.db, &email)
+    let user = accounts::user_by_id(&state.db, record.id)
         .await?
         .ok_or(AppError::InvalidCredentials)?;
     Ok((
@@ -228,26 +240,16 @@ async fn consent_history(
     Ok(Json(current))
 }
 
+/// Answers before any work: the request is queued (`crate::recovery`), so known and unknown
+/// addresses get the same answer in the same time.
 async fn forgot_password(
     State(state): State<AppState>,
     JsonBody(b): JsonBody<EmailBody>,
-) -> AppResult<impl IntoResponse> {
-    // Same answer whether or not the account exists.
-    let accepted = (StatusCode::ACCEPTED, Json(json!({"status": "accepted"})));
-    let Ok(email) = normalize_email(&b.email) else {
-        return Ok(accepted);
-    };
-    if let Some(user) = accounts::user_by_email(&state.db, &email).await? {
-        if state.mail_enabled() {
-            let ttl = state.config.accounts.reset_link_minutes * 60_000;
-            let token = accounts::create_reset(&state.db, user.id, ttl).await?;
-            let mail = crate::mail::reset_mail(&state.config, &email, &user.locale, &token);
-            crate::db::outbox::enqueue_now(&state.db, &mail).await?;
-        } else {
-            tracing::warn!("password reset asked for, but no SMTP server is configured");
-        }
+) -> (StatusCode, Json<serde_json::Value>) {
+    if let Ok(email) = normalize_email(&b.email) {
+        state.resets.request(email);
     }
-    Ok(accepted)
+    (StatusCode::ACCEPTED, Json(json!({"status": "accepted"})))
 }
 
 #[derive(Deserialize)]
@@ -256,18 +258,21 @@ struct ResetBody {
     password: String,
 }
 
+/// Sets the new password: every session ends and every API key is revoked (the reset page says
+/// so, and keys are made anew in Settings).
 async fn reset_password(
     State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
     JsonBody(b): JsonBody<ResetBody>,
 ) -> AppResult<StatusCode> {
     check_password(&state, &b.password)?;
     if b.token.len() > 128 {
         return Err(AppError::InvalidToken);
     }
-    let hash = hash_password(b.password).await?;
-    if accounts::reset_password(&state.db, &b.token, &hash).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(AppError::InvalidToken)
-    }
+    let hash = hash_password(&state, client, b.password).await?;
+    let done = accounts::reset_password(&state.db, &b.token, &hash)
+        .await?
+        .ok_or(AppError::InvalidToken)?;
+    tracing::info!(keys_revoked = done.keys_revoked, "password reset");
+    Ok(StatusCode::NO_CONTENT)
 }

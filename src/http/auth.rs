@@ -4,7 +4,7 @@
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, Method};
+use axum::http::{header, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
@@ -91,11 +91,14 @@ impl FromRequestParts<AppState> for AdminUser {
     }
 }
 
-/// Refuses state-changing requests that a browser marks as coming from another site. Requests
+/// Refuses state-changing requests that a browser marks as coming from another site: a
+/// `Sec-Fetch-Site` other than `same-origin` (or `none`, a typed address), or an `Origin` that is
+/// not exactly this service's — scheme, host and port of `server.public_url`, or of
+/// `http://<Host>` when none is configured (`null`, another scheme or port all differ). Requests
 /// without these headers (curl, API clients with bearer keys) carry no ambient cookie authority
 /// from a foreign page, so they pass.
 pub async fn refuse_cross_site(
-    State(_state): State<AppState>,
+    State(state): State<AppState>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -103,19 +106,62 @@ pub async fn refuse_cross_site(
         return next.run(req).await;
     }
     let headers = req.headers();
-    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        if !matches!(site, "same-origin" | "none") {
-            return AppError::CrossSite.into_response();
-        }
-    } else if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        let host = headers
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or("");
-        if origin == "null" || origin_host != host {
-            return AppError::CrossSite.into_response();
-        }
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let site_ok =
+        header("sec-fetch-site").is_none_or(|site| matches!(site, "same-origin" | "none"));
+    let origin_ok = header(header::ORIGIN.as_str()).is_none_or(|origin| {
+        let ours = match state.config.server.public_url.as_str() {
+            "" => header(header::HOST.as_str()).map(|host| format!("http://{host}")),
+            public => Some(public.to_string()),
+        };
+        same_origin(origin, ours.as_deref())
+    });
+    if site_ok && origin_ok {
+        next.run(req).await
+    } else {
+        AppError::CrossSite.into_response()
     }
-    next.run(req).await
+}
+
+/// True when `origin` (a request's `Origin` header) has the scheme, host and port of `ours`.
+fn same_origin(origin: &str, ours: Option<&str>) -> bool {
+    let parse = |u: &str| reqwest::Url::parse(u).ok().map(|u| u.origin());
+    match (parse(origin), ours.and_then(parse)) {
+        // An opaque origin (`null`, `file:`, `data:`) is never ours.
+        (Some(theirs), Some(ours)) => theirs.is_tuple() && theirs == ours,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_origin;
+
+    #[test]
+    fn origins_match_by_scheme_host_and_port() {
+        let ours = Some("http://chat.example.org:8080");
+        assert!(same_origin("http://chat.example.org:8080", ours));
+        assert!(same_origin("http://CHAT.example.org:8080", ours));
+        for other in [
+            "https://chat.example.org:8080",
+            "ftp://chat.example.org:8080",
+            "http://chat.example.org",
+            "http://chat.example.org:8081",
+            "http://evil.example.org:8080",
+            "null",
+            "",
+        ] {
+            assert!(!same_origin(other, ours), "{other}");
+        }
+        // Default ports are the same origin written two ways.
+        assert!(same_origin(
+            "https://chat.example.org",
+            Some("https://chat.example.org:443/")
+        ));
+        assert!(!same_origin("http://chat.example.org:8080", None));
+    }
 }

@@ -9,7 +9,7 @@ use axum::http::HeaderValue;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Extension, Router};
+use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -62,16 +62,13 @@ fn check_params(
     }
 }
 
-/// Claims the slot that `reserve_slot` took for this request for `user_id`.
-pub(crate) fn take_slot(
-    state: &AppState,
-    cell: &crate::admission::SlotCell,
-    user_id: i64,
-) -> AppResult<crate::admission::Permit> {
-    let slot = cell.take().ok_or_else(|| state.overloaded())?;
+/// Takes a generation slot for `user_id` without waiting — only once the whole request has been
+/// read and checked, so a request still on its way holds nothing: `503 overloaded` when every
+/// slot is taken, `429 busy` when the account has its answers in progress.
+pub(crate) fn take_slot(state: &AppState, user_id: i64) -> AppResult<crate::admission::Permit> {
     state
         .admission
-        .claim(slot, user_id)
+        .try_admit(user_id)
         .map_err(|shed| match shed {
             crate::admission::Shed::Busy => AppError::Busy,
             crate::admission::Shed::Overloaded => state.overloaded(),
@@ -110,7 +107,6 @@ async fn check_cooldown(state: &AppState, user_id: i64) -> AppResult<()> {
 async fn send(
     State(state): State<AppState>,
     CurrentUser(user): CurrentUser,
-    Extension(cell): Extension<crate::admission::SlotCell>,
     Path(id): Path<i64>,
     JsonBody(b): JsonBody<SendBody>,
 ) -> AppResult<Response> {
@@ -129,11 +125,11 @@ async fn send(
     let max_tokens = check_params(&state, b.temperature, b.max_tokens)?;
     let deps = state.chat_deps();
     let refusal = chat::refusal_for(&deps, &content);
-    // A refusal needs no model, so it takes no slot; anything else takes one first, before any
+    // A refusal needs no model, so it takes no slot; anything else takes one before any
     // database work, so that shedding stays cheap when the service is busiest.
     let permit = match refusal {
         Some(_) => None,
-        None => Some(take_slot(&state, &cell, user.id)?),
+        None => Some(take_slot(&state, user.id)?),
     };
     chats::conversation(&state.db, user.id, id)
         .await?
@@ -153,7 +149,7 @@ async fn send(
     let question = chats::add_message(&state.db, user.id, id, &m)
         .await?
         .ok_or(AppError::NotFound)?;
-    let title: String = content
+    let title: String = super::visible(&content)
         .chars()
         .take(state.config.chat.title_chars)
         .collect();
@@ -188,7 +184,6 @@ async fn send(
 async fn regenerate(
     State(state): State<AppState>,
     CurrentUser(user): CurrentUser,
-    Extension(cell): Extension<crate::admission::SlotCell>,
     Path(id): Path<i64>,
     OptionalJson(b): OptionalJson<RegenerateBody>,
 ) -> AppResult<Response> {
@@ -216,7 +211,7 @@ async fn regenerate(
         .and_then(|q| chat::refusal_for(&deps, &q.content));
     let permit = match refusal {
         Some(_) => None,
-        None => Some(take_slot(&state, &cell, user.id)?),
+        None => Some(take_slot(&state, user.id)?),
     };
     if permit.is_some() {
         check_quota(&state, user.id).await?;

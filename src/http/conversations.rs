@@ -143,7 +143,7 @@ async fn feedback(
             "评分必须是 1 或 -1",
         ));
     }
-    let comment = bounded_text("comment", b.comment.as_deref().unwrap_or(""), 2000)?;
+    let comment = super::bounded_multiline("comment", b.comment.as_deref().unwrap_or(""), 2000)?;
     let consented = consent::is_granted(&state.db, &user.pseudonym).await?;
     if !chats::rate(&state.db, user.id, id, b.rating, &comment, consented).await? {
         return Err(AppError::NotFound);

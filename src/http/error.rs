@@ -1,5 +1,5 @@
 //! One error type for every handler. Its variants say what the client should hear; the body is
-//! CONTRACT.md's `{"error": {"code", "message", "message_zh"}}`. 5xx are logged, never detailed.
+//! the documented `{"error": {"code", "message", "message_zh"}}`. 5xx are logged, never detailed.
 
 use axum::extract::rejection::JsonRejection;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -65,6 +65,16 @@ pub enum AppError {
     /// The account's daily tokens are spent (429, Retry-After until the reset).
     #[error("quota exceeded")]
     QuotaExceeded { retry_after_secs: u64 },
+    /// Every password-hashing thread stayed busy for the whole wait, or this client already has
+    /// its share of checks in progress (503, Retry-After: 2).
+    #[error("password checks are busy")]
+    PasswordChecksBusy,
+    /// The body did not arrive within `server.body_timeout_secs` (408; the connection is closed).
+    #[error("request timeout")]
+    RequestTimeout,
+    /// A text field holds control or bidirectional-formatting characters (422).
+    #[error("invalid characters in {field}")]
+    InvalidCharacters { field: &'static str },
     /// The database did not answer in time (503).
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -149,8 +159,8 @@ impl AppError {
             EmailTaken => (
                 StatusCode::CONFLICT,
                 "email_taken",
-                s("An account with this e-mail address already exists."),
-                s("该电子邮件地址已注册。"),
+                s("An account with this e-mail address already exists: sign in, or reset the password. The invite code has been used up by this attempt."),
+                s("该电子邮件地址已注册：请直接登录或重置密码。本次尝试已用掉该邀请码。"),
             ),
             WeakPassword { min } => (
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -237,6 +247,24 @@ impl AppError {
                 s("The request is too large."),
                 s("请求内容过大。"),
             ),
+            PasswordChecksBusy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                s("Too many sign-ins at this moment, please try again in a few seconds."),
+                s("当前登录请求过多，请几秒后重试。"),
+            ),
+            RequestTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                s("The request body did not arrive in time."),
+                s("请求内容未能及时送达。"),
+            ),
+            InvalidCharacters { field } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_characters",
+                format!("{field} must not contain control or text-direction characters."),
+                format!("{field} 不能包含控制字符或文字方向字符。"),
+            ),
             Unavailable(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -296,6 +324,12 @@ impl AppError {
             }
             AppError::Busy => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            AppError::PasswordChecksBusy => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+            }
+            AppError::RequestTimeout => {
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             AppError::QuotaExceeded { retry_after_secs } => {
                 h.insert(

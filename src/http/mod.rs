@@ -8,14 +8,18 @@ pub mod chat;
 pub mod conversations;
 pub mod error;
 pub mod keys;
+pub mod layers;
 pub mod openai;
 pub mod ops;
 pub mod pages;
 pub mod waitlist;
 
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use axum::extract::FromRequest;
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts};
+use axum::http::request::Parts;
 use serde::Deserialize;
 
 use crate::config::Config;
@@ -43,6 +47,14 @@ pub struct Handles {
     pub engine: Inference,
     pub policy: Arc<crate::policy::Policy>,
     pub admission: crate::admission::Admission,
+    /// How clients are told apart (peer address, or a trusted proxy's X-Forwarded-For hop).
+    pub clients: crate::limits::ClientKey,
+    /// Password hashing, bounded in threads, wait and per client.
+    pub hasher: crate::passwords::Hasher,
+    /// Password-reset requests, handled after the answer has gone out.
+    pub resets: crate::recovery::ResetMailer,
+    /// `/readyz`'s last probe, shared by callers within a second.
+    pub readiness: ops::ReadinessCache,
     /// Tells running answers to stop and store what they have (set at shutdown).
     pub stopping: tokio::sync::watch::Receiver<bool>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
@@ -60,12 +72,24 @@ impl AppState {
         let l = &config.limits;
         let admission =
             crate::admission::Admission::new(l.max_running + l.max_waiting, l.per_user_answers);
+        let clients = crate::limits::ClientKey::from_config(&l.trusted_proxies)?;
+        let a = &config.accounts;
+        let hasher = crate::passwords::Hasher::start(crate::passwords::HasherSettings {
+            threads: a.hash_threads,
+            wait: std::time::Duration::from_millis(a.hash_wait_ms),
+            per_client: a.hashes_per_client,
+        })?;
+        let resets = crate::recovery::ResetMailer::start(db.clone(), config.clone());
         Ok(Self(Arc::new(Handles {
             db,
             config,
             engine,
             policy,
             admission,
+            clients,
+            hasher,
+            resets,
+            readiness: ops::ReadinessCache::default(),
             stopping,
             metrics: crate::metrics::handle(),
         })))
@@ -184,7 +208,13 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> FromRequest<S> fo
 /// Trims and lower-cases an e-mail address and checks it; `invalid_email` otherwise.
 pub fn normalize_email(input: &str) -> AppResult<String> {
     let email = input.trim().to_lowercase();
-    if email.len() > 254 || !email_address::EmailAddress::is_valid(&email) || !email.contains('.') {
+    if email.len() > 254
+        || email
+            .chars()
+            .any(|c| c.is_control() || is_hidden(c) || c.is_whitespace())
+        || !email_address::EmailAddress::is_valid(&email)
+        || !email.contains('.')
+    {
         return Err(AppError::InvalidEmail);
     }
     Ok(email)
@@ -211,18 +241,51 @@ pub fn check_password(state: &AppState, password: &str) -> AppResult<()> {
     Ok(())
 }
 
-/// Runs argon2 off the async runtime.
-pub async fn hash_password(password: String) -> AppResult<String> {
-    tokio::task::spawn_blocking(move || crate::secrets::hash_password(&password))
+/// Hashes a new password on the hashing threads (503 when they stay busy).
+pub async fn hash_password(
+    state: &AppState,
+    client: IpAddr,
+    password: String,
+) -> AppResult<String> {
+    state
+        .hasher
+        .hash(client, password)
         .await
-        .map_err(|e| AppError::Internal(e.to_string()))?
-        .map_err(AppError::from)
+        .map_err(|_| AppError::PasswordChecksBusy)
 }
 
-pub async fn verify_password(password: String, hash: String) -> AppResult<bool> {
-    tokio::task::spawn_blocking(move || crate::secrets::verify_password(&password, &hash))
+/// Checks a password on the hashing threads; `hash: None` (no such account) costs the same.
+pub async fn verify_password(
+    state: &AppState,
+    client: IpAddr,
+    password: String,
+    hash: Option<String>,
+) -> AppResult<bool> {
+    state
+        .hasher
+        .verify(client, password, hash)
         .await
-        .map_err(|e| AppError::Internal(e.to_string()))
+        .map_err(|_| AppError::PasswordChecksBusy)
+}
+
+/// The client's address as the rate limits key it: the peer, or the right-most X-Forwarded-For
+/// hop that a configured trusted proxy added (IPv6 by /64).
+pub struct ClientAddr(pub IpAddr);
+
+impl FromRequestParts<AppState> for ClientAddr {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Infallible> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+        let forwarded = parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        Ok(ClientAddr(state.clients.client_ip(peer, forwarded)))
+    }
 }
 
 /// `{"email": …}` bodies.
@@ -231,8 +294,18 @@ pub struct EmailBody {
     pub email: String,
 }
 
-/// A text field of at most `max` characters after trimming.
+/// A one-line text field (a name, a title, a note) of at most `max` characters after trimming,
+/// without control characters or invisible text-direction marks.
 pub fn bounded_text(field: &'static str, value: &str, max: usize) -> AppResult<String> {
+    checked_text(field, value, max, false)
+}
+
+/// Like `bounded_text`, for text that may span lines (a comment): newlines and tabs are kept.
+pub fn bounded_multiline(field: &'static str, value: &str, max: usize) -> AppResult<String> {
+    checked_text(field, value, max, true)
+}
+
+fn checked_text(field: &'static str, value: &str, max: usize, lines: bool) -> AppResult<String> {
     let v = value.trim();
     if v.chars().count() > max {
         return Err(AppError::invalid(
@@ -241,5 +314,36 @@ pub fn bounded_text(field: &'static str, value: &str, max: usize) -> AppResult<S
             format!("{field} 最多 {max} 个字符"),
         ));
     }
+    if v.chars()
+        .any(|c| is_hidden(c) || (c.is_control() && !(lines && matches!(c, '\n' | '\r' | '\t'))))
+    {
+        return Err(AppError::InvalidCharacters { field });
+    }
     Ok(v.to_string())
+}
+
+/// Characters that change how the text around them is shown without being seen: the
+/// bidirectional embeddings, overrides, isolates and marks (which can make `gpj.exe` read
+/// `exe.jpg` in a list), zero-width spaces, word joiners and the byte-order mark. (Zero-width
+/// joiners and non-joiners stay: emoji sequences and several scripts need them.)
+pub fn is_hidden(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}'
+            | '\u{200B}'
+            | '\u{200E}'
+            | '\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
+/// `text` without control characters and hidden marks, for names made from free text (a
+/// conversation's title from its first message).
+pub fn visible(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .filter(|c| !is_hidden(*c))
+        .collect()
 }

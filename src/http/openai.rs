@@ -11,7 +11,7 @@ use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -73,8 +73,7 @@ impl FromRequestParts<AppState> for ApiUser {
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(bearer)
             .filter(|k| k.starts_with("moss_") && k.len() < 200)
             .ok_or(ApiError(AppError::InvalidApiKey))?;
         let user_id = keys::authenticate(&state.db, key)
@@ -85,6 +84,13 @@ impl FromRequestParts<AppState> for ApiUser {
             .ok_or(ApiError(AppError::InvalidApiKey))?;
         Ok(ApiUser(user))
     }
+}
+
+/// The credentials of an `Authorization: Bearer …` header; the scheme is case-insensitive
+/// (RFC 9110 11.1), so `bearer` and `BEARER` work too.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
 fn model_id(state: &AppState) -> String {
@@ -197,7 +203,6 @@ fn to_messages(msgs: Vec<ApiMessage>) -> Result<Vec<ChatMessage>, ApiError> {
 async fn completions(
     State(state): State<AppState>,
     ApiUser(user): ApiUser,
-    Extension(cell): Extension<crate::admission::SlotCell>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let bad = |e: serde_json::Error| invalid("body", &format!("invalid request body: {e}"));
@@ -250,7 +255,7 @@ async fn completions(
     let events = match chat::refusal_for(&deps, &last_user.content) {
         Some(answer) => refusal_events(answer),
         None => {
-            let permit = take_slot(&state, &cell, user.id)?;
+            let permit = take_slot(&state, user.id)?;
             check_quota(&state, user.id).await?;
             let conversation_id = if req.store {
                 keep_exchange(&state, user.id, &messages).await?
@@ -283,7 +288,7 @@ async fn completions(
         let usage = req.stream_options.is_some_and(|o| o.include_usage);
         Ok(stream(events, id, model, usage))
     } else {
-        complete(events, id, model).await
+        complete(&state, events, id, model).await
     }
 }
 
@@ -300,7 +305,10 @@ async fn keep_exchange(
         .find(|m| m.role == Role::User)
         .map(|m| m.content.as_str())
         .unwrap_or("");
-    let title: String = first.chars().take(state.config.chat.title_chars).collect();
+    let title: String = super::visible(first)
+        .chars()
+        .take(state.config.chat.title_chars)
+        .collect();
     let conv = chats::create_conversation(&state.db, user_id, title.trim(), "web").await?;
     for m in messages.iter().filter(|m| m.role != Role::System) {
         let role = if m.role == Role::Assistant {
@@ -325,7 +333,7 @@ fn refusal_events(answer: String) -> tokio::sync::mpsc::Receiver<StreamEvent> {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let _ = tx.try_send(StreamEvent::Token { text: answer });
     let _ = tx.try_send(StreamEvent::Done {
-        message_id: 0,
+        message_id: None,
         finish_reason: "refused".into(),
         usage: Default::default(),
         html: String::new(),
@@ -342,6 +350,7 @@ fn finish(reason: &str) -> &'static str {
 }
 
 async fn complete(
+    state: &AppState,
     mut events: tokio::sync::mpsc::Receiver<StreamEvent>,
     id: String,
     model: String,
@@ -364,9 +373,10 @@ async fn complete(
                 return Ok(Json(body).into_response());
             }
             StreamEvent::Error { code, .. } if code == "overloaded" => {
-                return Err(ApiError(AppError::Overloaded {
-                    retry_at: String::new(),
-                }));
+                return Err(ApiError(state.overloaded()));
+            }
+            StreamEvent::Error { code, message } if code == "unavailable" => {
+                return Err(ApiError(AppError::Unavailable(message)))
             }
             StreamEvent::Error { message, .. } => {
                 return Err(ApiError(AppError::Internal(message)))

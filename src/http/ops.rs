@@ -19,9 +19,45 @@ async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// `/readyz`'s last answer. Load balancers call it often and it is never rate-limited, so
+/// callers within `READY_FOR` of a probe share it (one probe at a time; the others wait for it)
+/// instead of each pinging the database and the upstreams.
+#[derive(Default)]
+pub struct ReadinessCache(
+    tokio::sync::Mutex<Option<(std::time::Instant, bool, Value)>>,
+    std::sync::atomic::AtomicU64,
+);
+
+const READY_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Ready when the database answers and answers can be made: a local model is loaded before the
 /// server starts listening; in upstream mode at least one upstream must answer.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    let mut last = state.readiness.0.lock().await;
+    let (ready, detail) = match &*last {
+        Some((at, ready, detail)) if at.elapsed() < READY_FOR => (*ready, detail.clone()),
+        _ => {
+            let (ready, detail) = probe(&state).await;
+            *last = Some((std::time::Instant::now(), ready, detail.clone()));
+            (ready, detail)
+        }
+    };
+    drop(last);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(detail))
+}
+
+async fn probe(state: &AppState) -> (bool, Value) {
+    // Numbered, so that callers can tell a shared answer from a fresh one.
+    let n = state
+        .readiness
+        .1
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1;
     let wait = std::time::Duration::from_secs(3);
     let (db, inference) = tokio::join!(
         async {
@@ -31,17 +67,8 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         },
         state.engine.readiness()
     );
-    let status = if db && inference.ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        Json(
-            json!({"database": db, "model": state.engine.model_id(), "inference": inference.detail}),
-        ),
-    )
+    let detail = json!({"database": db, "model": state.engine.model_id(), "inference": inference.detail, "probe": n});
+    (db && inference.ready, detail)
 }
 
 /// Prometheus text format.

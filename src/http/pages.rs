@@ -169,10 +169,21 @@ fn message(status: StatusCode, title: &str, title_zh: &str, text: &str, text_zh:
 }
 
 async fn confirm_page(State(state): State<AppState>, Query(q): Query<TokenQuery>) -> Response {
+    use waitlist::Confirmation;
     let token = q.token.unwrap_or_default();
-    match waitlist::confirm(&state.db, &token).await {
-        Ok(true) => status_page(State(state), Query(TokenQuery { token: Some(token) })).await,
-        Ok(false) => message(
+    let valid_ms = state.config.waitlist.confirm_link_hours * 3_600_000;
+    match waitlist::confirm(&state.db, &token, valid_ms).await {
+        Ok(Confirmation::Confirmed | Confirmation::Already) => {
+            status_page(State(state), Query(TokenQuery { token: Some(token) })).await
+        }
+        Ok(Confirmation::Expired) => message(
+            StatusCode::GONE,
+            "Link expired",
+            "链接已过期",
+            "This confirmation link has expired. Sign up again with the same address to get a new one.",
+            "此确认链接已过期。请用同一邮箱重新登记，以获取新的链接。",
+        ),
+        Ok(Confirmation::Unknown) => message(
             StatusCode::NOT_FOUND,
             "Unknown link",
             "链接无效",

@@ -475,12 +475,37 @@ impl TestApp {
         format!("{}{}", self.base, path)
     }
 
+    /// A client with its own cookie jar, on its own loopback address (`127.x.y.z`): rate limits,
+    /// password checks and sign-in failures count per address.
+    pub fn client_from(&self, ip: &str) -> reqwest::Client {
+        reqwest::Client::builder()
+            .cookie_store(true)
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .build()
+            .unwrap()
+    }
+
     /// A client with its own cookie jar (one browser).
     pub fn client(&self) -> reqwest::Client {
         reqwest::Client::builder()
             .cookie_store(true)
             .build()
             .unwrap()
+    }
+
+    /// A new API key of the signed-in client `c` (the full `moss_…` key, shown once).
+    pub async fn api_key(&self, c: &reqwest::Client) -> String {
+        let r = c
+            .post(self.url("/api/keys"))
+            .json(&serde_json::json!({"name": "test key"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<serde_json::Value>().await.unwrap()["key"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     /// Mints invite codes straight in the database.
