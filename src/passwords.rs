@@ -1,7 +1,7 @@
 //! Password checks at a bounded cost. An argon2id hash holds 19 MiB while it runs; run on the
 //! runtime's blocking pool, a sign-in flood from many addresses grew memory by gigabytes and
-//! hundreds of threads. Here a fixed number of threads of their own compute every hash (so at
-//! most that many 19 MiB blocks exist, and each thread's allocator reuses its own), a request waits
+//! hundreds of threads. Here a fixed number of threads of their own compute every hash, each in
+//! its own 19 MiB allocated once (so memory does not move however many sign-ins arrive), a request waits
 //! a short, configured time for one of them, and one client address may have only a few checks
 //! running or waiting at once — past either bound the caller is told to come back shortly.
 
@@ -73,28 +73,7 @@ impl Hasher {
             let rx = rx.clone();
             std::thread::Builder::new()
                 .name(format!("moss-hash-{i}"))
-                .spawn(move || loop {
-                    let job = {
-                        let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-                        match rx.recv() {
-                            Ok(job) => job,
-                            Err(_) => return, // every Hasher is gone
-                        }
-                    };
-                    let outcome = match job.work {
-                        Work::Hash(p) => Outcome::Hashed(crate::secrets::hash_password(&p)),
-                        Work::Verify(p, Some(h)) => {
-                            Outcome::Verified(crate::secrets::verify_password(&p, &h))
-                        }
-                        Work::Verify(p, None) => {
-                            // Same cost, and never true.
-                            let _ = crate::secrets::verify_password(&p, dummy_hash());
-                            Outcome::Verified(false)
-                        }
-                    };
-                    drop(job._permit);
-                    let _ = job.reply.send(outcome);
-                })?;
+                .spawn(move || work(&rx))?;
         }
         Ok(Self {
             jobs,
@@ -157,6 +136,29 @@ impl Hasher {
         // Never blocks: the channel holds as many jobs as there are permits.
         self.jobs.try_send(job).map_err(|_| Refused::Stopped)?;
         answer.await.map_err(|_| Refused::Stopped)
+    }
+}
+
+/// A hashing thread: its own argon2 memory, reused for every job, until every `Hasher` is gone.
+fn work(jobs: &Mutex<std::sync::mpsc::Receiver<Job>>) {
+    use crate::secrets::{hash_password_in, verify_password_in};
+    let mut scratch = crate::secrets::Scratch::default();
+    loop {
+        let job = match jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+            Ok(job) => job,
+            Err(_) => return,
+        };
+        let outcome = match job.work {
+            Work::Hash(p) => Outcome::Hashed(hash_password_in(&mut scratch, &p)),
+            Work::Verify(p, Some(h)) => Outcome::Verified(verify_password_in(&mut scratch, &p, &h)),
+            Work::Verify(p, None) => {
+                // Same cost, and never true.
+                let _ = verify_password_in(&mut scratch, &p, dummy_hash());
+                Outcome::Verified(false)
+            }
+        };
+        drop(job._permit);
+        let _ = job.reply.send(outcome);
     }
 }
 

@@ -108,6 +108,23 @@ pub async fn redeem(conn: &mut sqlx::AnyConnection, code: &str) -> DbResult<Opti
     .await?)
 }
 
+/// True when `code` could be redeemed now (a read only: `redeem` decides, atomically). Lets
+/// registration refuse a wrong code before it spends a password hash on it.
+pub async fn is_redeemable(db: &Db, code: &str) -> DbResult<bool> {
+    let Some(canonical) = normalize_code(code) else {
+        return Ok(false);
+    };
+    let found: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM invite_codes \
+         WHERE code_hash = $1 AND uses < max_uses AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
+    )
+    .bind(sha256_hex(&canonical))
+    .bind(now_ms())
+    .fetch_optional(&db.pool)
+    .await?;
+    Ok(found.is_some())
+}
+
 const INVITE_COLS: &str =
     "id, code_prefix, max_uses, uses, expires_at, revoked_at, note, role, created_by, created_at";
 

@@ -58,7 +58,8 @@ async fn register(
         display_name
     };
     let locale = super::normalize_locale(b.locale.as_deref());
-    if crate::secrets::normalize_code(&b.invite_code).is_none() {
+    // A code that cannot be redeemed costs no password hash (a flood of made-up codes would).
+    if !invites::is_redeemable(&state.db, &b.invite_code).await? {
         return Err(AppError::InvalidInvite);
     }
     let password_hash = hash_password(&state, client, b.password).await?;
