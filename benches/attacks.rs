@@ -3,15 +3,17 @@
 //!
 //!     bench/attacks.sh            (builds, then runs this)
 //!
-//! 1. Slow bodies: 50 connections that send a request's headers and one byte of its body, then
-//!    nothing, on the paths that start an answer; a normal user asks meanwhile.
+//! 1. Slow bodies: 50 connections from 5 addresses that send a request's headers and one byte of
+//!    its body, then nothing, on a path that starts an answer; a normal user asks meanwhile.
 //! 2. Sign-in flood: 1,000 sign-ins for unknown addresses over 200 connections from 50 loopback
 //!    addresses; memory and threads of the server, answer times, a real user's sign-in meanwhile.
 //! 3. Reset timing: `POST /api/password/forgot` for a known and an unknown address, alternated.
-//! 4. Lock-out: one address guesses the owner's password; the owner signs in from another.
+//! 4. Lock-out: one address guesses the owner's password (8 tries, inside its token bucket); the
+//!    owner signs in from another.
 //! 5. Small tricks: a 400 KB request head, a form body, an `https://` origin over http.
 //!
 //! Loopback has every 127.x.y.z address, so clients bind their own to look like many machines.
+//! `MOSS_BIN=path/to/moss` attacks another build (e.g. an older release, for a before/after).
 
 use std::io::BufRead;
 use std::net::IpAddr;
@@ -99,9 +101,17 @@ impl Server {
     }
 }
 
+/// A loopback port nothing listens on.
+fn closed_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
 fn start() -> anyhow::Result<(Server, tempfile::TempDir)> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let bin = root.join("target/release/moss");
+    // MOSS_BIN: another build to attack (an older release, for a before/after in one run).
+    let bin = std::env::var_os("MOSS_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target/release/moss"));
     anyhow::ensure!(bin.is_file(), "build first: cargo build --release");
     let dir = tempfile::tempdir()?;
     let model = dir.path().join("tiny.gguf");
@@ -109,7 +119,8 @@ fn start() -> anyhow::Result<(Server, tempfile::TempDir)> {
         &model,
         &moss::engine::tiny::TinySpec::new(moss::engine::Arch::Qwen2),
     )?;
-    let db_url = format!("sqlite://{}", dir.path().join("moss.db").display());
+    // (`?mode=rwc` for older builds, which did not create a missing file.)
+    let db_url = format!("sqlite://{}?mode=rwc", dir.path().join("moss.db").display());
     let mut child = std::process::Command::new(&bin)
         .args([
             "serve",
@@ -123,6 +134,11 @@ fn start() -> anyhow::Result<(Server, tempfile::TempDir)> {
         .env("MOSS_ENGINE__DEVICE", "cpu")
         .env("MOSS_ENGINE__SYSTEM_PROMPT", "You are moss.")
         .env("RUST_LOG", "error")
+        // Mail on (to a port where nothing listens: mails are queued, their sending fails
+        // quietly), so that a reset for a known address has work to do.
+        .env("MOSS_SMTP__HOST", "127.0.0.1")
+        .env("MOSS_SMTP__PORT", closed_port()?.to_string())
+        .env("MOSS_SMTP__SECURITY", "none")
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let mut lines = std::io::BufReader::new(child.stdout.take().expect("piped")).lines();
@@ -159,8 +175,11 @@ async fn slow_bodies(s: &Server) -> anyhow::Result<()> {
         .await?;
     let conv = conv["id"].as_i64().unwrap_or(0);
     let mut open = Vec::new();
-    for _ in 0..50 {
-        let mut sock = tokio::net::TcpStream::connect(s.addr()).await?;
+    for i in 0..50 {
+        // From five addresses, ten each: inside each address's `generate` token bucket.
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(format!("127.0.1.{}:0", 10 + i / 10).parse()?)?;
+        let mut sock = sock.connect(s.addr().parse()?).await?;
         let head = format!(
             "POST /api/conversations/{conv}/messages HTTP/1.1\r\nHost: {}\r\nCookie: {cookie}\r\n\
              Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
@@ -193,22 +212,24 @@ async fn slow_bodies(s: &Server) -> anyhow::Result<()> {
     let status = r.status();
     let answered = r.text().await?.contains("event: done");
     let answer_ms = t.elapsed().as_secs_f64() * 1000.0;
+    // Each is waited for at most 30 s from the start.
     let mut timed_out = 0;
     for mut sock in open {
         let mut got = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(30), sock.read_to_end(&mut got)).await;
+        let left = Duration::from_secs(30).saturating_sub(opened.elapsed());
+        let _ = tokio::time::timeout(left, sock.read_to_end(&mut got)).await;
         if got.starts_with(b"HTTP/1.1 408") {
             timed_out += 1;
         }
     }
-    println!("== slow bodies: 50 connections, headers and 1 byte of a 100-byte body each");
+    println!("== slow bodies: 50 connections from 5 addresses, headers and 1 byte of a 100-byte body each");
     println!("  answers admitted while they were open: {admitted}");
     println!(
         "  another user's answer meanwhile: {status}, {}, {answer_ms:.0} ms",
         if answered { "answered" } else { "NOT answered" }
     );
     println!(
-        "  slow connections answered 408 and closed: {timed_out} of 50, all within {:.1} s",
+        "  slow connections answered 408 and closed within 30 s: {timed_out} of 50 ({:.1} s)",
         opened.elapsed().as_secs_f64()
     );
     Ok(())
@@ -360,8 +381,9 @@ async fn reset_timing(s: &Server) -> anyhow::Result<()> {
 async fn lock_out(s: &Server) -> anyhow::Result<()> {
     s.account("127.0.6.1", "owner@example.com").await?;
     let guesser = client("127.0.6.2");
+    // Eight, inside the address's token bucket (10), so the answers below are the block's.
     let mut refused = 0;
-    for _ in 0..10 {
+    for _ in 0..8 {
         let r = guesser
             .post(format!("{}/api/login", s.base))
             .json(&json!({"email": "owner@example.com", "password": "guess guess"}))
@@ -379,7 +401,7 @@ async fn lock_out(s: &Server) -> anyhow::Result<()> {
     };
     let guesser_right = login("127.0.6.2").await?.status();
     let owner = login("127.0.6.1").await?.status();
-    println!("== lock-out: 10 wrong passwords from one address ({refused} answered 401)");
+    println!("== lock-out: 8 wrong passwords from one address ({refused} answered 401)");
     println!("  the right password from that address: {guesser_right} (blocked there)");
     println!("  the owner from their own address: {owner}");
     Ok(())
