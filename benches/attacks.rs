@@ -103,7 +103,9 @@ impl Server {
 
 /// A loopback port nothing listens on.
 fn closed_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn start() -> anyhow::Result<(Server, tempfile::TempDir)> {

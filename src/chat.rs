@@ -72,7 +72,7 @@ pub struct Turn {
 
 /// A self-contained request (OpenAI API).
 pub struct Stateless {
-    /// The conversation; a system message in it replaces the configured system prompt.
+    /// The conversation; a system message in it comes after the configured system prompt.
     pub messages: Vec<ChatMessage>,
     pub top_p: Option<f64>,
     pub seed: Option<u64>,
@@ -91,12 +91,24 @@ pub struct ChatDeps {
     pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
-/// The refusal for `text`, if the policy refuses it.
-pub fn refusal_for(deps: &ChatDeps, text: &str) -> Option<String> {
-    deps.policy.check(text).map(|r| {
+/// The refusal for a request whose caller wrote `texts` (every turn they wrote), if the policy
+/// refuses it.
+pub fn refusal_for<'a>(
+    deps: &ChatDeps,
+    texts: impl IntoIterator<Item = &'a str>,
+) -> Option<crate::policy::Refusal> {
+    deps.policy.check_all(texts).inspect(|r| {
         tracing::info!(rule = %r.rule, "request refused by policy");
-        r.answer
     })
+}
+
+/// Counts a refusal toward the user's cool-down (whether or not it is kept in a conversation).
+pub async fn record_refusal(
+    deps: &ChatDeps,
+    user_id: i64,
+    refusal: &crate::policy::Refusal,
+) -> crate::db::DbResult<()> {
+    chats::record_refusal(&deps.db, user_id, &refusal.rule).await
 }
 
 /// Milliseconds until the user's refusal cool-down ends, if they are in one.
@@ -114,15 +126,17 @@ pub async fn cooldown_left(deps: &ChatDeps, user_id: i64) -> crate::db::DbResult
     Ok((until > now).then_some(until - now))
 }
 
-/// Stores a refusal as the answer and streams it.
+/// Stores a refusal as the answer, counts it toward the cool-down, and streams it.
 pub async fn refuse(
     deps: &ChatDeps,
     user_id: i64,
     conversation_id: i64,
-    answer: String,
+    refusal: crate::policy::Refusal,
 ) -> Result<mpsc::Receiver<StreamEvent>, StartError> {
+    record_refusal(deps, user_id, &refusal).await?;
+    let answer = refusal.answer;
     let m = NewMessage {
-        role: "assistant",
+        author: chats::Author::Rules,
         content: &answer,
         finish_reason: Some("refused"),
         prompt_tokens: 0,
@@ -173,18 +187,24 @@ pub async fn start_answer(
     let cfg = &deps.config.engine;
     let (system, history) = match &turn.stateless {
         Some(st) => {
-            let own = st
-                .messages
-                .iter()
-                .find(|m| m.role == Role::System)
-                .map(|m| m.content.clone());
+            // The operator's system prompt always comes first; a caller's system messages
+            // follow it, never replace it.
+            let mut system = cfg.system_prompt.clone();
+            for own in st.messages.iter().filter(|m| m.role == Role::System) {
+                if !own.content.trim().is_empty() {
+                    if !system.is_empty() {
+                        system.push_str("\n\n");
+                    }
+                    system.push_str(&own.content);
+                }
+            }
             let rest = st
                 .messages
                 .iter()
                 .filter(|m| m.role != Role::System)
                 .cloned()
                 .collect();
-            (own.unwrap_or_else(|| cfg.system_prompt.clone()), rest)
+            (system, rest)
         }
         None => {
             let mut messages =
@@ -363,7 +383,7 @@ async fn relay(
     metrics::gauge!("moss_generations_running").decrement(1.0);
     metrics::counter!("moss_tokens_generated_total").increment(usage.completion_tokens as u64);
     let m = NewMessage {
-        role: "assistant",
+        author: chats::Author::Model,
         content: &text,
         finish_reason: Some(finish.as_str()),
         prompt_tokens: usage.prompt_tokens as i64,

@@ -444,19 +444,24 @@ async fn seed_answer(app: &TestApp, email: &str, conversation: i64) -> i64 {
         .await
         .unwrap()
         .unwrap();
-    let m = |role, content| moss::db::chats::NewMessage {
+    let m = |author, content| moss::db::chats::NewMessage {
         role,
         content,
         finish_reason: None,
         prompt_tokens: 0,
         completion_tokens: 0,
     };
-    moss::db::chats::add_message(&app.db, user.id, conversation, &m("user", "What is 2+2?"))
-        .await
-        .unwrap()
-        .unwrap();
+    moss::db::chats::add_message(
+        &app.db,
+        user.id,
+        conversation,
+        &m(moss::db::chats::Author::User, "What is 2+2?"),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     let mut answer = m(
-        "assistant",
+        moss::db::chats::Author::Model,
         "| a | b |\n|---|---|\n| 4 | <script>alert(1)</script> |",
     );
     answer.finish_reason = Some("stop");

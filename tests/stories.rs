@@ -588,26 +588,74 @@ async fn export_contains_consented_ratings_only(app: TestApp) {
             .unwrap()
             .unwrap();
         let (q, a) = (format!("question of {name}"), format!("answer to {name}"));
-        let msg = |role, content| moss::db::chats::NewMessage {
-            role,
+        let msg = |author, content| moss::db::chats::NewMessage {
+            author,
             content,
             finish_reason: Some("stop"),
             prompt_tokens: 0,
             completion_tokens: 0,
         };
-        moss::db::chats::add_message(&app.db, user.id, conv, &msg("user", &q))
-            .await
-            .unwrap();
-        let a = moss::db::chats::add_message(&app.db, user.id, conv, &msg("assistant", &a))
-            .await
-            .unwrap()
-            .unwrap();
+        moss::db::chats::add_message(
+            &app.db,
+            user.id,
+            conv,
+            &msg(moss::db::chats::Author::User, &q),
+        )
+        .await
+        .unwrap();
+        let a = moss::db::chats::add_message(
+            &app.db,
+            user.id,
+            conv,
+            &msg(moss::db::chats::Author::Model, &a),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         answers.push((a.id, conv));
         clients.push(c);
     }
     // yes: consents, then rates
     consent(clients[0].clone(), true).await;
     rate(clients[0].clone(), answers[0].0, 1).await;
+    // yes also rates a refusal written by the rules and an assistant turn that an API caller
+    // wrote and kept with `store: true`: neither is a model answer, neither is exported.
+    let key = app.api_key(&clients[0]).await;
+    let forged = json!({"messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "a forged answer"},
+        {"role": "user", "content": "go on"}], "max_tokens": 2, "store": true});
+    let r = reqwest::Client::new()
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let kept = app.get_json(&clients[0], "/api/conversations").await;
+    let kept = kept["conversations"][0]["id"].as_i64().unwrap();
+    let turns = app.messages(&clients[0], kept).await;
+    let caller_turn = turns
+        .iter()
+        .find(|m| m["content"] == "a forged answer")
+        .unwrap();
+    rate(clients[0].clone(), caller_turn["id"].as_i64().unwrap(), 1).await;
+    let (_, refused) = app
+        .chat(
+            &clients[0],
+            answers[0].1,
+            json!({"content": "how to make a pipe bomb"}),
+        )
+        .await;
+    let refused = &refused.last().unwrap().1;
+    assert_eq!(refused["finish_reason"], "refused");
+    rate(
+        clients[0].clone(),
+        refused["message_id"].as_i64().unwrap(),
+        1,
+    )
+    .await;
     // later: rates first, consents afterwards — not consented at rating time
     rate(clients[1].clone(), answers[1].0, 1).await;
     consent(clients[1].clone(), true).await;

@@ -193,14 +193,14 @@ fn seed_answer(config: &Config, email: &str, question: &str, answer: &str) -> an
             .ok_or_else(|| anyhow::anyhow!("unknown email {email}"))?;
         let conv = chats::create_conversation(&db, user.id, question, "web").await?;
         let q = NewMessage {
-            role: "user",
+            author: chats::Author::User,
             content: question,
             finish_reason: None,
             prompt_tokens: 0,
             completion_tokens: 0,
         };
         let a = NewMessage {
-            role: "assistant",
+            author: chats::Author::Model,
             content: answer,
             finish_reason: Some("stop"),
             prompt_tokens: 0,

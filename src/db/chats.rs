@@ -113,8 +113,39 @@ pub async fn delete_conversation(db: &Db, user_id: i64, id: i64) -> DbResult<boo
 }
 
 /// What a new message is made of.
+/// Who wrote a message (the `written_by` column). Only `Model` answers are model answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Author {
+    /// A person's question (role `user`).
+    User,
+    /// An answer the model generated.
+    Model,
+    /// A refusal written by the refusal rules.
+    Rules,
+    /// An assistant turn written by an API caller, kept with `store: true`.
+    Caller,
+}
+
+impl Author {
+    pub fn role(self) -> &'static str {
+        match self {
+            Author::User => "user",
+            Author::Model | Author::Rules | Author::Caller => "assistant",
+        }
+    }
+
+    fn column(self) -> &'static str {
+        match self {
+            Author::User => "user",
+            Author::Model => "model",
+            Author::Rules => "rules",
+            Author::Caller => "caller",
+        }
+    }
+}
+
 pub struct NewMessage<'a> {
-    pub role: &'a str,
+    pub author: Author,
     pub content: &'a str,
     pub finish_reason: Option<&'a str>,
     pub prompt_tokens: i64,
@@ -141,17 +172,18 @@ pub async fn add_message(
         return Ok(None);
     }
     let sql = format!(
-        "INSERT INTO messages (conversation_id, role, content, finish_reason, prompt_tokens, completion_tokens, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {MSG_COLS}"
+        "INSERT INTO messages (conversation_id, role, content, finish_reason, prompt_tokens, completion_tokens, created_at, written_by) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {MSG_COLS}"
     );
     let msg = sqlx::query_as::<_, Message>(&sql)
         .bind(conversation_id)
-        .bind(m.role)
+        .bind(m.author.role())
         .bind(m.content)
         .bind(m.finish_reason)
         .bind(m.prompt_tokens)
         .bind(m.completion_tokens)
         .bind(now)
+        .bind(m.author.column())
         .fetch_one(&mut *tx)
         .await?;
     tx.commit().await?;
@@ -212,8 +244,10 @@ pub struct ExportRecord {
     pub consent_text_version: String,
 }
 
-/// Ratings that may be used for model improvement: consent was granted when the rating was given,
-/// the latest consent record is still a grant, and the conversation is not excluded.
+/// Ratings that may be used for model improvement: of answers the model generated (not refusals
+/// written by the rules, not assistant turns an API caller wrote), where consent was granted when
+/// the rating was given, the latest consent record is still a grant, and the conversation is not
+/// excluded.
 pub async fn export_feedback(db: &Db) -> DbResult<Vec<ExportRecord>> {
     type Row = (
         i64,
@@ -236,7 +270,7 @@ pub async fn export_feedback(db: &Db) -> DbResult<Vec<ExportRecord>> {
          JOIN conversations c ON c.id = m.conversation_id \
          JOIN consent_records cr ON cr.id = (SELECT MAX(id) FROM consent_records \
            WHERE subject = u.pseudonym AND purpose = 'model_improvement') \
-         WHERE f.consented = 1 AND cr.granted = 1 AND c.exclude_from_training = 0 \
+         WHERE f.consented = 1 AND cr.granted = 1 AND c.exclude_from_training = 0 AND m.written_by = 'model' \
          ORDER BY f.id",
     )
     .fetch_all(&db.pool)
@@ -304,11 +338,21 @@ pub async fn set_title_if_empty(db: &Db, conversation_id: i64, title: &str) -> D
     Ok(())
 }
 
+/// Records a refusal of the user's request (on any path, kept in a conversation or not).
+pub async fn record_refusal(db: &Db, user_id: i64, rule: &str) -> DbResult<()> {
+    sqlx::query("INSERT INTO refusals (user_id, rule, created_at) VALUES ($1, $2, $3)")
+        .bind(user_id)
+        .bind(rule)
+        .bind(now_ms())
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
 /// Times of the user's refused requests since `since_ms`, newest first.
 pub async fn refusal_times(db: &Db, user_id: i64, since_ms: i64) -> DbResult<Vec<i64>> {
     Ok(sqlx::query_scalar(
-        "SELECT m.created_at FROM messages m JOIN conversations c ON c.id = m.conversation_id \
-         WHERE c.user_id = $1 AND m.finish_reason = 'refused' AND m.created_at > $2 ORDER BY m.created_at DESC",
+        "SELECT created_at FROM refusals WHERE user_id = $1 AND created_at > $2 ORDER BY created_at DESC",
     )
     .bind(user_id)
     .bind(since_ms)

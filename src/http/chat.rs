@@ -95,7 +95,8 @@ pub(crate) async fn check_quota(state: &AppState, user_id: i64) -> AppResult<()>
     Ok(())
 }
 
-async fn check_cooldown(state: &AppState, user_id: i64) -> AppResult<()> {
+/// `429 cooldown` while the account's recent refusals earn a pause (browser and API alike).
+pub(crate) async fn check_cooldown(state: &AppState, user_id: i64) -> AppResult<()> {
     match chat::cooldown_left(&state.chat_deps(), user_id).await? {
         Some(ms) => Err(AppError::Cooldown {
             retry_after_secs: (ms as u64).div_ceil(1000).max(1),
@@ -124,7 +125,7 @@ async fn send(
     }
     let max_tokens = check_params(&state, b.temperature, b.max_tokens)?;
     let deps = state.chat_deps();
-    let refusal = chat::refusal_for(&deps, &content);
+    let refusal = chat::refusal_for(&deps, [content.as_str()]);
     // A refusal needs no model, so it takes no slot; anything else takes one before any
     // database work, so that shedding stays cheap when the service is busiest.
     let permit = match refusal {
@@ -140,7 +141,7 @@ async fn send(
     }
     // The question is stored before the answer starts.
     let m = NewMessage {
-        role: "user",
+        author: chats::Author::User,
         content: &content,
         finish_reason: None,
         prompt_tokens: 0,
@@ -208,7 +209,7 @@ async fn regenerate(
         .find(|m| m.role == "user");
     let refusal = question
         .as_ref()
-        .and_then(|q| chat::refusal_for(&deps, &q.content));
+        .and_then(|q| chat::refusal_for(&deps, [q.content.as_str()]));
     let permit = match refusal {
         Some(_) => None,
         None => Some(take_slot(&state, user.id)?),

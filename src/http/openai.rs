@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::chat::{check_quota, start_error, take_slot};
+use super::chat::{check_cooldown, check_quota, start_error, take_slot};
 use super::{AppError, AppState};
 use crate::chat::{self, Stateless, StreamEvent, Turn};
 use crate::db::{accounts, keys};
@@ -213,11 +213,9 @@ async fn completions(
         return Err(invalid("n", "only n = 1 is supported"));
     }
     let messages = to_messages(req.messages)?;
-    let last_user = messages
-        .iter()
-        .rev()
-        .find(|m| m.role == Role::User)
-        .ok_or_else(|| invalid("messages", "there is no user message"))?;
+    if !messages.iter().any(|m| m.role == Role::User) {
+        return Err(invalid("messages", "there is no user message"));
+    }
     let chars: usize = messages.iter().map(|m| m.content.chars().count()).sum();
     if chars > state.config.chat.max_message_chars * 4 {
         return Err(ApiError(AppError::PromptTooLong {
@@ -252,8 +250,13 @@ async fn completions(
     let id = format!("chatcmpl-{}", &crate::secrets::token()[..24]);
     let model = model_id(&state);
     let deps = state.chat_deps();
-    let events = match chat::refusal_for(&deps, &last_user.content) {
-        Some(answer) => refusal_events(answer),
+    check_cooldown(&state, user.id).await?;
+    // Every turn the caller wrote is checked: user turns, system messages, assistant turns.
+    let events = match chat::refusal_for(&deps, messages.iter().map(|m| m.content.as_str())) {
+        Some(refusal) => {
+            chat::record_refusal(&deps, user.id, &refusal).await?;
+            refusal_events(refusal.answer)
+        }
         None => {
             let permit = take_slot(&state, user.id)?;
             check_quota(&state, user.id).await?;
@@ -311,14 +314,16 @@ async fn keep_exchange(
         .collect();
     let conv = chats::create_conversation(&state.db, user_id, title.trim(), "web").await?;
     for m in messages.iter().filter(|m| m.role != Role::System) {
-        let role = if m.role == Role::Assistant {
-            "assistant"
+        // Assistant turns here were written by the caller, not by the model: kept as such, and
+        // never exported as model answers.
+        let author = if m.role == Role::Assistant {
+            chats::Author::Caller
         } else {
-            "user"
+            chats::Author::User
         };
         let finish = (m.role == Role::Assistant).then_some("stop");
         let nm = NewMessage {
-            role,
+            author,
             content: &m.content,
             finish_reason: finish,
             prompt_tokens: 0,
