@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# moss next to llama.cpp on the same machine, in the same run, on the same GGUF (issue 7 / 8 figures).
+# moss next to llama.cpp on the same machine, in the same run, on the same GGUF.
 #   bench/llama-cpp.sh [--skip-build]
 #
 # llama.cpp comes from the source release of llama-cpp-python on PyPI (it vendors llama.cpp; PyPI is

@@ -7,7 +7,7 @@ use std::process::Command;
 /// The fetch script, compiled in so the binary can fetch its model from any directory.
 const FETCH_SCRIPT: &str = include_str!("../scripts/fetch-model");
 
-/// File name of the default chat model (see MODELS.md).
+/// File name of the default chat model (see docs/models.md).
 pub const DEFAULT_MODEL_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 
 /// The model cache: `$MOSS_MODEL_DIR`, else `$XDG_CACHE_HOME/moss/models`, else `~/.cache/moss/models`.

@@ -1,6 +1,6 @@
 //! Builds a `tokenizers::Tokenizer` from GGUF metadata (or a `tokenizer.json` beside the file).
 //!
-//! Two families are supported, following the recipes in MODELS.md that reproduce llama.cpp's ids:
+//! Two families are supported, following the recipes in docs/models.md that reproduce llama.cpp's ids:
 //! byte-level BPE (`tokenizer.ggml.model = gpt2`) and SentencePiece-style BPE with scores (`llama`).
 
 use std::collections::HashMap;
