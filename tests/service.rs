@@ -445,7 +445,7 @@ async fn seed_answer(app: &TestApp, email: &str, conversation: i64) -> i64 {
         .unwrap()
         .unwrap();
     let m = |author, content| moss::db::chats::NewMessage {
-        role,
+        author,
         content,
         finish_reason: None,
         prompt_tokens: 0,

@@ -103,9 +103,11 @@ test("a message streams in token by token and ends with tools", async () => {
   await page.keyboard.press("Enter");
   await page.waitForSelector(".message.assistant.streaming");
   const first = (await page.textContent(".message.assistant.streaming .body")).length;
-  await page.waitForTimeout(400);
-  const later = (await page.textContent(".message.assistant.streaming .body")).length;
-  assert.ok(later > first, `text grows while streaming (${first} -> ${later})`);
+  // The text grows while the answer is still streaming.
+  await page.waitForFunction((n) => {
+    const body = document.querySelector(".message.assistant.streaming .body");
+    return body && body.textContent.length > n;
+  }, first, { timeout: 10000 });
   await shot("02-streaming");
   await page.waitForSelector(".message.assistant .tools .regenerate", { timeout: 30000 });
   assert.equal(await page.locator(".message.assistant.streaming").count(), 0);
@@ -152,7 +154,8 @@ test("a Markdown table renders as a table, and answers cannot run script", async
   await shot("04-table");
   await page.click("#conversations li:has-text('xss') .conv-title");
   await page.waitForSelector(".message.assistant .body:has-text('look')");
-  await page.waitForTimeout(300);
+  // Two animation frames: anything the answer could have made run has had its turn.
+  await page.evaluate(() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done))));
   assert.equal(await page.evaluate(() => window.__xss), undefined);
   assert.equal(page.__dialogs || 0, 0, "no alert ran");
   assert.equal(await page.locator(".message.assistant img, .message.assistant script, .message.assistant a[href^=javascript]").count(), 0);
@@ -166,8 +169,9 @@ test("the consent switch records every grant and withdrawal", async () => {
   await page.waitForSelector("#consent-result:has-text('Saved')");
   await page.uncheck("#consent-switch");
   await page.waitForFunction(() => document.querySelector("#consent-switch").checked === false);
+  const saved = page.waitForResponse((r) => r.url().endsWith("/api/consent") && r.request().method() === "PUT");
   await page.check("#consent-switch");
-  await page.waitForTimeout(300);
+  await saved;
   const c = await api("GET", "/api/consent");
   assert.deepEqual(c.body.history.map((r) => r.granted), [1, 0, 1]);
   assert.equal(c.body.model_improvement, true);

@@ -29,12 +29,14 @@ impl SmtpSink {
     pub fn start(dir: PathBuf) -> Self {
         use std::io::BufRead;
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/smtp_sink.py");
-        let mut child = std::process::Command::new("python3")
+        // scripts/test names the Python of its virtual environment (with aiosmtpd).
+        let python = std::env::var("MOSS_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        let mut child = std::process::Command::new(&python)
             .arg(script)
             .arg(&dir)
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("python3 with aiosmtpd (pip install aiosmtpd)");
+            .unwrap_or_else(|e| panic!("{python} with aiosmtpd (scripts/test sets it up): {e}"));
         let mut line = String::new();
         std::io::BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
