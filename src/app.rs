@@ -118,7 +118,7 @@ fn generation_route(path: &str) -> Option<&'static str> {
 /// headers, metrics), for a fraction of the work, exactly when the service is busiest. (Under a flood on 2 cores the
 /// middleware stack was most of the cost of each shed answer.)
 fn shed_early<B>(state: &AppState, req: &axum::http::Request<B>) -> Option<Response> {
-    if req.method() != axum::http::Method::POST || !state.admission.is_full() {
+    if req.method() != axum::http::Method::POST || !state.answers.admission.is_full() {
         return None;
     }
     let route = generation_route(req.uri().path())?;
@@ -142,7 +142,7 @@ pub async fn serve(
     stop_answers: tokio::sync::watch::Sender<bool>,
 ) -> anyhow::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
-    let admission = state.admission.clone();
+    let admission = state.answers.admission.clone();
     tokio::spawn(housekeeping(state.db.clone(), state.session_idle_ms()));
     let header_timeout = Duration::from_secs(state.config.server.header_timeout_secs);
     let max_head = state.config.server.max_header_bytes;

@@ -2,14 +2,13 @@
 
 pub mod admin;
 pub mod admission;
+pub mod answer;
 pub mod app;
-pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod engine;
 pub mod http;
-pub mod inference;
 pub mod limits;
 pub mod mail;
 pub mod metrics;

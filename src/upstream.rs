@@ -3,7 +3,7 @@
 //!
 //! Requests go to the listed URLs in turn; a URL that refuses the connection, times out or
 //! answers 429/5xx is skipped for `failure_cooldown_secs` and the next one is tried. When none
-//! can take the request the caller gets `StartError::Overloaded` — the same fast "try again
+//! can take the request the caller gets `UpstreamError::Overloaded` — the same fast "try again
 //! tomorrow morning" answer as a full local queue, never a 500. The stream is relayed as engine
 //! `Event`s; dropping the receiver closes the upstream connection, which cancels the upstream's
 //! generation.
@@ -16,7 +16,6 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::chat::StartError;
 use crate::config::UpstreamConfig;
 use crate::engine::{
     ChatMessage, EngineStats, Event, EventStream, FinishReason, Role, Timings, Usage,
@@ -63,12 +62,26 @@ pub struct UpstreamRequest {
     pub stop: Vec<String>,
 }
 
+/// Why no upstream stream could be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// The conversation is too long for the upstream (or for `max_prompt_chars`).
+    #[error("the prompt is too long for the upstream")]
+    TooLong,
+    /// Every URL is down or refused for now: the overloaded answer.
+    #[error("no upstream can take the request")]
+    Overloaded,
+    /// An upstream refused this request itself (a wrong key, model name or parameter).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// How one attempt on one target ended, when it did not give a stream.
 enum Attempt {
     /// The target cannot take it now (refused, timed out, 429, 5xx): try the next one.
     Next(String),
     /// The request itself is the problem; another target would say the same.
-    Final(StartError),
+    Final(UpstreamError),
 }
 
 /// The health of each upstream URL, for `/readyz`.
@@ -120,7 +133,7 @@ impl Upstream {
         &self,
         system: Option<&str>,
         history: &[ChatMessage],
-    ) -> Result<Vec<ChatMessage>, StartError> {
+    ) -> Result<Vec<ChatMessage>, UpstreamError> {
         let budget = self
             .inner
             .cfg
@@ -140,7 +153,7 @@ impl Upstream {
             start += 1;
         }
         if start >= history.len() {
-            return Err(StartError::PromptTooLong);
+            return Err(UpstreamError::TooLong);
         }
         let mut out = Vec::with_capacity(history.len() - start + 1);
         if let Some(s) = system {
@@ -151,7 +164,7 @@ impl Upstream {
     }
 
     /// Sends the request to the first upstream that takes it; the stream yields its events.
-    pub async fn generate(&self, req: UpstreamRequest) -> Result<EventStream, StartError> {
+    pub async fn generate(&self, req: UpstreamRequest) -> Result<EventStream, UpstreamError> {
         let inner = &self.inner;
         let body = request_body(&inner.cfg.model, &req);
         let n = inner.targets.len();
@@ -162,7 +175,7 @@ impl Upstream {
             .collect();
         if order.is_empty() {
             metrics::counter!("moss_upstream_failures_total", "reason" => "all_down").increment(1);
-            return Err(StartError::Overloaded);
+            return Err(UpstreamError::Overloaded);
         }
         let prompt_chars: usize = req.messages.iter().map(|m| m.content.chars().count()).sum();
         let submitted = Instant::now();
@@ -187,7 +200,7 @@ impl Upstream {
                 Err(Attempt::Final(e)) => return Err(e),
             }
         }
-        Err(StartError::Overloaded)
+        Err(UpstreamError::Overloaded)
     }
 
     fn mark_down(&self, target: &Target) {
@@ -233,7 +246,7 @@ impl Upstream {
                     || text.contains("too long")
                     || text.contains("prompt_too_long") =>
             {
-                Err(Attempt::Final(StartError::PromptTooLong))
+                Err(Attempt::Final(UpstreamError::TooLong))
             }
             // The upstream refused this request (a wrong key or model name, or a parameter it does
             // not take): another URL would most likely say the same, and the URL itself is fine.
@@ -241,7 +254,7 @@ impl Upstream {
                 tracing::error!(upstream = %target.base, "upstream refused the request: {status}: {text}");
                 metrics::counter!("moss_upstream_failures_total", "reason" => "refused")
                     .increment(1);
-                Err(Attempt::Final(StartError::Upstream(format!(
+                Err(Attempt::Final(UpstreamError::Refused(format!(
                     "the inference server refused the request ({status})"
                 ))))
             }
@@ -572,7 +585,7 @@ mod tests {
         let too_long = vec![ChatMessage::new(Role::User, "x".repeat(40))];
         assert!(matches!(
             up.fit(None, &too_long),
-            Err(StartError::PromptTooLong)
+            Err(UpstreamError::TooLong)
         ));
     }
 
@@ -589,7 +602,7 @@ mod tests {
         };
         assert!(matches!(
             up.generate(req()).await,
-            Err(StartError::Overloaded)
+            Err(UpstreamError::Overloaded)
         ));
         assert!(up.inner.targets[0].is_down());
         let health = up.health().await;

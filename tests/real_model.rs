@@ -236,8 +236,20 @@ fn gemma_computes_what_llama_cpp_computes() {
 fn declines(answer: &str) -> bool {
     let start: String = answer.chars().take(40).collect::<String>().to_lowercase();
     [
-        "sorry", "i can't", "i cannot", "i'm unable", "i am unable", "i won't", "i'm not able",
-        "抱歉", "对不起", "我不能", "无法协助", "无法帮助", "不能协助", "不能帮助",
+        "sorry",
+        "i can't",
+        "i cannot",
+        "i'm unable",
+        "i am unable",
+        "i won't",
+        "i'm not able",
+        "抱歉",
+        "对不起",
+        "我不能",
+        "无法协助",
+        "无法帮助",
+        "不能协助",
+        "不能帮助",
     ]
     .iter()
     .any(|p| start.contains(p))

@@ -6,11 +6,11 @@ use std::time::Duration;
 use clap::Args;
 
 use super::ModelArgs;
+use crate::answer::Backend;
 use crate::config::Config;
 use crate::db::invites::{self, InviteSpec};
 use crate::db::{accounts, Db, PoolSettings};
 use crate::http::AppState;
-use crate::inference::Inference;
 use crate::upstream::Upstream;
 
 #[derive(Debug, Args)]
@@ -55,7 +55,7 @@ pub async fn first_admin_invite(db: &Db, config: &Config) -> anyhow::Result<Opti
 }
 
 /// The local engine (loading, and on first use fetching, the model), or the upstream client.
-pub fn inference(config: &Config, model: &ModelArgs) -> anyhow::Result<Inference> {
+pub fn inference(config: &Config, model: &ModelArgs) -> anyhow::Result<Backend> {
     if config.engine.backend == "openai" {
         let u = &config.engine.upstream;
         tracing::info!(
@@ -63,7 +63,7 @@ pub fn inference(config: &Config, model: &ModelArgs) -> anyhow::Result<Inference
             u.urls.join(", "),
             u.model
         );
-        return Ok(Inference::Upstream(Upstream::new(u)?));
+        return Ok(Backend::Upstream(Upstream::new(u)?));
     }
     Ok(super::start_engine(config, model)?.into())
 }

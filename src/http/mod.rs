@@ -24,7 +24,6 @@ use serde::Deserialize;
 
 use crate::config::Config;
 use crate::db::Db;
-use crate::inference::Inference;
 pub use error::{AppError, AppResult};
 
 /// Everything a handler may need, behind one `Arc`: every middleware layer and extractor clones
@@ -44,9 +43,8 @@ impl std::ops::Deref for AppState {
 pub struct Handles {
     pub db: Db,
     pub config: Arc<Config>,
-    pub engine: Inference,
-    pub policy: Arc<crate::policy::Policy>,
-    pub admission: crate::admission::Admission,
+    /// The answer path: backend, refusal policy, admission, and the shutdown signal.
+    pub answers: crate::answer::Answers,
     /// How clients are told apart (peer address, or a trusted proxy's X-Forwarded-For hop).
     pub clients: crate::limits::ClientKey,
     /// Password hashing, bounded in threads, wait and per client.
@@ -55,20 +53,19 @@ pub struct Handles {
     pub resets: crate::recovery::ResetMailer,
     /// `/readyz`'s last probe, shared by callers within a second.
     pub readiness: ops::ReadinessCache,
-    /// Tells running answers to stop and store what they have (set at shutdown).
-    pub stopping: tokio::sync::watch::Receiver<bool>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 impl AppState {
-    /// Builds the state: refusal rules from config, admission slots, the metrics recorder.
+    /// Builds the state: refusal rules from config, admission slots, password hashing, the
+    /// reset queue, the metrics recorder. `stopping` tells running answers to stop (shutdown).
     pub fn new(
         db: Db,
         config: Arc<Config>,
-        engine: Inference,
+        backend: crate::answer::Backend,
         stopping: tokio::sync::watch::Receiver<bool>,
     ) -> anyhow::Result<Self> {
-        let policy = Arc::new(crate::policy::Policy::load(&config.refusals.rules_file)?);
+        let policy = crate::policy::Policy::load(&config.refusals.rules_file)?;
         let l = &config.limits;
         let admission =
             crate::admission::Admission::new(l.max_running + l.max_waiting, l.per_user_answers);
@@ -80,29 +77,24 @@ impl AppState {
             per_client: a.hashes_per_client,
         })?;
         let resets = crate::recovery::ResetMailer::start(db.clone(), config.clone());
+        let answers = crate::answer::Answers::new(crate::answer::Inner {
+            db: db.clone(),
+            config: config.clone(),
+            backend,
+            policy,
+            admission,
+            stopping,
+        });
         Ok(Self(Arc::new(Handles {
             db,
             config,
-            engine,
-            policy,
-            admission,
+            answers,
             clients,
             hasher,
             resets,
             readiness: ops::ReadinessCache::default(),
-            stopping,
             metrics: crate::metrics::handle(),
         })))
-    }
-
-    pub fn chat_deps(&self) -> crate::chat::ChatDeps {
-        crate::chat::ChatDeps {
-            db: self.db.clone(),
-            config: self.config.clone(),
-            engine: self.engine.clone(),
-            policy: self.policy.clone(),
-            stopping: self.stopping.clone(),
-        }
     }
 
     /// The overloaded answer: Retry-After is the configured reopening time, tomorrow morning.
@@ -115,6 +107,33 @@ impl AppState {
         );
         AppError::Overloaded {
             retry_at: httpdate::fmt_http_date(at),
+        }
+    }
+
+    /// An answer that could not start, as the client hears it (browser and API alike; the API
+    /// reshapes the body, not the status or headers).
+    pub fn answer_error(&self, e: crate::answer::AnswerError) -> AppError {
+        use crate::answer::AnswerError as E;
+        match e {
+            E::Invalid {
+                field,
+                message,
+                message_zh,
+            } => AppError::Invalid {
+                field: field.name(),
+                message,
+                message_zh,
+            },
+            E::PromptTooLong { max_chars } => AppError::PromptTooLong {
+                max_chars: max_chars.unwrap_or(0),
+            },
+            E::NotFound => AppError::NotFound,
+            E::Cooldown { retry_after_secs } => AppError::Cooldown { retry_after_secs },
+            E::Busy => AppError::Busy,
+            E::Overloaded => self.overloaded(),
+            E::QuotaExceeded { retry_after_secs } => AppError::QuotaExceeded { retry_after_secs },
+            E::Unavailable(m) => AppError::Unavailable(m),
+            E::Internal(m) => AppError::Internal(m),
         }
     }
 

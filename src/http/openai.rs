@@ -15,9 +15,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::chat::{check_cooldown, check_quota, start_error, take_slot};
 use super::{AppError, AppState};
-use crate::chat::{self, Stateless, StreamEvent, Turn};
+use crate::answer::{self, Decision, Failure, Finish, Source, StreamEvent};
 use crate::db::{accounts, keys};
 use crate::engine::{ChatMessage, Role};
 
@@ -94,7 +93,7 @@ fn bearer(value: &str) -> Option<&str> {
 }
 
 fn model_id(state: &AppState) -> String {
-    state.engine.model_id()
+    state.answers.backend.model_id()
 }
 
 fn now_secs() -> u64 {
@@ -205,86 +204,42 @@ async fn completions(
     ApiUser(user): ApiUser,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    let fail = |e| ApiError(state.answer_error(e));
     let bad = |e: serde_json::Error| invalid("body", &format!("invalid request body: {e}"));
     let value: Value = serde_json::from_slice(&body).map_err(bad)?;
     super::reject_nul(&value)?;
     let req: CompletionRequest = serde_json::from_value(value).map_err(bad)?;
-    if req.n.is_some_and(|n| n != 1) {
-        return Err(invalid("n", "only n = 1 is supported"));
-    }
     let messages = to_messages(req.messages)?;
-    if !messages.iter().any(|m| m.role == Role::User) {
-        return Err(invalid("messages", "there is no user message"));
-    }
-    let chars: usize = messages.iter().map(|m| m.content.chars().count()).sum();
-    if chars > state.config.chat.max_message_chars * 4 {
-        return Err(ApiError(AppError::PromptTooLong {
-            max_chars: state.config.chat.max_message_chars * 4,
-        }));
-    }
-    if req.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t))
-        || req.top_p.is_some_and(|p| !(0.0..=1.0).contains(&p))
-    {
-        return Err(invalid(
-            "temperature",
-            "temperature must be in 0..2 and top_p in 0..1",
-        ));
-    }
-    let limit = state.config.chat.max_tokens_limit;
-    let max_tokens = req
-        .max_completion_tokens
-        .or(req.max_tokens)
-        .unwrap_or(state.config.engine.max_tokens.min(limit));
-    if max_tokens == 0 || max_tokens > limit {
-        return Err(invalid(
-            "max_tokens",
-            &format!("max_tokens must be between 1 and {limit}"),
-        ));
-    }
-    let stop = match req.stop {
-        None => vec![],
-        Some(StopField::One(s)) => vec![s],
-        Some(StopField::Many(v)) if v.len() <= 4 => v,
-        Some(_) => return Err(invalid("stop", "at most 4 stop sequences")),
+    answer::params::messages(&state.config, &messages).map_err(fail)?;
+    let requested = answer::params::Requested {
+        temperature: req.temperature,
+        top_p: req.top_p,
+        max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        seed: req.seed,
+        stop: match req.stop {
+            None => vec![],
+            Some(StopField::One(s)) => vec![s],
+            Some(StopField::Many(v)) => v,
+        },
+        n: req.n,
     };
+    let params = answer::Params::from_openai(&state.config, requested).map_err(fail)?;
     let id = format!("chatcmpl-{}", &crate::secrets::token()[..24]);
     let model = model_id(&state);
-    let deps = state.chat_deps();
-    check_cooldown(&state, user.id).await?;
+    let answers = &state.answers;
     // Every turn the caller wrote is checked: user turns, system messages, assistant turns.
-    let events = match chat::refusal_for(&deps, messages.iter().map(|m| m.content.as_str())) {
-        Some(refusal) => {
-            chat::record_refusal(&deps, user.id, &refusal).await?;
-            refusal_events(refusal.answer)
-        }
-        None => {
-            let permit = take_slot(&state, user.id)?;
-            check_quota(&state, user.id).await?;
-            let conversation_id = if req.store {
-                keep_exchange(&state, user.id, &messages).await?
-            } else {
-                0
+    let texts = messages.iter().map(|m| m.content.as_str());
+    let events = match answers.gate(user.id, texts).await.map_err(fail)? {
+        Decision::Refuse(refusal) => answer::refusal_stream(refusal.answer, None),
+        Decision::Answer(permit) => {
+            let keep = match req.store {
+                true => Some(keep_exchange(&state, user.id, &messages).await?),
+                false => None,
             };
-            let stateless = Stateless {
-                messages,
-                top_p: req.top_p,
-                seed: req.seed,
-                stop,
-                keep: req.store,
-            };
-            let turn = Turn {
-                user_id: user.id,
-                conversation_id,
-                question_id: None,
-                replaces: None,
-                max_tokens,
-                temperature: req.temperature,
-                permit,
-                stateless: Some(stateless),
-            };
-            chat::start_answer(&deps, turn)
+            let source = Source::Messages { messages, keep };
+            answer::start(answers, user.id, source, params, permit)
                 .await
-                .map_err(|e| ApiError(start_error(&state, e)))?
+                .map_err(fail)?
         }
     };
     if req.stream {
@@ -334,23 +289,12 @@ async fn keep_exchange(
     Ok(conv.id)
 }
 
-fn refusal_events(answer: String) -> tokio::sync::mpsc::Receiver<StreamEvent> {
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
-    let _ = tx.try_send(StreamEvent::Token { text: answer });
-    let _ = tx.try_send(StreamEvent::Done {
-        message_id: None,
-        finish_reason: "refused".into(),
-        usage: Default::default(),
-        html: String::new(),
-    });
-    rx
-}
-
-fn finish(reason: &str) -> &'static str {
-    match reason {
-        "length" => "length",
-        "refused" => "content_filter",
-        _ => "stop",
+/// OpenAI's name for how an answer ended.
+fn finish(f: Finish) -> &'static str {
+    match f {
+        Finish::Length => "length",
+        Finish::Refused => "content_filter",
+        Finish::Stop | Finish::Cancelled | Finish::Error => "stop",
     }
 }
 
@@ -365,26 +309,20 @@ async fn complete(
         match ev {
             StreamEvent::Token { text: t } => text.push_str(&t),
             StreamEvent::Queued { .. } => {}
-            StreamEvent::Done {
-                finish_reason,
-                usage,
-                ..
-            } => {
+            StreamEvent::Done { finish, usage, .. } => {
                 let body = json!({
                     "id": id, "object": "chat.completion", "created": now_secs(), "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish(&finish_reason), "logprobs": null}],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": self::finish(finish), "logprobs": null}],
                     "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": usage.prompt_tokens + usage.completion_tokens},
                 });
                 return Ok(Json(body).into_response());
             }
-            StreamEvent::Error { code, .. } if code == "overloaded" => {
-                return Err(ApiError(state.overloaded()));
-            }
-            StreamEvent::Error { code, message } if code == "unavailable" => {
-                return Err(ApiError(AppError::Unavailable(message)))
-            }
-            StreamEvent::Error { message, .. } => {
-                return Err(ApiError(AppError::Internal(message)))
+            StreamEvent::Failed { failure, message } => {
+                return Err(ApiError(match failure {
+                    Failure::Overloaded => state.overloaded(),
+                    Failure::Unavailable => AppError::Unavailable(message),
+                    Failure::GenerationFailed => AppError::Internal(message),
+                }));
             }
         }
     }
@@ -429,13 +367,9 @@ fn stream(
                         out.push_back(Some(chunk(choice(json!({"content": text}), None), None)));
                     }
                     Some(StreamEvent::Queued { .. }) => {}
-                    Some(StreamEvent::Done {
-                        finish_reason,
-                        usage,
-                        ..
-                    }) => {
+                    Some(StreamEvent::Done { finish, usage, .. }) => {
                         out.push_back(Some(chunk(
-                            choice(json!({}), Some(finish(&finish_reason))),
+                            choice(json!({}), Some(self::finish(finish))),
                             None,
                         )));
                         if include_usage {
@@ -445,8 +379,8 @@ fn stream(
                         out.push_back(Some("[DONE]".into()));
                         out.push_back(None);
                     }
-                    Some(StreamEvent::Error { code, message }) => {
-                        let data = json!({"error": {"message": message, "type": "server_error", "code": code}}).to_string();
+                    Some(StreamEvent::Failed { failure, message }) => {
+                        let data = json!({"error": {"message": message, "type": "server_error", "code": failure.code()}}).to_string();
                         out.push_back(Some(data));
                         out.push_back(None);
                     }

@@ -65,16 +65,16 @@ async fn probe(state: &AppState) -> (bool, Value) {
                 .await
                 .unwrap_or(false)
         },
-        state.engine.readiness()
+        state.answers.backend.readiness()
     );
-    let detail = json!({"database": db, "model": state.engine.model_id(), "inference": inference.detail, "probe": n});
+    let detail = json!({"database": db, "model": state.answers.backend.model_id(), "inference": inference.detail, "probe": n});
     (db && inference.ready, detail)
 }
 
 /// Prometheus text format.
 async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
-    metrics::gauge!("moss_engine_queue_depth").set(state.engine.load() as f64);
-    metrics::gauge!("moss_admitted_answers").set(state.admission.in_use() as f64);
+    metrics::gauge!("moss_engine_queue_depth").set(state.answers.backend.load() as f64);
+    metrics::gauge!("moss_admitted_answers").set(state.answers.admission.in_use() as f64);
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -314,8 +314,8 @@ impl TestApp {
         let db = moss::cli::serve::open_db(&config)
             .await
             .expect("database opens and migrates");
-        let engine: moss::inference::Inference = if opts.upstream.is_some() {
-            moss::inference::Inference::Upstream(
+        let engine: moss::answer::Backend = if opts.upstream.is_some() {
+            moss::answer::Backend::Upstream(
                 moss::upstream::Upstream::new(&config.engine.upstream).unwrap(),
             )
         } else {

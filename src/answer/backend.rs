@@ -1,26 +1,26 @@
 //! Where answers come from: the local engine (a GGUF model in this process) or upstream
-//! OpenAI-compatible servers. The chat code sees one interface: start an answer, get a stream of
-//! engine `Event`s; dropping the stream cancels it either way.
+//! OpenAI-compatible servers. The answer path sees one interface: start an answer, get a stream
+//! of engine `Event`s; dropping the stream cancels it either way.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::chat::StartError;
+use super::AnswerError;
 use crate::engine::{
     ChatMessage, EngineHandle, EngineStats, EventStream, GenerateRequest, SamplingParams,
     SubmitError,
 };
-use crate::upstream::{TargetHealth, Upstream, UpstreamRequest};
+use crate::upstream::{TargetHealth, Upstream, UpstreamError, UpstreamRequest};
 
 #[derive(Clone)]
-pub enum Inference {
+pub enum Backend {
     Local(EngineHandle),
     Upstream(Upstream),
 }
 
-impl From<EngineHandle> for Inference {
+impl From<EngineHandle> for Backend {
     fn from(e: EngineHandle) -> Self {
-        Inference::Local(e)
+        Backend::Local(e)
     }
 }
 
@@ -39,24 +39,24 @@ pub struct Readiness {
     pub detail: serde_json::Value,
 }
 
-impl Inference {
+impl Backend {
     /// The model's name, as shown in `/readyz` and `/v1/models`.
     pub fn model_id(&self) -> String {
         match self {
-            Inference::Local(e) => e
+            Backend::Local(e) => e
                 .info
                 .path
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| e.info.name.clone()),
-            Inference::Upstream(u) => u.model().to_string(),
+            Backend::Upstream(u) => u.model().to_string(),
         }
     }
 
     pub fn stats(&self) -> &Arc<EngineStats> {
         match self {
-            Inference::Local(e) => &e.stats,
-            Inference::Upstream(u) => u.stats(),
+            Backend::Local(e) => &e.stats,
+            Backend::Upstream(u) => u.stats(),
         }
     }
 
@@ -69,20 +69,22 @@ impl Inference {
     /// batch; none for an upstream (its own queueing is its business).
     pub fn ahead(&self) -> usize {
         match self {
-            Inference::Local(e) => e.ahead(),
-            Inference::Upstream(_) => 0,
+            Backend::Local(e) => e.ahead(),
+            Backend::Upstream(_) => 0,
         }
     }
 
     /// Starts generating; for an upstream this waits for its response headers.
-    pub async fn start(&self, req: AnswerRequest) -> Result<EventStream, StartError> {
+    pub async fn start(&self, req: AnswerRequest) -> Result<EventStream, AnswerError> {
         match self {
-            Inference::Local(engine) => {
+            Backend::Local(engine) => {
                 let prompt = engine
                     .prompt(req.system.as_deref(), &req.history, req.max_tokens)
                     .map_err(|e| match e {
-                        crate::engine::PromptError::TooLong { .. } => StartError::PromptTooLong,
-                        other => StartError::Internal(other.to_string()),
+                        crate::engine::PromptError::TooLong { .. } => {
+                            AnswerError::PromptTooLong { max_chars: None }
+                        }
+                        other => AnswerError::Internal(other.to_string()),
                     })?;
                 let request = GenerateRequest {
                     prompt: prompt.ids,
@@ -92,13 +94,15 @@ impl Inference {
                     ignore_eos: false,
                 };
                 engine.generate(request).map_err(|e| match e {
-                    SubmitError::TooLong { .. } => StartError::PromptTooLong,
-                    SubmitError::QueueFull | SubmitError::Stopped => StartError::Overloaded,
-                    SubmitError::EmptyPrompt => StartError::Internal("empty prompt".into()),
+                    SubmitError::TooLong { .. } => AnswerError::PromptTooLong { max_chars: None },
+                    SubmitError::QueueFull | SubmitError::Stopped => AnswerError::Overloaded,
+                    SubmitError::EmptyPrompt => AnswerError::Internal("empty prompt".into()),
                 })
             }
-            Inference::Upstream(up) => {
-                let messages = up.fit(req.system.as_deref(), &req.history)?;
+            Backend::Upstream(up) => {
+                let messages = up
+                    .fit(req.system.as_deref(), &req.history)
+                    .map_err(upstream_error)?;
                 let request = UpstreamRequest {
                     messages,
                     max_tokens: req.max_tokens,
@@ -107,7 +111,7 @@ impl Inference {
                     seed: req.sampling.seed,
                     stop: req.stop,
                 };
-                up.generate(request).await
+                up.generate(request).await.map_err(upstream_error)
             }
         }
     }
@@ -115,11 +119,11 @@ impl Inference {
     /// Local: the model is loaded before the server listens. Upstream: at least one answers.
     pub async fn readiness(&self) -> Readiness {
         match self {
-            Inference::Local(e) => Readiness {
+            Backend::Local(e) => Readiness {
                 ready: true,
                 detail: serde_json::json!({"backend": "local", "model": e.info.name}),
             },
-            Inference::Upstream(u) => {
+            Backend::Upstream(u) => {
                 let health: Vec<TargetHealth> = u.health().await;
                 Readiness {
                     ready: health.iter().any(|h| h.up),
@@ -131,5 +135,13 @@ impl Inference {
                 }
             }
         }
+    }
+}
+
+fn upstream_error(e: UpstreamError) -> AnswerError {
+    match e {
+        UpstreamError::TooLong => AnswerError::PromptTooLong { max_chars: None },
+        UpstreamError::Overloaded => AnswerError::Overloaded,
+        UpstreamError::Refused(m) => AnswerError::Unavailable(m),
     }
 }

@@ -1,0 +1,380 @@
+//! One answer from the backend to the client: the prompt (a conversation's history or the
+//! caller's messages, after the operator's system prompt), the wait in line, the stream, and the
+//! store — in a task of its own, so the answer is kept (partially, as `cancelled`) however the
+//! client goes away.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::backend::AnswerRequest;
+use super::{history, AnswerError, Answers, Failure, Finish, Params, Source, StreamEvent};
+use crate::admission::Permit;
+use crate::db::chats::{self, NewMessage};
+use crate::db::Db;
+use crate::engine::{ChatMessage, Event, EventStream, Role, SamplingParams, Usage};
+
+/// How long a client may leave the stream unread before its answer is cut off (and kept).
+const CLIENT_STALL: Duration = Duration::from_secs(30);
+
+/// One answer under way.
+struct Turn {
+    user_id: i64,
+    source: Source,
+    permit: Permit,
+}
+
+impl Turn {
+    /// The question to take back if nothing answers it.
+    fn question(&self) -> Option<(i64, i64)> {
+        match self.source {
+            Source::Conversation {
+                id,
+                question: Some(q),
+                ..
+            } => Some((id, q)),
+            _ => None,
+        }
+    }
+
+    /// The conversation the answer is stored in, if any.
+    fn kept_in(&self) -> Option<i64> {
+        match self.source {
+            Source::Conversation { id, .. } => Some(id),
+            Source::Messages { keep, .. } => keep,
+        }
+    }
+}
+
+/// Starts an answer for `user_id` (holding `permit`, from the gate); returns its event stream.
+pub async fn start(
+    answers: &Answers,
+    user_id: i64,
+    source: Source,
+    params: Params,
+    permit: Permit,
+) -> Result<mpsc::Receiver<StreamEvent>, AnswerError> {
+    let (system, history) = prompt(answers, user_id, &source).await?;
+    let request = AnswerRequest {
+        system: Some(system).filter(|s| !s.is_empty()),
+        history,
+        max_tokens: params.max_tokens,
+        sampling: sampling(answers, &params),
+        // The caller's stop strings first: an upstream takes only four.
+        stop: params
+            .stop
+            .iter()
+            .chain(&answers.config.engine.stop)
+            .cloned()
+            .collect(),
+    };
+    let ahead = answers.backend.ahead();
+    let events = answers.backend.start(request).await?;
+    if let Source::Conversation {
+        id,
+        replaces: Some(old),
+        ..
+    } = source
+    {
+        // The new answer is under way: the old one goes (before the new one can be stored).
+        chats::truncate_from(&answers.db, id, old).await?;
+    }
+    let (tx, rx) = mpsc::channel(64);
+    if ahead > 0 {
+        let _ = tx.try_send(StreamEvent::Queued { position: ahead });
+    }
+    let turn = Turn {
+        user_id,
+        source,
+        permit,
+    };
+    tokio::spawn(relay(answers.clone(), turn, events, tx, ahead));
+    Ok(rx)
+}
+
+/// The system prompt and the conversation the model sees.
+async fn prompt(
+    answers: &Answers,
+    user_id: i64,
+    source: &Source,
+) -> Result<(String, Vec<ChatMessage>), AnswerError> {
+    let operator = answers.config.engine.system_prompt.clone();
+    match source {
+        Source::Messages { messages, .. } => {
+            // The operator's system prompt always comes first; a caller's system messages
+            // follow it, never replace it.
+            let mut system = operator;
+            for own in messages.iter().filter(|m| m.role == Role::System) {
+                if !own.content.trim().is_empty() {
+                    if !system.is_empty() {
+                        system.push_str("\n\n");
+                    }
+                    system.push_str(&own.content);
+                }
+            }
+            let rest = messages
+                .iter()
+                .filter(|m| m.role != Role::System)
+                .cloned()
+                .collect();
+            Ok((system, rest))
+        }
+        Source::Conversation { id, replaces, .. } => {
+            let mut messages = chats::messages(&answers.db, user_id, *id).await?;
+            if let Some(old) = replaces {
+                messages.retain(|m| m.id < *old);
+            }
+            Ok((operator, history(&messages)))
+        }
+    }
+}
+
+/// The configured sampling with the request's changes.
+fn sampling(answers: &Answers, params: &Params) -> SamplingParams {
+    let mut sampling = answers.config.engine.sampling.params();
+    if let Some(t) = params.temperature {
+        sampling.temperature = t;
+    }
+    if let Some(p) = params.top_p {
+        sampling.top_p = Some(p).filter(|p| *p > 0.0 && *p < 1.0);
+    }
+    if params.seed.is_some() {
+        sampling.seed = params.seed;
+    }
+    sampling
+}
+
+/// How the wait for the model ended.
+enum WaitEnd {
+    /// The model took the request.
+    Started,
+    /// The engine or upstream dropped it.
+    BackendGone,
+    ClientLeft,
+    /// Longer than `limits.max_queue_wait_secs`.
+    TimedOut,
+    /// The service is shutting down.
+    Stopping,
+}
+
+/// Waits for the backend to take the request, telling the client its place in line as it moves.
+async fn wait_turn(
+    answers: &Answers,
+    events: &mut EventStream,
+    tx: &mpsc::Sender<StreamEvent>,
+    ahead: usize,
+) -> WaitEnd {
+    let stats = answers.backend.stats();
+    let finished_at_start = stats.requests_finished.load(Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(answers.config.limits.max_queue_wait_secs);
+    let mut stopping = answers.stopping.clone();
+    let mut last = ahead;
+    let period = Duration::from_millis(250);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            ev = events.recv() => return match ev {
+                Some(Event::Started) => WaitEnd::Started,
+                _ => WaitEnd::BackendGone,
+            },
+            _ = tick.tick() => {
+                let done = stats.requests_finished.load(Ordering::Relaxed) - finished_at_start;
+                let position = ahead.saturating_sub(done as usize).max(1);
+                if ahead > 0 && position != last {
+                    last = position;
+                    if tx.send(StreamEvent::Queued { position }).await.is_err() {
+                        return WaitEnd::ClientLeft;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => return WaitEnd::TimedOut,
+            _ = tx.closed() => return WaitEnd::ClientLeft,
+            _ = stopping.changed() => return WaitEnd::Stopping,
+        }
+    }
+}
+
+/// Forwards backend events to the client and stores the answer however it ends.
+async fn relay(
+    answers: Answers,
+    turn: Turn,
+    mut events: EventStream,
+    tx: mpsc::Sender<StreamEvent>,
+    ahead: usize,
+) {
+    let started = std::time::Instant::now();
+    metrics::gauge!("moss_generations_waiting").increment(1.0);
+    let waited = wait_turn(&answers, &mut events, &tx, ahead).await;
+    metrics::gauge!("moss_generations_waiting").decrement(1.0);
+    let failure = match waited {
+        WaitEnd::Started => None,
+        WaitEnd::ClientLeft => Some(None),
+        WaitEnd::BackendGone => Some(Some((
+            Failure::GenerationFailed,
+            "The model could not take the request.",
+        ))),
+        WaitEnd::TimedOut | WaitEnd::Stopping => {
+            metrics::counter!("moss_shed_total", "reason" => "queue_timeout").increment(1);
+            Some(Some((
+                Failure::Overloaded,
+                "The server is overloaded, please try again tomorrow morning.",
+            )))
+        }
+    };
+    if let Some(told) = failure {
+        drop(events); // leaves the queue: the engine skips a request nobody listens to
+        if let Some((conversation, question)) = turn.question() {
+            if let Err(e) = answers.take_back(conversation, question).await {
+                tracing::warn!("taking back an unanswered question failed: {e}");
+            }
+        }
+        if let Some((failure, message)) = told {
+            let message = message.to_string();
+            let _ = tx.send(StreamEvent::Failed { failure, message }).await;
+        }
+        return;
+    }
+    metrics::gauge!("moss_generations_running").increment(1.0);
+    let (text, finish, usage) = forward(&answers, &mut events, &tx, started).await;
+    drop(events); // cancels the generation if it is still running
+    metrics::gauge!("moss_generations_running").decrement(1.0);
+    metrics::counter!("moss_tokens_generated_total").increment(usage.completion_tokens as u64);
+    let m = NewMessage {
+        author: chats::Author::Model,
+        content: &text,
+        finish_reason: Some(finish.as_str()),
+        prompt_tokens: usage.prompt_tokens as i64,
+        completion_tokens: usage.completion_tokens as i64,
+    };
+    let storage = match turn.kept_in() {
+        None => Storage::NotKept,
+        Some(conversation) => store_with_retry(&answers.db, turn.user_id, conversation, &m).await,
+    };
+    record_usage(&answers, turn.user_id, usage).await;
+    drop(turn.permit); // the slot is free before the client hears "done"
+    let message_id = match storage {
+        Storage::Kept(id) => Some(id),
+        Storage::NotKept | Storage::Gone => None,
+        Storage::Failed => {
+            let failure = Failure::Unavailable;
+            let message = "The answer could not be stored.".to_string();
+            let _ = tx.send(StreamEvent::Failed { failure, message }).await;
+            return;
+        }
+    };
+    let event = match finish {
+        Finish::Error => StreamEvent::Failed {
+            failure: Failure::GenerationFailed,
+            message: match message_id {
+                Some(id) => format!("The answer failed (kept as message {id})."),
+                None => "The answer failed.".into(),
+            },
+        },
+        finish => StreamEvent::Done {
+            message_id,
+            finish,
+            usage,
+            html: crate::render::markdown(&text),
+        },
+    };
+    let _ = tx.send(event).await;
+}
+
+/// Passes the answer's pieces on until it ends; returns its text, how it ended and its usage.
+async fn forward(
+    answers: &Answers,
+    events: &mut EventStream,
+    tx: &mpsc::Sender<StreamEvent>,
+    started: std::time::Instant,
+) -> (String, Finish, Usage) {
+    let mut stopping = answers.stopping.clone();
+    let mut text = String::new();
+    let mut first_token = true;
+    loop {
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Some(Event::Text(piece)) => {
+                    if first_token {
+                        first_token = false;
+                        metrics::histogram!("moss_time_to_first_token_seconds").record(started.elapsed().as_secs_f64());
+                    }
+                    text.push_str(&piece);
+                    // A client that stops reading must not hold the answer (and its slot) forever.
+                    let sent = tokio::select! {
+                        r = tokio::time::timeout(CLIENT_STALL, tx.send(StreamEvent::Token { text: piece })) => matches!(r, Ok(Ok(()))),
+                        _ = stopping.changed() => false,
+                    };
+                    if !sent {
+                        return (text, Finish::Cancelled, Usage::default());
+                    }
+                }
+                Some(Event::Done { finish_reason, usage, .. }) => return (text, finish_reason.into(), usage),
+                Some(Event::Started) => {}
+                Some(Event::Error(e)) => {
+                    tracing::error!("generation failed: {e}");
+                    return (text, Finish::Error, Usage::default());
+                }
+                None => return (text, Finish::Error, Usage::default()),
+            },
+            _ = tx.closed() => return (text, Finish::Cancelled, Usage::default()),
+            _ = stopping.changed() => return (text, Finish::Cancelled, Usage::default()),
+        }
+    }
+}
+
+/// Counts the tokens toward the account's and the service's daily budgets.
+async fn record_usage(answers: &Answers, user_id: i64, usage: Usage) {
+    let spent = (usage.prompt_tokens + usage.completion_tokens) as i64;
+    if spent == 0 {
+        return;
+    }
+    let day = crate::admission::local_day(
+        std::time::SystemTime::now(),
+        answers.config.limits.utc_offset_hours,
+    );
+    if let Err(e) = crate::db::usage::add(&answers.db, user_id, &day, spent).await {
+        tracing::warn!("recording usage failed: {e}");
+    }
+}
+
+/// Where an answer ended up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Storage {
+    /// Stored as this message.
+    Kept(i64),
+    /// Not to be stored (an API call without `store`).
+    NotKept,
+    /// Its conversation was deleted while the answer was made: nothing to store it in.
+    Gone,
+    /// The database refused or stayed away through every retry.
+    Failed,
+}
+
+/// Stores an answer, retrying for a while if the database is briefly away: an answer is never
+/// silently dropped.
+async fn store_with_retry(
+    db: &Db,
+    user_id: i64,
+    conversation_id: i64,
+    m: &NewMessage<'_>,
+) -> Storage {
+    for attempt in 0..10u32 {
+        match chats::add_message(db, user_id, conversation_id, m).await {
+            Ok(Some(msg)) => return Storage::Kept(msg.id),
+            Ok(None) => return Storage::Gone,
+            Err(e @ (crate::db::DbError::Other(_) | crate::db::DbError::Conflict)) => {
+                // Not the database being away: trying again would fail the same way.
+                tracing::error!("storing an answer failed: {e}");
+                return Storage::Failed;
+            }
+            Err(e) => {
+                tracing::warn!(attempt, "storing an answer failed: {e}");
+                tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt.min(5)))).await;
+            }
+        }
+    }
+    tracing::error!("an answer could not be stored after retries");
+    Storage::Failed
+}
