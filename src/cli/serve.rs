@@ -55,7 +55,7 @@ pub async fn first_admin_invite(db: &Db, config: &Config) -> anyhow::Result<Opti
 }
 
 /// The local engine (loading, and on first use fetching, the model), or the upstream client.
-pub fn inference(config: &Config, model: &ModelArgs) -> anyhow::Result<Backend> {
+pub fn backend(config: &Config, model: &ModelArgs) -> anyhow::Result<Backend> {
     if config.engine.backend == "openai" {
         let u = &config.engine.upstream;
         tracing::info!(
@@ -77,7 +77,7 @@ pub fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let db = open_db(&config).await?;
-        let engine = inference(&config, &args.model)?;
+        let engine = backend(&config, &args.model)?;
         let listener = tokio::net::TcpListener::bind(&config.server.addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.addr))?;
@@ -86,31 +86,47 @@ pub fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {
             config.server.addr = local.to_string();
         }
         let invite = first_admin_invite(&db, &config).await?;
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        if config.smtp.enabled() {
-            tokio::spawn(crate::mail::run_sender(
-                db.clone(),
-                config.smtp.clone(),
-                stop_rx,
-            ));
-        }
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
         let config = Arc::new(config);
         println!("moss is listening on {}", config.public_url());
         if let Some(url) = invite {
             println!("First admin invite (register with it to become the administrator): {url}");
         }
-        let (stop_answers, stopping) = tokio::sync::watch::channel(false);
-        let state = AppState::new(db, config, engine, stopping)?;
-        crate::app::serve(
+        launch(
+            db,
+            config,
+            engine,
             listener,
-            state,
             crate::app::shutdown_signal(),
             grace,
-            stop_answers,
         )
         .await?;
-        let _ = stop_tx.send(true);
         Ok(())
     })
+}
+
+/// The service on an open database, backend and listener: the mail sender (with SMTP), the
+/// application state, and the server until `shutdown` resolves (then `grace` for open answers).
+/// `moss serve` and the tests start the service through this one function.
+pub async fn launch(
+    db: Db,
+    config: Arc<Config>,
+    backend: Backend,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let (stop_mail, mail_stopped) = tokio::sync::watch::channel(false);
+    if config.smtp.enabled() {
+        tokio::spawn(crate::mail::run_sender(
+            db.clone(),
+            config.smtp.clone(),
+            mail_stopped,
+        ));
+    }
+    let (stop_answers, stopping) = tokio::sync::watch::channel(false);
+    let state = AppState::new(db, config, backend, stopping)?;
+    let served = crate::app::serve(listener, state, shutdown, grace, stop_answers).await;
+    let _ = stop_mail.send(true);
+    served
 }

@@ -10,7 +10,6 @@ use std::time::Duration;
 use moss::config::Config;
 use moss::db::Db;
 use moss::engine::Arch;
-use moss::http::AppState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -154,7 +153,6 @@ pub struct TestApp {
     pub database_url: String,
     pub proxy: Option<super::proxy::DbProxy>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    _stop_mail: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for TestApp {
@@ -330,24 +328,16 @@ impl TestApp {
         };
         let config = Arc::new(config);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (stop_mail, stop_rx) = tokio::sync::watch::channel(false);
-        if config.smtp.enabled() {
-            tokio::spawn(moss::mail::run_sender(
-                db.clone(),
-                config.smtp.clone(),
-                stop_rx,
-            ));
-        }
-        let (stop_answers, stopping) = tokio::sync::watch::channel(false);
-        let state = AppState::new(db.clone(), config.clone(), engine, stopping).unwrap();
-        tokio::spawn(moss::app::serve(
+        // The production entry point: mail sender, state, server.
+        tokio::spawn(moss::cli::serve::launch(
+            db.clone(),
+            config.clone(),
+            engine,
             listener,
-            state,
             async {
                 let _ = rx.await;
             },
             Duration::from_secs(1),
-            stop_answers,
         ));
         Some(TestApp {
             base: format!("http://{addr}"),
@@ -359,7 +349,6 @@ impl TestApp {
             database_url,
             proxy,
             shutdown: Some(tx),
-            _stop_mail: stop_mail,
         })
     }
 
