@@ -16,10 +16,8 @@ use candle_core::Tensor;
 use tokio::sync::mpsc;
 
 use super::decoder::{Decoder, KvPool, SeqCache};
-use super::detok::{Detokenizer, StopMatcher, StopOutcome};
-use super::sampler::Sampler;
-use super::worker::send_text;
-use super::{EngineOptions, EngineStats, Event, FinishReason, Job, ModelInfo, Timings, Usage};
+use super::sequence::{Sequence, Step};
+use super::{EngineOptions, EngineStats, Event, FinishReason, Job, ModelInfo, Timings};
 
 /// Prompt tokens prefilled per step when nobody else is waiting for a token.
 const PREFILL_ALONE: usize = 512;
@@ -33,14 +31,12 @@ const PREFIX_ENTRIES: usize = 16;
 struct Seq<'a> {
     job: Job,
     cache: SeqCache,
-    /// Prompt, then generated tokens.
-    tokens: Vec<u32>,
+    /// The decoding state: prompt and generated tokens, sampler, text, stop strings.
+    seq: Sequence<'a>,
     /// Logits for the next token, when the sequence is ready to sample.
     logits: Option<Tensor>,
-    sampler: Sampler,
-    detok: Detokenizer<'a>,
-    stops: StopMatcher,
-    completion: usize,
+    /// A failure was reported on the stream already: nothing more is sent.
+    failed: bool,
     queued: Duration,
     started: Instant,
     prefill: Option<Duration>,
@@ -49,12 +45,6 @@ struct Seq<'a> {
     reserved: usize,
     /// Prompt tokens that came from the prefix cache.
     reused: usize,
-}
-
-enum Step {
-    /// The token to feed next.
-    Continue(u32),
-    Finished(FinishReason),
 }
 
 /// Finished sequences' caches, looked up by their tokens.
@@ -177,18 +167,17 @@ pub(super) fn run(
         while let Ok(job) = jobs.try_recv() {
             waiting.push_back(job);
         }
-        // Admit while there is room in the batch and in the KV budget (one at least).
-        while running.len() < max_batch {
-            let Some(job) = waiting.front() else { break };
+        // Admit in arrival order while there is room in the batch and in the KV budget.
+        while let Some(job) = waiting.front() {
             if job.events.is_closed() {
                 waiting.pop_front();
                 stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
                 finished(stats);
                 continue;
             }
-            let need = (job.request.prompt.len() + job.request.max_tokens).min(info.context_length)
-                * per_token;
-            if !running.is_empty() && reserved + need > budget {
+            let r = &job.request;
+            let need = kv_need(r.prompt.len(), r.max_tokens, info.context_length, per_token);
+            if !admits(running.len(), max_batch, reserved, need, budget) {
                 break;
             }
             let job = waiting.pop_front().expect("front exists");
@@ -209,7 +198,7 @@ pub(super) fn run(
             if !seq.job.events.is_closed() {
                 let mut caches = [&mut seq.cache];
                 prefixes.make_room(pool, KvPool::blocks_needed(&caches, end - done));
-                match model.forward_batch(pool, &mut caches, &seq.tokens[done..end]) {
+                match model.forward_batch(pool, &mut caches, &seq.seq.tokens[done..end]) {
                     Ok(logits) if end == seq.job.request.prompt.len() => {
                         seq.prefill = Some(seq.started.elapsed());
                         seq.decode_start = Instant::now();
@@ -238,7 +227,7 @@ pub(super) fn run(
                 }
                 continue;
             };
-            match advance(seq, &logits, info, stats) {
+            match seq.seq.advance(&logits, info, &seq.job.events, stats) {
                 Ok(Step::Continue(next)) => feed.push((i, next)),
                 Ok(Step::Finished(reason)) => ended.push((i, reason)),
                 Err(e) => {
@@ -292,6 +281,19 @@ pub(super) fn run(
     }
 }
 
+/// KV-cache bytes a request reserves: room for its prompt and its longest answer, within the
+/// context window.
+fn kv_need(prompt: usize, max_tokens: usize, context: usize, per_token: usize) -> usize {
+    (prompt + max_tokens).min(context) * per_token
+}
+
+/// Whether a request that needs `need` bytes joins `running` sequences that hold `reserved` of
+/// the `budget`, with `max_batch` places: there must be a place and room in the budget — but a
+/// request with nobody running always joins (the store holds at least one whole context).
+fn admits(running: usize, max_batch: usize, reserved: usize, need: usize, budget: usize) -> bool {
+    running < max_batch && (running == 0 || reserved + need <= budget)
+}
+
 fn finished(stats: &EngineStats) {
     stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     stats.requests_finished.fetch_add(1, Ordering::Relaxed);
@@ -315,15 +317,12 @@ fn start<'a>(
         .prefix_tokens_reused
         .fetch_add(reused as u64, Ordering::Relaxed);
     Seq {
-        tokens: job.request.prompt.clone(),
-        sampler: Sampler::new(&job.request.sampling),
-        detok: Detokenizer::new(&info.prompts.tokenizer),
-        stops: StopMatcher::new(&job.request.stop),
+        seq: Sequence::new(&job.request, info),
         queued: job.submitted.elapsed(),
         job,
         cache,
         logits: None,
-        completion: 0,
+        failed: false,
         started: Instant::now(),
         prefill: None,
         decode_start: Instant::now(),
@@ -337,68 +336,19 @@ fn fail(seq: &mut Seq, e: impl std::fmt::Display) -> Option<Tensor> {
     tracing::error!("generation failed: {e}");
     let _ = seq.job.events.send(Event::Error(e.to_string()));
     seq.prefill.get_or_insert(Duration::ZERO);
-    seq.completion = usize::MAX; // marks "already reported"
+    seq.failed = true;
     None
 }
 
-/// Samples the next token and streams its text; says whether the sequence goes on.
-fn advance<'a>(
-    seq: &mut Seq<'a>,
-    logits: &Tensor,
-    info: &'a ModelInfo,
-    stats: &EngineStats,
-) -> candle_core::Result<Step> {
-    let req = &seq.job.request;
-    if seq.job.events.is_closed() {
-        return Ok(Step::Finished(FinishReason::Cancelled));
-    }
-    if seq.completion >= req.max_tokens || seq.tokens.len() >= info.context_length {
-        return Ok(Step::Finished(FinishReason::Length));
-    }
-    let next = seq.sampler.sample(logits, &seq.tokens)?;
-    seq.tokens.push(next);
-    seq.completion += 1;
-    stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
-    if !req.ignore_eos && info.end_of_turn.contains(&next) {
-        return Ok(Step::Finished(FinishReason::Stop));
-    }
-    if let Some(piece) = seq.detok.push(next) {
-        match seq.stops.push(&piece) {
-            StopOutcome::Continue(text) => send_text(&seq.job.events, text),
-            StopOutcome::Stopped(text) => {
-                send_text(&seq.job.events, text);
-                seq.stops = StopMatcher::new(&[]); // nothing more is held back
-                seq.detok = Detokenizer::new(&info.prompts.tokenizer);
-                return Ok(Step::Finished(FinishReason::Stop));
-            }
-        }
-    }
-    if seq.completion >= req.max_tokens || seq.tokens.len() >= info.context_length {
-        return Ok(Step::Finished(FinishReason::Length));
-    }
-    Ok(Step::Continue(next))
-}
-
 fn finish(mut seq: Seq, reason: FinishReason, prefixes: &mut Prefixes, stats: &EngineStats) {
-    if seq.completion != usize::MAX {
-        // Release what was held back: an incomplete last character, a possible stop-string start.
-        let tail = seq.detok.flush().unwrap_or_default();
-        let tail = match seq.stops.push(&tail) {
-            StopOutcome::Continue(t) => t + &seq.stops.finish(),
-            StopOutcome::Stopped(t) => t,
-        };
-        if reason != FinishReason::Cancelled || !seq.job.events.is_closed() {
-            send_text(&seq.job.events, tail);
-        }
+    if !seq.failed {
+        seq.seq.flush(&seq.job.events);
         if reason == FinishReason::Cancelled {
             stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
         }
         let _ = seq.job.events.send(Event::Done {
             finish_reason: reason,
-            usage: Usage {
-                prompt_tokens: seq.job.request.prompt.len(),
-                completion_tokens: seq.completion,
-            },
+            usage: seq.seq.usage(),
             timings: Timings {
                 queued: seq.queued,
                 prefill: seq.prefill.unwrap_or_default(),
@@ -406,10 +356,40 @@ fn finish(mut seq: Seq, reason: FinishReason, prefixes: &mut Prefixes, stats: &E
             },
         });
         let fed = seq.cache.len();
-        if fed > seq.reused && fed <= seq.tokens.len() {
-            seq.tokens.truncate(fed);
-            prefixes.insert(seq.tokens, seq.cache);
+        let mut tokens = seq.seq.tokens;
+        if fed > seq.reused && fed <= tokens.len() {
+            tokens.truncate(fed);
+            prefixes.insert(tokens, seq.cache);
         }
     }
     finished(stats);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{admits, kv_need};
+
+    #[test]
+    fn a_request_joins_when_there_is_a_place_and_room() {
+        // Places: the batch's size bounds it, however much memory is free.
+        assert!(admits(0, 2, 0, 10, 100));
+        assert!(admits(1, 2, 10, 10, 100));
+        assert!(!admits(2, 2, 20, 10, 100));
+        // Memory: a request that does not fit waits while others run …
+        assert!(admits(1, 8, 60, 40, 100), "exactly full is still room");
+        assert!(!admits(1, 8, 61, 40, 100));
+        // … but alone it always runs, even past the budget (one whole context is always made).
+        assert!(admits(0, 8, 0, 1_000, 100));
+        assert!(!admits(0, 0, 0, 1, 100), "no places at all: nothing runs");
+    }
+
+    #[test]
+    fn a_request_reserves_its_prompt_and_answer_within_the_context() {
+        assert_eq!(kv_need(100, 50, 4096, 2), 300);
+        assert_eq!(
+            kv_need(4000, 512, 4096, 2),
+            8192,
+            "capped by the context window"
+        );
+    }
 }

@@ -10,6 +10,7 @@ pub use moss_kernels as kernels;
 pub mod model;
 pub mod prompt;
 pub mod sampler;
+mod sequence;
 pub mod template;
 pub mod tiny;
 pub mod tokenizer;

@@ -7,14 +7,13 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::detok::{Detokenizer, StopMatcher, StopOutcome};
 use super::gguf::{LoadError, ModelFile};
 use super::model::Model;
 use super::prompt::PromptBuilder;
-use super::sampler::Sampler;
+use super::sequence::{Sequence, Step};
 use super::template::ChatTemplate;
 use super::{
-    select_device, EngineOptions, EngineStats, Event, FinishReason, Job, ModelInfo, Timings, Usage,
+    select_device, EngineOptions, EngineStats, Event, FinishReason, Job, ModelInfo, Timings,
 };
 
 /// Longest slice of a prompt sent through the model at once (bounds prefill memory).
@@ -208,7 +207,6 @@ fn generate(
     let req = &job.request;
     let events = &job.events;
     model.reset();
-    let mut tokens = req.prompt.clone();
     let started = Instant::now();
     let mut logits = None;
     for (i, chunk) in req.prompt.chunks(PREFILL_CHUNK).enumerate() {
@@ -219,82 +217,29 @@ fn generate(
     }
     let prefill = started.elapsed();
     let decode_start = Instant::now();
-    let mut sampler = Sampler::new(&req.sampling);
-    let mut detok = Detokenizer::new(&info.prompts.tokenizer);
-    let mut stops = StopMatcher::new(&req.stop);
-    let mut completion = 0usize;
-    let mut hit_stop_string = false;
+    let mut seq = Sequence::new(req, info);
     let finish = loop {
         let Some(current) = logits.take() else {
             break FinishReason::Cancelled;
         };
-        if events.is_closed() {
-            break FinishReason::Cancelled;
-        }
-        if completion >= req.max_tokens {
-            break FinishReason::Length;
-        }
-        if tokens.len() >= info.context_length {
-            break FinishReason::Length;
-        }
-        let next = sampler.sample(&current, &tokens)?;
-        tokens.push(next);
-        completion += 1;
-        stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
-        if !req.ignore_eos && info.end_of_turn.contains(&next) {
-            break FinishReason::Stop;
-        }
-        if let Some(piece) = detok.push(next) {
-            match stops.push(&piece) {
-                StopOutcome::Continue(text) => send_text(events, text),
-                StopOutcome::Stopped(text) => {
-                    send_text(events, text);
-                    hit_stop_string = true;
-                    break FinishReason::Stop;
+        match seq.advance(&current, info, events, stats)? {
+            Step::Finished(reason) => break reason,
+            Step::Continue(next) => {
+                if !options.token_delay.is_zero() {
+                    std::thread::sleep(options.token_delay);
                 }
+                logits = Some(model.forward(&[next], seq.tokens.len() - 1)?);
             }
         }
-        if !options.token_delay.is_zero() {
-            std::thread::sleep(options.token_delay);
-        }
-        if completion < req.max_tokens && tokens.len() < info.context_length {
-            logits = Some(model.forward(&[next], tokens.len() - 1)?);
-        } else {
-            logits = Some(current);
-        }
     };
-    if !hit_stop_string {
-        // Release what was held back: an incomplete last character, a possible stop-string start.
-        let tail = detok.flush().unwrap_or_default();
-        let tail = match stops.push(&tail) {
-            StopOutcome::Continue(t) => t + &stops.finish(),
-            StopOutcome::Stopped(t) => t,
-        };
-        send_text(events, tail);
-    }
-    let usage = Usage {
-        prompt_tokens: req.prompt.len(),
-        completion_tokens: completion,
-    };
+    seq.flush(events);
     Ok(Event::Done {
         finish_reason: finish,
-        usage,
+        usage: seq.usage(),
         timings: Timings {
             queued,
             prefill,
             decode: decode_start.elapsed(),
         },
     })
-}
-
-pub(super) fn send_text(events: &mpsc::UnboundedSender<Event>, text: String) {
-    // A model can produce the byte 0 as a token; it is not text anyone should receive.
-    let text = if text.contains('\0') {
-        text.replace('\0', "")
-    } else {
-        text
-    };
-    if !text.is_empty() {
-        let _ = events.send(Event::Text(text));
-    }
 }
