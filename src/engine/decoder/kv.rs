@@ -1,0 +1,264 @@
+//! The paged key/value store: blocks of positions shared by reference count, each sequence's
+//! list of blocks, and the plan of where a step writes and reads.
+
+use candle_core::{DType, Result, Tensor};
+
+use super::Decoder;
+
+/// Positions per block of the paged key/value store.
+pub const KV_BLOCK: usize = 16;
+
+/// Which blocks of a `KvPool` are in use, and by how many caches (a block of a shared prefix
+/// belongs to the prefix cache and to every sequence continuing from it).
+pub(super) struct BlockTable {
+    pub(super) refs: Vec<u32>,
+    pub(super) free: Vec<u32>,
+}
+
+pub(super) type Blocks = std::sync::Arc<std::sync::Mutex<BlockTable>>;
+
+pub(super) fn lock(b: &Blocks) -> std::sync::MutexGuard<'_, BlockTable> {
+    b.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The keys and values of every sequence a decoder runs, in blocks of `KV_BLOCK` positions (a
+/// paged cache): per layer one key and one value tensor of shape
+/// (kv heads, blocks × KV_BLOCK, head dim). A batched step writes the new positions of all its
+/// sequences with one scatter and reads them back with one gather, so attention runs for the whole
+/// batch at once; the memory in use is what the sequences hold, rounded up to a block each.
+pub struct KvPool {
+    pub(super) layers: Vec<(Tensor, Tensor)>,
+    pub(super) blocks: Blocks,
+    pub(super) block_bytes: usize,
+}
+
+impl KvPool {
+    /// Blocks not held by any cache.
+    pub fn free_blocks(&self) -> usize {
+        lock(&self.blocks).free.len()
+    }
+
+    /// Bytes of one block (keys and values of every layer).
+    pub fn block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+
+    /// Blocks the caches still need to take `t` more positions each.
+    pub fn blocks_needed(caches: &[&mut SeqCache], t: usize) -> usize {
+        caches
+            .iter()
+            .map(|c| {
+                (c.len + t)
+                    .div_ceil(KV_BLOCK)
+                    .saturating_sub(c.blocks.len())
+            })
+            .sum()
+    }
+
+    pub(super) fn grow(&self, cache: &mut SeqCache, positions: usize) -> Result<()> {
+        match &cache.owner {
+            Some(o) if !std::sync::Arc::ptr_eq(o, &self.blocks) => {
+                candle_core::bail!("a cache used with another key/value store")
+            }
+            Some(_) => {}
+            None => cache.owner = Some(self.blocks.clone()),
+        }
+        let mut table = lock(&self.blocks);
+        while cache.blocks.len() * KV_BLOCK < positions {
+            let Some(b) = table.free.pop() else {
+                candle_core::bail!("the key/value cache is full");
+            };
+            table.refs[b as usize] = 1;
+            cache.blocks.push(b);
+        }
+        Ok(())
+    }
+
+    /// A cache holding the first `n` positions of `cache`: whole blocks are shared (they are never
+    /// written again: a sequence only writes past its own length), a last partial block is copied
+    /// so that the new cache can go on writing into it.
+    pub fn share(&self, cache: &SeqCache, n: usize) -> Result<SeqCache> {
+        if n > cache.len {
+            candle_core::bail!("prefix of {n} positions from a cache of {}", cache.len);
+        }
+        let mut out = SeqCache {
+            blocks: Vec::new(),
+            len: n,
+            owner: Some(self.blocks.clone()),
+        };
+        {
+            let mut table = lock(&self.blocks);
+            for &b in &cache.blocks[..n / KV_BLOCK] {
+                table.refs[b as usize] += 1;
+                out.blocks.push(b);
+            }
+        }
+        if !n.is_multiple_of(KV_BLOCK) {
+            let from = cache.blocks[n / KV_BLOCK] as usize * KV_BLOCK;
+            self.grow(&mut out, n)?;
+            let to = *out.blocks.last().expect("just grown") as usize * KV_BLOCK;
+            for (k, v) in &self.layers {
+                k.slice_set(&k.narrow(1, from, KV_BLOCK)?.force_contiguous()?, 1, to)?;
+                v.slice_set(&v.narrow(1, from, KV_BLOCK)?.force_contiguous()?, 1, to)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One sequence's keys and values: the blocks of a `KvPool` it holds, and how many positions are
+/// filled (the next token's position). Dropping it gives its blocks back.
+#[derive(Default)]
+pub struct SeqCache {
+    pub(super) blocks: Vec<u32>,
+    pub(super) len: usize,
+    pub(super) owner: Option<Blocks>,
+}
+
+impl SeqCache {
+    /// Positions held (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Blocks held (some may be shared with other caches).
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Where position `i` lives in the store.
+    pub(super) fn slot(&self, i: usize) -> u32 {
+        self.blocks[i / KV_BLOCK] * KV_BLOCK as u32 + (i % KV_BLOCK) as u32
+    }
+}
+
+impl Drop for SeqCache {
+    fn drop(&mut self) {
+        if let Some(owner) = &self.owner {
+            let mut table = lock(owner);
+            for &b in &self.blocks {
+                let r = &mut table.refs[b as usize];
+                *r = r.saturating_sub(1);
+                if *r == 0 {
+                    table.free.push(b);
+                }
+            }
+        }
+    }
+}
+
+/// Where a batched step writes and reads: computed once per step, used by every layer.
+pub(super) struct StepPlan {
+    /// Store position of every new token, repeated over (kv heads, head dim) for `scatter_set`.
+    pub(super) write: Tensor,
+    pub(super) read: Read,
+}
+
+/// How attention reads the store in this step.
+pub(super) enum Read {
+    /// Decoding on the CPU: each sequence's store positions, in order (the new one last), for
+    /// moss's paged attention kernel, which reads the store in place.
+    InPlace(Vec<Vec<u32>>),
+    /// Otherwise one gather of `width` positions per sequence (padded with position 0) and one
+    /// batched product.
+    Gather {
+        index: Tensor,
+        width: usize,
+        /// Additive mask (1, batch, 1, t, width): 0 where a query may look, -inf elsewhere
+        /// (padding and later positions of the same step); none when nothing is hidden.
+        mask: Option<Tensor>,
+        /// The same for sliding-window layers, when the window hides something more.
+        local_mask: Option<Tensor>,
+    },
+}
+
+impl Decoder {
+    /// A key/value store of about `bytes` (at least one block). Its memory is zeroed lazily by the
+    /// operating system: only blocks that have been used take room.
+    pub fn kv_pool(&self, bytes: usize) -> Result<KvPool> {
+        let block_bytes = self.kv_bytes_per_token() * KV_BLOCK;
+        let n = (bytes / block_bytes).max(1);
+        let shape = (self.n_kv_head, n * KV_BLOCK, self.head_dim);
+        let layers = (0..self.layers.len())
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, DType::F32, &self.device)?,
+                    Tensor::zeros(shape, DType::F32, &self.device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvPool {
+            layers,
+            blocks: std::sync::Arc::new(std::sync::Mutex::new(BlockTable {
+                refs: vec![0; n],
+                // Handed out lowest first, so a lightly used store touches little memory.
+                free: (0..n as u32).rev().collect(),
+            })),
+            block_bytes,
+        })
+    }
+
+    /// Where this step's keys and values go and come from (the caches already hold the blocks).
+    pub(super) fn plan(&self, caches: &[&mut SeqCache], t: usize) -> Result<StepPlan> {
+        let b = caches.len();
+        let write: Vec<u32> = caches
+            .iter()
+            .flat_map(|c| (c.len..c.len + t).map(|p| c.slot(p)))
+            .collect();
+        let write = Tensor::new(write.as_slice(), &self.device)?
+            .reshape((1, b * t, 1))?
+            .broadcast_as((self.n_kv_head, b * t, self.head_dim))?
+            .contiguous()?;
+        if t == 1 && self.device.is_cpu() {
+            let slots = caches
+                .iter()
+                .map(|c| (0..=c.len).map(|p| c.slot(p)).collect())
+                .collect();
+            return Ok(StepPlan {
+                write,
+                read: Read::InPlace(slots),
+            });
+        }
+        let width = caches.iter().map(|c| c.len + t).max().unwrap_or(t);
+        let index: Vec<u32> = caches
+            .iter()
+            .flat_map(|c| (0..width).map(|p| if p < c.len + t { c.slot(p) } else { 0 }))
+            .collect();
+        let index = Tensor::new(index.as_slice(), &self.device)?;
+        // Query i of a sequence at length `len` sees positions 0..=len+i, and in a sliding-window
+        // layer only the last `window` of those: len+i-window < j.
+        let mask = |window: usize| -> Result<Tensor> {
+            let m: Vec<f32> = caches
+                .iter()
+                .flat_map(|c| {
+                    (0..t).flat_map(move |i| {
+                        (0..width).map(move |j| {
+                            let q = c.len + i;
+                            if j <= q && q - j < window {
+                                0.0
+                            } else {
+                                f32::NEG_INFINITY
+                            }
+                        })
+                    })
+                })
+                .collect();
+            Tensor::from_vec(m, (1, b, 1, t, width), &self.device)
+        };
+        let hidden = caches.iter().any(|c| c.len + t < width) || t > 1;
+        let local = self.local_rope.is_some() && width > self.window;
+        Ok(StepPlan {
+            write,
+            read: Read::Gather {
+                index,
+                width,
+                mask: hidden.then(|| mask(usize::MAX)).transpose()?,
+                local_mask: local.then(|| mask(self.window)).transpose()?,
+            },
+        })
+    }
+}

@@ -1,0 +1,146 @@
+//! Weight matrices (one, or several multiplied as one) and what a layer is made of.
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Module, Result, Tensor};
+
+use crate::engine::kernels;
+
+/// A weight matrix, multiplied through candle's `QMatMul` (moss's kernels where the type has
+/// them).
+#[derive(Clone)]
+pub(super) struct Weight {
+    pub(super) mm: QMatMul,
+    /// Its kernel sums a lone row differently from several (`kernels::batch_sensitive`): in
+    /// decoding steps it runs one row at a time (the fast one-row path, and a sequence's token
+    /// comes out the same alone and in a batch); prompt chunks take the many-row path.
+    pub(super) row_by_row: bool,
+}
+
+impl Weight {
+    /// `x` times the matrix; `decoding`: the rows are sequences' next tokens (one each), which
+    /// must come out as each would alone.
+    pub(super) fn forward(&self, x: &Tensor, decoding: bool) -> Result<Tensor> {
+        if decoding && self.row_by_row {
+            kernels::forward_rows(&self.mm, x)
+        } else {
+            self.mm.forward(x)
+        }
+    }
+}
+
+/// Weight matrices that multiply the same input (a layer's queries, keys and values; an MLP's gate
+/// and up projections). Those of one type and width are held as one matrix, their rows one after
+/// another: one pass over the thread pool and one rounding of the input instead of one each, and
+/// every output element is the same dot product as with the matrices apart.
+pub(super) struct Fused {
+    /// Each held matrix with the row counts of the matrices it stands for, in order.
+    pub(super) parts: Vec<(Weight, Vec<usize>)>,
+}
+
+impl Fused {
+    pub(super) fn new(ts: Vec<QTensor>) -> Result<Self> {
+        let mut groups: Vec<Vec<QTensor>> = Vec::new();
+        for t in ts {
+            let joins = groups.last().is_some_and(|g| {
+                let last = &g[g.len() - 1];
+                t.device().is_cpu()
+                    && last.dtype() == t.dtype()
+                    && last.shape().dims2().ok().map(|d| d.1) == t.shape().dims2().ok().map(|d| d.1)
+            });
+            match groups.last_mut() {
+                Some(g) if joins => g.push(t),
+                _ => groups.push(vec![t]),
+            }
+        }
+        let parts = groups
+            .into_iter()
+            .map(|mut g| {
+                let rows: Vec<usize> = g.iter().map(|t| t.shape().dims()[0]).collect();
+                if g.len() == 1 {
+                    if let Some(one) = g.pop() {
+                        return Ok((matmul(one)?, rows));
+                    }
+                }
+                let (dtype, cols, device) = (g[0].dtype(), g[0].shape().dims2()?.1, g[0].device());
+                let mut bytes = Vec::new();
+                for t in &g {
+                    bytes.extend_from_slice(&t.data()?);
+                }
+                drop(g);
+                let joined = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    dtype,
+                    &bytes,
+                    vec![rows.iter().sum(), cols],
+                    &device,
+                )?;
+                Ok((matmul(joined)?, rows))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { parts })
+    }
+
+    /// Each matrix's product with `x`, in order (see `Weight::forward`).
+    pub(super) fn forward(&self, x: &Tensor, decoding: bool) -> Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        for (w, rows) in &self.parts {
+            let y = w.forward(x, decoding)?;
+            if rows.len() == 1 {
+                out.push(y);
+                continue;
+            }
+            let last = y.rank() - 1;
+            let mut start = 0;
+            for &n in rows {
+                out.push(y.narrow(last, start, n)?);
+                start += n;
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub(super) struct Layer {
+    /// Queries, keys, values.
+    pub(super) qkv: Fused,
+    pub(super) wo: Weight,
+    /// Attention biases (Qwen2; none in Llama).
+    pub(super) bias: Option<(Tensor, Tensor, Tensor)>,
+    pub(super) attn_norm: Tensor,
+    pub(super) ffn_norm: Tensor,
+    pub(super) ffn: Ffn,
+    /// Gemma 3: norms of each query and key head.
+    pub(super) qk_norm: Option<(Tensor, Tensor)>,
+    /// Gemma 3: norms of the attention's and the MLP's outputs.
+    pub(super) post_norm: Option<(Tensor, Tensor)>,
+    /// Gemma 3: this layer sees the last `Decoder::window` positions only (local rotary table).
+    pub(super) sliding: bool,
+}
+
+/// A gated MLP: down(act(gate(x)) · up(x)).
+pub(super) struct Mlp {
+    /// Gate, up.
+    pub(super) gate_up: Fused,
+    pub(super) down: Weight,
+}
+
+/// A layer's feed-forward part.
+pub(super) enum Ffn {
+    Dense(Mlp),
+    /// A mixture of experts (Mixtral-style Llama): a router scores every expert for each token;
+    /// the `used` best run, their outputs weighted by the router's softmax renormalised over them.
+    Experts {
+        /// The router's weights, (experts, hidden) row-major, in f32.
+        router: Vec<f32>,
+        experts: Vec<Mlp>,
+        used: usize,
+    },
+}
+
+/// A matrix for `QMatMul` (moss's kernels for the types that have them).
+pub(super) fn matmul(t: QTensor) -> Result<Weight> {
+    let row_by_row = t.device().is_cpu() && kernels::batch_sensitive(t.dtype());
+    Ok(Weight {
+        mm: QMatMul::from_qtensor(kernels::accelerate(t)?)?,
+        row_by_row,
+    })
+}
