@@ -17,7 +17,9 @@
 //!
 //! A row with an odd number of blocks ends with a pair padded by a zero block (scale 0).
 
-use super::{half, prepare, run, supported, BlockQ5_0, BlockQ8_0, Isa, Out, Tiles, QK};
+use crate::blocks::{half, BlockQ5_0, BlockQ8_0, QK};
+use crate::cpu::{supported, Isa};
+use crate::tiles::{prepare, run, Out, Tiles};
 use candle_core::Result;
 
 /// Two Q5_0 blocks in the kernels' layout (see the module's documentation).

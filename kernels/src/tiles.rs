@@ -1,0 +1,219 @@
+//! A product split over candle's thread pool: groups of weight rows, each read once for tiles of
+//! 8, 4 and 1 rows of activations, the row loop compiled for the SIMD level in use.
+
+use candle_core::Result;
+
+use crate::blocks::{half, quantize_q8_0, Block, BlockQ8_0, QK};
+use crate::cpu::{supported, Isa};
+
+/// `dst[i][j] = X[i] · W[j]` for `m` rows of X (`k` f32 each) and `n` rows of W.
+pub fn matmul<B: Block>(
+    isa: Isa,
+    (m, k, n): (usize, usize, usize),
+    lhs: &[f32],
+    w: &[B],
+    dst: &mut [f32],
+) -> Result<()> {
+    if k == 0 || k % QK != 0 || w.len() != n * (k / QK) {
+        candle_core::bail!(
+            "quantized matmul: {} blocks are not {n} rows of {k} values",
+            w.len()
+        );
+    }
+    B::matmul_packed(isa, (m, k, n), lhs, &B::pack(w.to_vec(), k / QK), dst)
+}
+
+/// Checks a product's shapes (`units` packed units per weight row) and rounds the rows of X to
+/// Q8_0 blocks, the other operand of every dot product.
+pub(crate) fn prepare(
+    (m, k, n): (usize, usize, usize),
+    lhs: &[f32],
+    w: usize,
+    units: impl Fn(usize) -> usize,
+    dst: &[f32],
+) -> Result<Vec<BlockQ8_0>> {
+    if k == 0 || k % QK != 0 || lhs.len() != m * k || w != n * units(k / QK) || dst.len() < m * n {
+        candle_core::bail!(
+            "quantized matmul: shapes do not fit (m {m}, k {k}, n {n}, lhs {}, weights {w})",
+            lhs.len(),
+        );
+    }
+    let kb = k / QK;
+    let mut xq = vec![BlockQ8_0 { d: 0, qs: [0; 32] }; m * kb];
+    for (row, out) in lhs.chunks_exact(k).zip(xq.chunks_exact_mut(kb)) {
+        quantize_q8_0(row, out);
+    }
+    Ok(xq)
+}
+
+pub(crate) fn matmul_q8_0(
+    isa: Isa,
+    (m, k, n): (usize, usize, usize),
+    lhs: &[f32],
+    w: &[BlockQ8_0],
+    dst: &mut [f32],
+) -> Result<()> {
+    let isa = supported(isa);
+    let xq = prepare((m, k, n), lhs, w.len(), |kb| kb, dst)?;
+    let xd: Vec<f32> = xq.iter().map(|b| half(b.d)).collect();
+    // The wide kernels read activations as plain bytes, two blocks per load. They serve every
+    // batch size, one row included: a row then sums in the same order alone as in a batch, so
+    // batching cannot change an answer (the 256-bit kernel is ~10 % faster for one row alone).
+    let wide = cfg!(target_arch = "x86_64") && isa == Isa::Avx512Vnni;
+    let bytes: Vec<i8> = if wide {
+        xq.iter().flat_map(|b| b.qs).collect()
+    } else {
+        Vec::new()
+    };
+    let job = Job {
+        isa,
+        wide,
+        k,
+        w,
+        xq: &xq,
+        xd: &xd,
+        bytes: &bytes,
+        out: Out::new(m, n, dst),
+    };
+    run(isa, &job);
+    Ok(())
+}
+
+/// Weight rows per work item; each group is read once for all rows of X.
+pub(crate) const GROUP: usize = 8;
+
+/// Where a product's `m` × `n` results go.
+#[derive(Clone, Copy)]
+pub(crate) struct Out {
+    m: usize,
+    n: usize,
+    /// `dst` as an address (written through by disjoint work items).
+    addr: usize,
+}
+
+impl Out {
+    pub(crate) fn new(m: usize, n: usize, dst: &mut [f32]) -> Self {
+        Self {
+            m,
+            n,
+            addr: dst.as_mut_ptr() as usize,
+        }
+    }
+}
+
+/// A quantized product split into work items: weight row `j` against rows `i..i + N` of X.
+pub(crate) trait Tiles: Sync {
+    fn out(&self) -> &Out;
+    fn tile<const N: usize>(&self, j: usize, i: usize) -> [f32; N];
+}
+
+/// Runs `job` on candle's thread pool, groups of `GROUP` weight rows per work item, with the loop
+/// over rows compiled for `isa`'s SIMD features so that the kernels inline into it (otherwise a
+/// portable build calls them once per weight row).
+pub(crate) fn run<T: Tiles>(isa: Isa, job: &T) {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn avx2<T: Tiles>(job: &T, range: std::ops::Range<usize>) {
+        groups(job, range)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+    unsafe fn avx512<T: Tiles>(job: &T, range: std::ops::Range<usize>) {
+        groups(job, range)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn avx512_vnni<T: Tiles>(job: &T, range: std::ops::Range<usize>) {
+        groups(job, range)
+    }
+    let isa = supported(isa);
+    let count = job.out().n.div_ceil(GROUP);
+    candle_core::utils::barrier_pool().execute_chunked(count, |range| match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` came through `supported`: the CPU has these features.
+        Isa::Avx512Vnni => unsafe { avx512_vnni(job, range) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512 => unsafe { avx512(job, range) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { avx2(job, range) },
+        _ => groups(job, range),
+    });
+}
+
+/// Weight-row groups `range`: each weight row against tiles of 8, then 4, then 1 rows of X (the
+/// weights are unpacked once for all rows of a tile).
+#[inline(always)]
+pub(crate) fn groups<T: Tiles>(job: &T, range: std::ops::Range<usize>) {
+    let Out { m, n, addr } = *job.out();
+    let dst = addr as *mut f32;
+    for g in range {
+        for j in g * GROUP..((g + 1) * GROUP).min(n) {
+            let put = |i: usize, v: &[f32]| {
+                for (t, v) in v.iter().enumerate() {
+                    // SAFETY: each (i, j) is written by exactly one work item, within m * n.
+                    unsafe { *dst.add((i + t) * n + j) = *v };
+                }
+            };
+            let mut i = 0;
+            while i + 8 <= m {
+                put(i, &job.tile::<8>(j, i));
+                i += 8;
+            }
+            while i + 4 <= m {
+                put(i, &job.tile::<4>(j, i));
+                i += 4;
+            }
+            while i < m {
+                put(i, &job.tile::<1>(j, i));
+                i += 1;
+            }
+        }
+    }
+}
+
+/// One Q8_0 product, shared by the work items of the thread pool.
+pub(crate) struct Job<'a> {
+    isa: Isa,
+    wide: bool,
+    k: usize,
+    w: &'a [BlockQ8_0],
+    xq: &'a [BlockQ8_0],
+    xd: &'a [f32],
+    bytes: &'a [i8],
+    out: Out,
+}
+
+impl Tiles for Job<'_> {
+    fn out(&self) -> &Out {
+        &self.out
+    }
+
+    #[inline(always)]
+    fn tile<const N: usize>(&self, j: usize, i: usize) -> [f32; N] {
+        let Self {
+            isa,
+            wide,
+            k,
+            w,
+            xq,
+            xd,
+            bytes,
+            ..
+        } = *self;
+        let kb = k / QK;
+        let wrow = &w[j * kb..(j + 1) * kb];
+        let yd: [&[f32]; N] = std::array::from_fn(|t| &xd[(i + t) * kb..(i + t + 1) * kb]);
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            let ys: [&[i8]; N] = std::array::from_fn(|t| &bytes[(i + t) * k..(i + t + 1) * k]);
+            // SAFETY: `wide` is only set for `Isa::Avx512Vnni`, which `supported` only gives
+            // where the CPU has it; the slices have the lengths asserted inside.
+            return unsafe { BlockQ8_0::rows_wide::<N>(wrow, ys, yd) };
+        }
+        let _ = (wide, bytes);
+        let ys: [&[BlockQ8_0]; N] = std::array::from_fn(|t| &xq[(i + t) * kb..(i + t + 1) * kb]);
+        BlockQ8_0::rows::<N>(isa, wrow, ys, yd)
+    }
+}
