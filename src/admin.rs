@@ -18,7 +18,7 @@ pub async fn admit(
         max_uses: 1,
         expires_in_ms: (days > 0).then_some(days * 86_400_000),
         note: "waitlist".into(),
-        role: "user",
+        role: crate::db::accounts::AccountRole::User,
         created_by: admin,
     };
     let mail = config.smtp.enabled();

@@ -146,13 +146,45 @@ pub struct WaitlistConfig {
 pub struct SmtpConfig {
     pub host: String,
     pub port: u16,
-    pub security: String,
+    pub security: SmtpSecurity,
     pub username: String,
     pub password: String,
     pub from: String,
     pub poll_secs: u64,
     pub retry_secs: i64,
     pub max_attempts: i64,
+}
+
+/// How the mail server's connection is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpSecurity {
+    /// TLS from the first byte (port 465).
+    Tls,
+    /// A plain connection upgraded with STARTTLS (port 587).
+    Starttls,
+    /// No encryption (a local relay or a test sink).
+    None,
+}
+
+/// Where answers are generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// The GGUF model in this process.
+    Local,
+    /// An OpenAI-compatible server (`engine.upstream`).
+    Openai,
+}
+
+/// Which code computes the local model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImplementationKind {
+    /// moss's own decoder and kernels.
+    Moss,
+    /// candle-transformers' model code (for comparison).
+    Candle,
 }
 
 impl SmtpConfig {
@@ -185,9 +217,9 @@ pub struct ConsentConfig {
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
     /// `local` (the GGUF model in this process) or `openai` (an OpenAI-compatible server).
-    pub backend: String,
+    pub backend: BackendKind,
     pub model: String,
-    pub implementation: String,
+    pub implementation: ImplementationKind,
     pub max_batch: usize,
     pub kv_cache_mb: usize,
     pub nice: i32,
@@ -286,19 +318,15 @@ impl Config {
             "engine.queue_capacity must be at least 1"
         );
         anyhow::ensure!(e.max_tokens >= 1, "engine.max_tokens must be at least 1");
-        anyhow::ensure!(
-            matches!(e.implementation.as_str(), "moss" | "candle"),
-            "engine.implementation must be \"moss\" or \"candle\""
-        );
         anyhow::ensure!(e.max_batch >= 1, "engine.max_batch must be at least 1");
         anyhow::ensure!((0..=19).contains(&e.nice), "engine.nice must be in 0..=19");
         anyhow::ensure!(
             e.kv_cache_mb >= 16,
             "engine.kv_cache_mb must be at least 16"
         );
-        match e.backend.as_str() {
-            "local" => {}
-            "openai" => {
+        match e.backend {
+            BackendKind::Local => {}
+            BackendKind::Openai => {
                 let u = &e.upstream;
                 anyhow::ensure!(
                     !u.urls.is_empty(),
@@ -326,16 +354,11 @@ impl Config {
                     "engine.upstream.max_prompt_chars must be at least 100"
                 );
             }
-            other => anyhow::bail!("engine.backend must be \"local\" or \"openai\", not `{other}`"),
         }
         // (min_connections above max_connections is capped at it.)
         anyhow::ensure!(
             self.database.max_connections >= 1,
             "database.max_connections must be at least 1"
-        );
-        anyhow::ensure!(
-            matches!(self.smtp.security.as_str(), "starttls" | "tls" | "none"),
-            "smtp.security must be starttls, tls or none"
         );
         anyhow::ensure!(
             self.accounts.min_password_chars >= 8,

@@ -7,7 +7,7 @@ use lettre::message::header::ContentType;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
-use crate::config::{Config, SmtpConfig};
+use crate::config::{Config, SmtpConfig, SmtpSecurity};
 use crate::db::outbox::{self, NewMail};
 use crate::db::Db;
 
@@ -85,10 +85,10 @@ pub fn reset_mail(cfg: &Config, to: &str, locale: &str, token: &str) -> NewMail 
 }
 
 fn transport(smtp: &SmtpConfig) -> anyhow::Result<AsyncSmtpTransport<Tokio1Executor>> {
-    let builder = match smtp.security.as_str() {
-        "tls" => AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.host)?,
-        "starttls" => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host)?,
-        _ => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host),
+    let builder = match smtp.security {
+        SmtpSecurity::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.host)?,
+        SmtpSecurity::Starttls => AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.host)?,
+        SmtpSecurity::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host),
     };
     let mut builder = builder
         .port(smtp.port)

@@ -8,7 +8,7 @@
 //! `Event`s; dropping the receiver closes the upstream connection, which cancels the upstream's
 //! generation.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,10 @@ struct Target {
     base: String,
     /// Skipped until then after a failure.
     down_until: Mutex<Option<Instant>>,
+    /// Requests it could not take (refused connection, timeout, 429, 5xx) since start.
+    skipped: AtomicU64,
+    /// Requests it refused as such (400-like answers) since start.
+    refused: AtomicU64,
 }
 
 impl Target {
@@ -91,6 +95,10 @@ pub struct TargetHealth {
     pub up: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Requests this URL could not take since this process started (each then went to the next).
+    pub skipped: u64,
+    /// Requests this URL refused as such since this process started.
+    pub refused: u64,
 }
 
 impl Upstream {
@@ -106,6 +114,8 @@ impl Upstream {
             .map(|u| Target {
                 base: u.trim_end_matches('/').to_string(),
                 down_until: Mutex::new(None),
+                skipped: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
             })
             .collect();
         Ok(Self {
@@ -195,6 +205,7 @@ impl Upstream {
                     tracing::warn!(upstream = %target.base, "upstream skipped: {why}");
                     metrics::counter!("moss_upstream_failures_total", "reason" => "unavailable")
                         .increment(1);
+                    target.skipped.fetch_add(1, Ordering::Relaxed);
                     self.mark_down(target);
                 }
                 Err(Attempt::Final(e)) => return Err(e),
@@ -254,11 +265,27 @@ impl Upstream {
                 tracing::error!(upstream = %target.base, "upstream refused the request: {status}: {text}");
                 metrics::counter!("moss_upstream_failures_total", "reason" => "refused")
                     .increment(1);
+                target.refused.fetch_add(1, Ordering::Relaxed);
                 Err(Attempt::Final(UpstreamError::Refused(format!(
                     "the inference server refused the request ({status})"
                 ))))
             }
         }
+    }
+
+    /// Each URL as requests have found it (no probe): `up` unless in its failure cool-down.
+    pub fn targets(&self) -> Vec<TargetHealth> {
+        self.inner
+            .targets
+            .iter()
+            .map(|t| TargetHealth {
+                url: t.base.clone(),
+                up: !t.is_down(),
+                error: None,
+                skipped: t.skipped.load(Ordering::Relaxed),
+                refused: t.refused.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     /// Asks every upstream for its model list; an upstream that answers is usable again at once.
@@ -286,6 +313,8 @@ impl Upstream {
                 url: t.base.clone(),
                 up: error.is_none(),
                 error,
+                skipped: t.skipped.load(Ordering::Relaxed),
+                refused: t.refused.load(Ordering::Relaxed),
             }
         });
         futures_util::future::join_all(checks).await

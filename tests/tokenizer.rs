@@ -1,5 +1,5 @@
 //! Tokenizers built from GGUF metadata: the reference ids of llama.cpp for the real models
-//! (../shared/tokenizer-vectors.json), and incremental detokenisation of multi-byte text.
+//! (tests/data/tokenizer-vectors.json), and incremental detokenisation of multi-byte text.
 
 mod common;
 

@@ -117,6 +117,21 @@ impl Backend {
     }
 
     /// Local: the model is loaded before the server listens. Upstream: at least one answers.
+    /// What this process's backend is doing now, read without asking anyone (the admin's load
+    /// view): answers waiting or running, tokens made since start, and each upstream URL.
+    pub fn load_detail(&self) -> serde_json::Value {
+        let generated = self
+            .stats()
+            .tokens_generated
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let upstream = match self {
+            Backend::Local(_) => None,
+            Backend::Upstream(u) => Some(u.targets()),
+        };
+        serde_json::json!({"in_flight": self.load(), "tokens_generated": generated,
+                           "upstream": upstream})
+    }
+
     pub async fn readiness(&self) -> Readiness {
         match self {
             Backend::Local(e) => Readiness {

@@ -18,7 +18,7 @@ pub use params::Params;
 pub use relay::start;
 
 use crate::config::Config;
-use crate::db::chats::{self, Message};
+use crate::db::chats::{self, Author, Message, MessageRole};
 use crate::db::{Db, DbError};
 use crate::engine::{ChatMessage, FinishReason, Role, Usage};
 use crate::policy::{Policy, Refusal};
@@ -238,17 +238,16 @@ pub fn refusal_stream(
 
 /// The conversation so far, as the model sees it (refused turns are left out).
 fn history(messages: &[Message]) -> Vec<ChatMessage> {
-    let refused = |m: &Message| m.finish_reason.as_deref() == Some(Finish::Refused.as_str());
+    let refused = |m: &Message| m.written_by == Author::Rules;
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         let refused_next = messages.get(i + 1).is_some_and(refused);
-        if refused(m) || (m.role == "user" && refused_next) {
+        if refused(m) || (m.role == MessageRole::User && refused_next) {
             continue;
         }
-        let role = if m.role == "assistant" {
-            Role::Assistant
-        } else {
-            Role::User
+        let role = match m.role {
+            MessageRole::Assistant => Role::Assistant,
+            MessageRole::User => Role::User,
         };
         out.push(ChatMessage::new(role, m.content.clone()));
     }

@@ -5,6 +5,7 @@ use std::io::Write;
 use clap::Subcommand;
 
 use crate::config::Config;
+use crate::db::accounts::AccountRole;
 use crate::db::invites::{self, InviteSpec};
 use crate::db::{accounts, chats, waitlist};
 
@@ -62,6 +63,7 @@ pub enum UserCommand {
     /// Make an account an admin or a user.
     SetRole {
         email: String,
+        /// `admin` or `user`.
         role: String,
     },
     /// Delete an account and its data (consent history is kept, anonymised).
@@ -195,11 +197,13 @@ pub fn run(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             }
             AdminCommand::User(UserCommand::SetRole { email, role }) => {
                 anyhow::ensure!(
-                    role == "admin" || role == "user",
-                    "role must be admin or user"
-                );
-                anyhow::ensure!(
-                    accounts::set_role(&db, &email.trim().to_lowercase(), &role).await?,
+                    accounts::set_role(
+                        &db,
+                        &email.trim().to_lowercase(),
+                        role.parse::<AccountRole>()
+                            .map_err(|_| anyhow::anyhow!("role must be admin or user"))?
+                    )
+                    .await?,
                     "unknown email {email}"
                 );
             }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::Config;
+use crate::config::{Config, ImplementationKind};
 use crate::engine::{EngineHandle, EngineOptions};
 
 #[derive(Debug, Parser)]
@@ -150,9 +150,9 @@ pub fn engine_options(config: &Config, args: &ModelArgs) -> anyhow::Result<Engin
         max_batch: e.max_batch.min(config.limits.max_running).max(1),
         kv_cache_bytes: e.kv_cache_mb << 20,
         nice: e.nice,
-        implementation: match e.implementation.as_str() {
-            "candle" => crate::engine::model::Implementation::Candle,
-            _ => crate::engine::model::Implementation::Moss,
+        implementation: match e.implementation {
+            ImplementationKind::Candle => crate::engine::model::Implementation::Candle,
+            ImplementationKind::Moss => crate::engine::model::Implementation::Moss,
         },
     })
 }

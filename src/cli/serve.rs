@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::ModelArgs;
 use crate::answer::Backend;
-use crate::config::Config;
+use crate::config::{BackendKind, Config};
 use crate::db::invites::{self, InviteSpec};
 use crate::db::{accounts, Db, PoolSettings};
 use crate::http::AppState;
@@ -43,7 +43,7 @@ pub async fn first_admin_invite(db: &Db, config: &Config) -> anyhow::Result<Opti
     }
     let spec = InviteSpec {
         note: "first admin (printed by moss serve)".into(),
-        role: "admin",
+        role: crate::db::accounts::AccountRole::Admin,
         expires_in_ms: Some(7 * 86_400_000),
         ..InviteSpec::default()
     };
@@ -56,7 +56,7 @@ pub async fn first_admin_invite(db: &Db, config: &Config) -> anyhow::Result<Opti
 
 /// The local engine (loading, and on first use fetching, the model), or the upstream client.
 pub fn backend(config: &Config, model: &ModelArgs) -> anyhow::Result<Backend> {
-    if config.engine.backend == "openai" {
+    if config.engine.backend == BackendKind::Openai {
         let u = &config.engine.upstream;
         tracing::info!(
             "answers come from {} (model {}); no model is loaded here",

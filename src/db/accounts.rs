@@ -1,6 +1,6 @@
 //! Users, sessions, password resets and per-account login throttling.
 
-use super::{now_ms, Db, DbError, DbResult};
+use super::{now_ms, Db, DbError, DbResult, UnknownValue};
 use crate::secrets::sha256_hex;
 
 /// A user as the rest of the program sees it.
@@ -9,7 +9,8 @@ pub struct User {
     pub id: i64,
     pub email: String,
     pub display_name: String,
-    pub role: String,
+    #[sqlx(try_from = "String")]
+    pub role: AccountRole,
     #[serde(skip)]
     pub pseudonym: String,
     pub locale: String,
@@ -18,7 +19,48 @@ pub struct User {
 
 impl User {
     pub fn is_admin(&self) -> bool {
-        self.role == "admin"
+        self.role == AccountRole::Admin
+    }
+}
+
+/// What an account may do (the `role` column of users and invite codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountRole {
+    User,
+    Admin,
+}
+
+impl AccountRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountRole::User => "user",
+            AccountRole::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for AccountRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for AccountRole {
+    type Err = UnknownValue;
+    fn from_str(s: &str) -> Result<Self, UnknownValue> {
+        match s {
+            "user" => Ok(AccountRole::User),
+            "admin" => Ok(AccountRole::Admin),
+            other => Err(UnknownValue(other.to_string())),
+        }
+    }
+}
+
+impl TryFrom<String> for AccountRole {
+    type Error = UnknownValue;
+    fn try_from(s: String) -> Result<Self, UnknownValue> {
+        s.parse()
     }
 }
 
@@ -29,7 +71,7 @@ pub struct NewUser<'a> {
     pub email: &'a str,
     pub password_hash: &'a str,
     pub display_name: &'a str,
-    pub role: &'a str,
+    pub role: AccountRole,
     pub locale: &'a str,
     pub invite_id: Option<i64>,
 }
@@ -44,7 +86,7 @@ pub async fn insert_user(tx: &mut sqlx::AnyConnection, u: &NewUser<'_>) -> DbRes
     .bind(u.email)
     .bind(u.password_hash)
     .bind(u.display_name)
-    .bind(u.role)
+    .bind(u.role.as_str())
     .bind(crate::secrets::token())
     .bind(u.locale)
     .bind(u.invite_id)
@@ -74,9 +116,9 @@ pub async fn count_users(db: &Db) -> DbResult<i64> {
 }
 
 /// Sets a user's role; false when no such user.
-pub async fn set_role(db: &Db, email: &str, role: &str) -> DbResult<bool> {
+pub async fn set_role(db: &Db, email: &str, role: AccountRole) -> DbResult<bool> {
     let r = sqlx::query("UPDATE users SET role = $1 WHERE email = $2")
-        .bind(role)
+        .bind(role.as_str())
         .bind(email)
         .execute(&db.pool)
         .await?;

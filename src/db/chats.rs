@@ -1,7 +1,7 @@
 //! Conversations, their messages, and feedback on answers. Every lookup is scoped to the owner
 //! in the SQL itself: someone else's id simply finds nothing.
 
-use super::{now_ms, Db, DbResult};
+use super::{now_ms, Db, DbResult, UnknownValue};
 
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct Conversation {
@@ -17,16 +17,48 @@ pub struct Conversation {
 pub struct Message {
     pub id: i64,
     pub conversation_id: i64,
-    pub role: String,
+    #[sqlx(try_from = "String")]
+    pub role: MessageRole,
     pub content: String,
     pub finish_reason: Option<String>,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub created_at: i64,
+    #[sqlx(try_from = "String")]
+    #[serde(skip)]
+    pub written_by: Author,
+}
+
+/// Which side of the conversation a message is on (the `role` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageRole {
+    User,
+    Assistant,
+}
+
+impl MessageRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageRole::User => "user",
+            MessageRole::Assistant => "assistant",
+        }
+    }
+}
+
+impl TryFrom<String> for MessageRole {
+    type Error = UnknownValue;
+    fn try_from(s: String) -> Result<Self, UnknownValue> {
+        match s.as_str() {
+            "user" => Ok(MessageRole::User),
+            "assistant" => Ok(MessageRole::Assistant),
+            _ => Err(UnknownValue(s)),
+        }
+    }
 }
 
 const CONV_COLS: &str = "id, title, exclude_from_training, source, created_at, updated_at";
-const MSG_COLS: &str = "id, conversation_id, role, content, finish_reason, prompt_tokens, completion_tokens, created_at";
+const MSG_COLS: &str = "id, conversation_id, role, content, finish_reason, prompt_tokens, completion_tokens, created_at, written_by";
 
 pub async fn create_conversation(
     db: &Db,
@@ -127,10 +159,10 @@ pub enum Author {
 }
 
 impl Author {
-    pub fn role(self) -> &'static str {
+    pub fn role(self) -> MessageRole {
         match self {
-            Author::User => "user",
-            Author::Model | Author::Rules | Author::Caller => "assistant",
+            Author::User => MessageRole::User,
+            Author::Model | Author::Rules | Author::Caller => MessageRole::Assistant,
         }
     }
 
@@ -140,6 +172,19 @@ impl Author {
             Author::Model => "model",
             Author::Rules => "rules",
             Author::Caller => "caller",
+        }
+    }
+}
+
+impl TryFrom<String> for Author {
+    type Error = UnknownValue;
+    fn try_from(s: String) -> Result<Self, UnknownValue> {
+        match s.as_str() {
+            "user" => Ok(Author::User),
+            "model" => Ok(Author::Model),
+            "rules" => Ok(Author::Rules),
+            "caller" => Ok(Author::Caller),
+            _ => Err(UnknownValue(s)),
         }
     }
 }
@@ -177,7 +222,7 @@ pub async fn add_message(
     );
     let msg = sqlx::query_as::<_, Message>(&sql)
         .bind(conversation_id)
-        .bind(m.author.role())
+        .bind(m.author.role().as_str())
         .bind(m.content)
         .bind(m.finish_reason)
         .bind(m.prompt_tokens)

@@ -1,7 +1,8 @@
 //! Invite codes: minted hashed, redeemed atomically (one UPDATE … RETURNING, never
 //! select-then-update), listed and revoked by prefix.
 
-use super::{now_ms, Db, DbResult};
+use super::accounts::AccountRole;
+use super::{now_ms, Db, DbError, DbResult};
 use crate::secrets::{invite_code, normalize_code, sha256_hex};
 
 /// An invite code as stored (the code itself is not: only its hash and first characters).
@@ -14,7 +15,8 @@ pub struct Invite {
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub note: String,
-    pub role: String,
+    #[sqlx(try_from = "String")]
+    pub role: AccountRole,
     pub created_by: Option<i64>,
     pub created_at: i64,
 }
@@ -40,8 +42,8 @@ pub struct InviteSpec {
     pub max_uses: i64,
     pub expires_in_ms: Option<i64>,
     pub note: String,
-    /// `user`, or `admin` for the first operator's code.
-    pub role: &'static str,
+    /// `User`, or `Admin` for the first operator's code.
+    pub role: AccountRole,
     pub created_by: Option<i64>,
 }
 
@@ -51,7 +53,7 @@ impl Default for InviteSpec {
             max_uses: 1,
             expires_in_ms: None,
             note: String::new(),
-            role: "user",
+            role: AccountRole::User,
             created_by: None,
         }
     }
@@ -71,7 +73,7 @@ pub async fn mint(conn: &mut sqlx::AnyConnection, spec: &InviteSpec) -> DbResult
     .bind(spec.max_uses)
     .bind(spec.expires_in_ms.map(|ms| now + ms))
     .bind(&spec.note)
-    .bind(spec.role)
+    .bind(spec.role.as_str())
     .bind(spec.created_by)
     .bind(now)
     .fetch_one(&mut *conn)
@@ -92,12 +94,15 @@ pub async fn mint_many(db: &Db, count: usize, spec: &InviteSpec) -> DbResult<Vec
 
 /// Takes one use of `code` if it is valid now; returns the invite's id and the role it grants.
 /// Atomic: of many simultaneous redemptions of a single-use code exactly one gets `Some`.
-pub async fn redeem(conn: &mut sqlx::AnyConnection, code: &str) -> DbResult<Option<(i64, String)>> {
+pub async fn redeem(
+    conn: &mut sqlx::AnyConnection,
+    code: &str,
+) -> DbResult<Option<(i64, AccountRole)>> {
     let Some(canonical) = normalize_code(code) else {
         return Ok(None);
     };
     let now = now_ms();
-    Ok(sqlx::query_as(
+    let row: Option<(i64, String)> = sqlx::query_as(
         "UPDATE invite_codes SET uses = uses + 1 \
          WHERE code_hash = $1 AND uses < max_uses AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2) \
          RETURNING id, role",
@@ -105,7 +110,14 @@ pub async fn redeem(conn: &mut sqlx::AnyConnection, code: &str) -> DbResult<Opti
     .bind(sha256_hex(&canonical))
     .bind(now)
     .fetch_optional(conn)
-    .await?)
+    .await?;
+    row.map(|(id, role)| {
+        Ok((
+            id,
+            AccountRole::try_from(role).map_err(|e| DbError::Other(e.to_string()))?,
+        ))
+    })
+    .transpose()
 }
 
 /// True when `code` could be redeemed now (a read only: `redeem` decides, atomically). Lets

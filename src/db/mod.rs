@@ -51,6 +51,11 @@ impl From<sqlx::Error> for DbError {
 
 pub type DbResult<T> = Result<T, DbError>;
 
+/// A text that is none of a column's known values (a decode error when read back).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is none of the known values")]
+pub struct UnknownValue(pub String);
+
 /// Pool settings (from config).
 #[derive(Debug, Clone)]
 pub struct PoolSettings {

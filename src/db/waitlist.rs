@@ -9,7 +9,7 @@ use crate::secrets::sha256_hex;
 /// What the status page shows.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Status {
-    pub state: &'static str,
+    pub state: WaitState,
     /// 1-based place among confirmed entries still waiting (null unless waiting).
     pub position: Option<i64>,
     pub ahead: Option<i64>,
@@ -28,16 +28,47 @@ pub struct Entry {
     pub created_at: i64,
 }
 
+/// Where a waitlist entry stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WaitState {
+    /// The confirmation link has not been followed yet.
+    Unconfirmed,
+    /// Confirmed, in line.
+    Waiting,
+    /// A code was sent.
+    Invited,
+    /// The code was used.
+    Registered,
+}
+
+impl WaitState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitState::Unconfirmed => "unconfirmed",
+            WaitState::Waiting => "waiting",
+            WaitState::Invited => "invited",
+            WaitState::Registered => "registered",
+        }
+    }
+}
+
+impl std::fmt::Display for WaitState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl Entry {
-    pub fn state(&self) -> &'static str {
+    pub fn state(&self) -> WaitState {
         if self.registered_at.is_some() {
-            "registered"
+            WaitState::Registered
         } else if self.invited_at.is_some() {
-            "invited"
+            WaitState::Invited
         } else if self.confirmed_at.is_some() {
-            "waiting"
+            WaitState::Waiting
         } else {
-            "unconfirmed"
+            WaitState::Unconfirmed
         }
     }
 }
@@ -134,7 +165,7 @@ pub async fn status(db: &Db, token: &str) -> DbResult<Option<Status>> {
     .await?;
     let Some(entry) = entry else { return Ok(None) };
     let state = entry.state();
-    let ahead = if state == "waiting" {
+    let ahead = if state == WaitState::Waiting {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM waitlist WHERE confirmed_at IS NOT NULL AND invited_at IS NULL AND id < $1",
         )

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::auth::{cleared_cookie, cookie_name, session_cookie, CurrentUser};
 use super::{
     bounded_text, check_password, hash_password, normalize_email, verify_password, AppError,
-    AppResult, AppState, ClientAddr, EmailBody, JsonBody,
+    AppResult, AppState, ClientAddr, EmailBody, Field, JsonBody,
 };
 use crate::db::accounts::{self, NewUser, User};
 use crate::db::{consent, invites, now_ms, waitlist};
@@ -51,7 +51,11 @@ async fn register(
 ) -> AppResult<impl IntoResponse> {
     let email = normalize_email(&b.email)?;
     check_password(&state, &b.password)?;
-    let display_name = bounded_text("display_name", b.display_name.as_deref().unwrap_or(""), 64)?;
+    let display_name = bounded_text(
+        Field::DisplayName,
+        b.display_name.as_deref().unwrap_or(""),
+        64,
+    )?;
     let display_name = if display_name.is_empty() {
         email.split('@').next().unwrap_or("").to_string()
     } else {
@@ -100,7 +104,7 @@ async fn create_account(
         email,
         password_hash,
         display_name,
-        role: &role,
+        role,
         locale,
         invite_id: Some(invite_id),
     };

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::AdminUser;
-use super::{bounded_text, AppError, AppResult, AppState, JsonBody};
+use super::{bounded_text, AppError, AppResult, AppState, Field, JsonBody};
 use crate::db::invites::{self, InviteSpec};
 use crate::db::{accounts, chats, waitlist};
 
@@ -29,6 +29,8 @@ async fn stats(State(state): State<AppState>, _: AdminUser) -> AppResult<Json<Va
         "users": accounts::count_users(&state.db).await?,
         "waiting": waitlist::waiting_count(&state.db).await?,
         "ratings": {"up": up, "down": down},
+        "admitted_answers": state.answers.admission.in_use(),
+        "backend": state.answers.backend.load_detail(),
     })))
 }
 
@@ -51,7 +53,7 @@ fn check_count(n: i64) -> AppResult<i64> {
         Ok(n)
     } else {
         Err(AppError::invalid(
-            "count",
+            Field::Count,
             "count must be between 1 and 1000",
             "数量必须在 1 到 1000 之间",
         ))
@@ -113,7 +115,7 @@ async fn create_invites(
     let uses = b.uses.unwrap_or(state.config.invites.default_uses);
     if !(1..=100_000).contains(&uses) {
         return Err(AppError::invalid(
-            "uses",
+            Field::Uses,
             "uses must be between 1 and 100000",
             "使用次数必须在 1 到 100000 之间",
         ));
@@ -121,19 +123,19 @@ async fn create_invites(
     let expires = match b.expires_in_days {
         Some(d) if !(1..=3650).contains(&d) => {
             return Err(AppError::invalid(
-                "expires_in_days",
+                Field::ExpiresInDays,
                 "expires_in_days must be between 1 and 3650",
                 "有效天数必须在 1 到 3650 之间",
             ))
         }
         d => d.map(|d| d * 86_400_000),
     };
-    let note = bounded_text("note", b.note.as_deref().unwrap_or(""), 200)?;
+    let note = bounded_text(Field::Note, b.note.as_deref().unwrap_or(""), 200)?;
     let spec = InviteSpec {
         max_uses: uses,
         expires_in_ms: expires,
         note,
-        role: "user",
+        role: crate::db::accounts::AccountRole::User,
         created_by: Some(admin.id),
     };
     let codes = invites::mint_many(&state.db, count as usize, &spec).await?;

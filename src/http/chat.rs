@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::auth::CurrentUser;
-use super::{AppError, AppResult, AppState, JsonBody, OptionalJson};
+use super::{AppError, AppResult, AppState, Field, JsonBody, OptionalJson};
 use crate::answer::{self, params, Decision, Params, Source, StreamEvent};
 use crate::db::chats::{self, NewMessage};
 
@@ -107,9 +107,9 @@ async fn regenerate(
     let answer = chats::owned_message(&state.db, user.id, id)
         .await?
         .ok_or(AppError::NotFound)?;
-    if answer.role != chats::Author::Model.role() {
+    if answer.role != chats::MessageRole::Assistant {
         return Err(AppError::invalid(
-            "message",
+            Field::Message,
             "only answers can be regenerated",
             "只能重新生成回答",
         ));
@@ -120,7 +120,7 @@ async fn regenerate(
         .into_iter()
         .filter(|m| m.id < answer.id)
         .rev()
-        .find(|m| m.role == chats::Author::User.role());
+        .find(|m| m.role == chats::MessageRole::User);
     let texts = question.as_ref().map(|q| q.content.as_str());
     let events = match answers.gate(user.id, texts).await.map_err(fail)? {
         Decision::Refuse(refusal) => {

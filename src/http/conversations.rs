@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::CurrentUser;
-use super::{bounded_text, AppError, AppResult, AppState, JsonBody, OptionalJson};
+use super::{bounded_text, AppError, AppResult, AppState, Field, JsonBody, OptionalJson};
 use crate::db::chats::{self, Conversation, Message};
 use crate::db::consent;
 
@@ -30,7 +30,7 @@ fn conversation_json(c: &Conversation) -> Value {
 
 /// A message as the browser gets it: the text and its sanitised HTML rendering.
 pub fn message_json(m: &Message) -> Value {
-    let html = if m.role == "assistant" {
+    let html = if m.role == chats::MessageRole::Assistant {
         crate::render::markdown(&m.content)
     } else {
         crate::render::plain(&m.content)
@@ -59,7 +59,7 @@ async fn create(
     CurrentUser(user): CurrentUser,
     OptionalJson(b): OptionalJson<CreateBody>,
 ) -> AppResult<impl IntoResponse> {
-    let title = bounded_text("title", b.title.as_deref().unwrap_or(""), 200)?;
+    let title = bounded_text(Field::Title, b.title.as_deref().unwrap_or(""), 200)?;
     let c = chats::create_conversation(&state.db, user.id, &title, "web").await?;
     Ok((StatusCode::CREATED, Json(conversation_json(&c))))
 }
@@ -93,7 +93,7 @@ async fn update(
     let title = b
         .title
         .as_deref()
-        .map(|t| bounded_text("title", t, 200))
+        .map(|t| bounded_text(Field::Title, t, 200))
         .transpose()?;
     if !chats::update_conversation(
         &state.db,
@@ -138,12 +138,13 @@ async fn feedback(
 ) -> AppResult<Json<Value>> {
     if b.rating != 1 && b.rating != -1 {
         return Err(AppError::invalid(
-            "rating",
+            Field::Rating,
             "rating must be 1 or -1",
             "评分必须是 1 或 -1",
         ));
     }
-    let comment = super::bounded_multiline("comment", b.comment.as_deref().unwrap_or(""), 2000)?;
+    let comment =
+        super::bounded_multiline(Field::Comment, b.comment.as_deref().unwrap_or(""), 2000)?;
     let consented = consent::is_granted(&state.db, &user.pseudonym).await?;
     if !chats::rate(&state.db, user.id, id, b.rating, &comment, consented).await? {
         return Err(AppError::NotFound);

@@ -36,9 +36,9 @@ pub enum AppError {
     #[error("invalid token")]
     InvalidToken,
     /// A field has the wrong shape (422), with English and Chinese texts.
-    #[error("invalid {field}")]
+    #[error("invalid {}", field.name())]
     Invalid {
-        field: &'static str,
+        field: Field,
         message: String,
         message_zh: String,
     },
@@ -103,7 +103,7 @@ impl From<JsonRejection> for AppError {
             JsonRejection::MissingJsonContentType(_) => AppError::UnsupportedMediaType,
             r if r.status() == StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge,
             JsonRejection::JsonDataError(e) => AppError::Invalid {
-                field: "body",
+                field: Field::Body,
                 message: e.body_text(),
                 message_zh: "请求内容的字段缺失或类型不对。".into(),
             },
@@ -112,9 +112,77 @@ impl From<JsonRejection> for AppError {
     }
 }
 
+/// The field a 422 is about; each has its error code (`invalid_<field>`), the API's less common
+/// parameters share `invalid_request`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Body,
+    Title,
+    Rating,
+    Comment,
+    Count,
+    Uses,
+    ExpiresInDays,
+    Name,
+    Note,
+    DisplayName,
+    Content,
+    Temperature,
+    MaxTokens,
+    Message,
+    Locale,
+    /// An API parameter without a code of its own (`messages`, `top_p`, `stop`, `n`).
+    Request(&'static str),
+}
+
+impl Field {
+    /// How the field is called in the request.
+    pub fn name(self) -> &'static str {
+        match self {
+            Field::Body => "body",
+            Field::Title => "title",
+            Field::Rating => "rating",
+            Field::Comment => "comment",
+            Field::Count => "count",
+            Field::Uses => "uses",
+            Field::ExpiresInDays => "expires_in_days",
+            Field::Name => "name",
+            Field::Note => "note",
+            Field::DisplayName => "display_name",
+            Field::Content => "content",
+            Field::Temperature => "temperature",
+            Field::MaxTokens => "max_tokens",
+            Field::Message => "message",
+            Field::Locale => "locale",
+            Field::Request(name) => name,
+        }
+    }
+
+    /// The error code a client matches on.
+    pub fn code(self) -> &'static str {
+        match self {
+            Field::Body => "invalid_body",
+            Field::Title => "invalid_title",
+            Field::Rating => "invalid_rating",
+            Field::Comment => "invalid_comment",
+            Field::Count => "invalid_count",
+            Field::Name => "invalid_name",
+            Field::DisplayName => "invalid_display_name",
+            Field::Content => "invalid_content",
+            Field::Temperature => "invalid_temperature",
+            Field::MaxTokens => "invalid_max_tokens",
+            Field::Message => "invalid_message",
+            Field::Locale => "invalid_locale",
+            Field::Uses | Field::ExpiresInDays | Field::Note | Field::Request(_) => {
+                "invalid_request"
+            }
+        }
+    }
+}
+
 impl AppError {
     pub fn invalid(
-        field: &'static str,
+        field: Field,
         message: impl Into<String>,
         message_zh: impl Into<String>,
     ) -> Self {
@@ -186,24 +254,16 @@ impl AppError {
                 s("This link is not valid any more (unknown, used or expired)."),
                 s("此链接已失效（不存在、已使用或已过期）。"),
             ),
-            Invalid { field, message, message_zh } => {
-                let code = match *field {
-                    "body" => "invalid_body",
-                    "title" => "invalid_title",
-                    "rating" => "invalid_rating",
-                    "comment" => "invalid_comment",
-                    "count" => "invalid_count",
-                    "name" => "invalid_name",
-                    "display_name" => "invalid_display_name",
-                    "content" => "invalid_content",
-                    "temperature" => "invalid_temperature",
-                    "max_tokens" => "invalid_max_tokens",
-                    "message" => "invalid_message",
-                    "locale" => "invalid_locale",
-                    _ => "invalid_request",
-                };
-                (StatusCode::UNPROCESSABLE_ENTITY, code, message.clone(), message_zh.clone())
-            }
+            Invalid {
+                field,
+                message,
+                message_zh,
+            } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                field.code(),
+                message.clone(),
+                message_zh.clone(),
+            ),
             BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone(), s("请求格式错误。")),
             UnsupportedMediaType => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,

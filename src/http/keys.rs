@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::CurrentUser;
-use super::{bounded_text, AppError, AppResult, AppState, OptionalJson};
+use super::{bounded_text, AppError, AppResult, AppState, Field, OptionalJson};
 use crate::db::keys;
 
 pub fn router() -> Router<AppState> {
@@ -35,7 +35,7 @@ async fn create(
     CurrentUser(user): CurrentUser,
     OptionalJson(b): OptionalJson<CreateBody>,
 ) -> AppResult<impl IntoResponse> {
-    let name = bounded_text("name", b.name.as_deref().unwrap_or(""), 100)?;
+    let name = bounded_text(Field::Name, b.name.as_deref().unwrap_or(""), 100)?;
     let (row, key) = keys::create(&state.db, user.id, &name).await?;
     let mut v = serde_json::to_value(&row).map_err(|e| AppError::Internal(e.to_string()))?;
     v["key"] = json!(key);

@@ -24,7 +24,7 @@ use serde::Deserialize;
 
 use crate::config::Config;
 use crate::db::Db;
-pub use error::{AppError, AppResult};
+pub use error::{AppError, AppResult, Field};
 
 /// Everything a handler may need, behind one `Arc`: every middleware layer and extractor clones
 /// the state for every request, and one reference count is cheaper than one per handle (the load
@@ -113,6 +113,7 @@ impl AppState {
     /// An answer that could not start, as the client hears it (browser and API alike; the API
     /// reshapes the body, not the status or headers).
     pub fn answer_error(&self, e: crate::answer::AnswerError) -> AppError {
+        use crate::answer::params::Field as P;
         use crate::answer::AnswerError as E;
         match e {
             E::Invalid {
@@ -120,7 +121,13 @@ impl AppState {
                 message,
                 message_zh,
             } => AppError::Invalid {
-                field: field.name(),
+                field: match field {
+                    P::Content => Field::Content,
+                    P::Temperature => Field::Temperature,
+                    P::MaxTokens => Field::MaxTokens,
+                    P::Message => Field::Message,
+                    other => Field::Request(other.name()),
+                },
                 message,
                 message_zh,
             },
@@ -163,7 +170,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
         serde_json::from_value(value)
             .map(JsonBody)
             .map_err(|e| AppError::Invalid {
-                field: "body",
+                field: Field::Body,
                 message: format!("Failed to deserialize the JSON body into the target type: {e}"),
                 message_zh: "请求内容的字段缺失或类型不对。".into(),
             })
@@ -182,7 +189,7 @@ pub fn reject_nul(v: &serde_json::Value) -> AppResult<()> {
     }
     if has_nul(v) {
         return Err(AppError::invalid(
-            "body",
+            Field::Body,
             "text must not contain NUL characters",
             "文本中不能包含 NUL 字符。",
         ));
@@ -211,7 +218,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Default> FromRequest<S> fo
         }
         let invalid = |e: serde_json::Error| {
             AppError::invalid(
-                "body",
+                Field::Body,
                 format!("invalid JSON body: {e}"),
                 "请求内容不是有效的 JSON。",
             )
@@ -315,28 +322,30 @@ pub struct EmailBody {
 
 /// A one-line text field (a name, a title, a note) of at most `max` characters after trimming,
 /// without control characters or invisible text-direction marks.
-pub fn bounded_text(field: &'static str, value: &str, max: usize) -> AppResult<String> {
+pub fn bounded_text(field: Field, value: &str, max: usize) -> AppResult<String> {
     checked_text(field, value, max, false)
 }
 
 /// Like `bounded_text`, for text that may span lines (a comment): newlines and tabs are kept.
-pub fn bounded_multiline(field: &'static str, value: &str, max: usize) -> AppResult<String> {
+pub fn bounded_multiline(field: Field, value: &str, max: usize) -> AppResult<String> {
     checked_text(field, value, max, true)
 }
 
-fn checked_text(field: &'static str, value: &str, max: usize, lines: bool) -> AppResult<String> {
+fn checked_text(field: Field, value: &str, max: usize, lines: bool) -> AppResult<String> {
     let v = value.trim();
     if v.chars().count() > max {
         return Err(AppError::invalid(
             field,
-            format!("{field} may have at most {max} characters"),
-            format!("{field} 最多 {max} 个字符"),
+            format!("{} may have at most {max} characters", field.name()),
+            format!("{} 最多 {max} 个字符", field.name()),
         ));
     }
     if v.chars()
         .any(|c| is_hidden(c) || (c.is_control() && !(lines && matches!(c, '\n' | '\r' | '\t'))))
     {
-        return Err(AppError::InvalidCharacters { field });
+        return Err(AppError::InvalidCharacters {
+            field: field.name(),
+        });
     }
     Ok(v.to_string())
 }

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{AppError, AppState};
+use super::{AppError, AppState, Field};
 use crate::answer::{self, Decision, Failure, Finish, Source, StreamEvent};
 use crate::db::{accounts, keys};
 use crate::engine::{ChatMessage, Role};
@@ -145,8 +145,20 @@ enum StopField {
 
 #[derive(Deserialize)]
 struct ApiMessage {
-    role: String,
+    role: ApiRole,
     content: Content,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ApiRole {
+    System,
+    Developer,
+    User,
+    Assistant,
+    /// Any other role (`tool`, `function`): refused with a clear message.
+    #[serde(other)]
+    Other,
 }
 
 #[derive(Deserialize)]
@@ -159,24 +171,33 @@ enum Content {
 #[derive(Deserialize)]
 struct Part {
     #[serde(rename = "type")]
-    kind: String,
+    kind: PartKind,
     text: Option<String>,
 }
 
-fn invalid(field: &'static str, message: &str) -> ApiError {
+#[derive(Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum PartKind {
+    Text,
+    /// Images, audio and files: refused with a clear message.
+    #[serde(other)]
+    Other,
+}
+
+fn invalid(field: Field, message: &str) -> ApiError {
     ApiError(AppError::invalid(field, message, "请求参数无效。"))
 }
 
 fn to_messages(msgs: Vec<ApiMessage>) -> Result<Vec<ChatMessage>, ApiError> {
     msgs.into_iter()
         .map(|m| {
-            let role = match m.role.as_str() {
-                "system" | "developer" => Role::System,
-                "user" => Role::User,
-                "assistant" => Role::Assistant,
-                _ => {
+            let role = match m.role {
+                ApiRole::System | ApiRole::Developer => Role::System,
+                ApiRole::User => Role::User,
+                ApiRole::Assistant => Role::Assistant,
+                ApiRole::Other => {
                     return Err(invalid(
-                        "messages",
+                        Field::Request("messages"),
                         "roles must be system, user or assistant",
                     ))
                 }
@@ -184,8 +205,11 @@ fn to_messages(msgs: Vec<ApiMessage>) -> Result<Vec<ChatMessage>, ApiError> {
             let content = match m.content {
                 Content::Text(t) => t,
                 Content::Parts(parts) => {
-                    if parts.iter().any(|p| p.kind != "text") {
-                        return Err(invalid("messages", "only text content is supported"));
+                    if parts.iter().any(|p| p.kind != PartKind::Text) {
+                        return Err(invalid(
+                            Field::Request("messages"),
+                            "only text content is supported",
+                        ));
                     }
                     parts
                         .into_iter()
@@ -205,7 +229,7 @@ async fn completions(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let fail = |e| ApiError(state.answer_error(e));
-    let bad = |e: serde_json::Error| invalid("body", &format!("invalid request body: {e}"));
+    let bad = |e: serde_json::Error| invalid(Field::Body, &format!("invalid request body: {e}"));
     let value: Value = serde_json::from_slice(&body).map_err(bad)?;
     super::reject_nul(&value)?;
     let req: CompletionRequest = serde_json::from_value(value).map_err(bad)?;

@@ -12,7 +12,8 @@ use minijinja::{context, Environment};
 use super::auth::session_token;
 use super::waitlist::TokenQuery;
 use super::AppState;
-use crate::db::{accounts, waitlist};
+use crate::db::accounts;
+use crate::db::waitlist::{self, WaitState};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -205,13 +206,13 @@ async fn status_page(State(state): State<AppState>, Query(q): Query<TokenQuery>)
     match waitlist::status(&state.db, &token).await {
         Ok(Some(s)) => {
             let (text, text_zh) = match s.state {
-                "unconfirmed" => ("Please confirm your address with the link in our e-mail.".to_string(), "请用邮件中的链接确认你的邮箱。".to_string()),
-                "waiting" => (
+                WaitState::Unconfirmed => ("Please confirm your address with the link in our e-mail.".to_string(), "请用邮件中的链接确认你的邮箱。".to_string()),
+                WaitState::Waiting => (
                     format!("You are number {} in line; {} people are ahead of you. We will e-mail your invite code.", s.position.unwrap_or(0), s.ahead.unwrap_or(0)),
                     format!("你排在第 {} 位，前面还有 {} 人。轮到你时我们会把邀请码发到你的邮箱。", s.position.unwrap_or(0), s.ahead.unwrap_or(0)),
                 ),
-                "invited" => ("You are invited! Your code is in your inbox.".to_string(), "你已获得邀请！邀请码已发送到你的邮箱。".to_string()),
-                _ => ("You have registered. Welcome!".to_string(), "你已完成注册，欢迎！".to_string()),
+                WaitState::Invited => ("You are invited! Your code is in your inbox.".to_string(), "你已获得邀请！邀请码已发送到你的邮箱。".to_string()),
+                WaitState::Registered => ("You have registered. Welcome!".to_string(), "你已完成注册，欢迎！".to_string()),
             };
             message(
                 StatusCode::OK,

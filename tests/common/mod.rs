@@ -63,11 +63,33 @@ pub fn real_model(file: &str) -> Option<PathBuf> {
     if std::env::var("MOSS_REQUIRE_MODELS").as_deref() == Ok("1") {
         panic!("{} is missing; run scripts/fetch-model", path.display());
     }
-    eprintln!(
-        "skipping: {} not present (run scripts/fetch-model)",
+    skipped(&format!(
+        "{} not present (run scripts/fetch-model)",
         path.display()
-    );
+    ));
     None
+}
+
+/// Says that the running test did not run its check, and why: on standard error and in
+/// `target/tmp/skipped.log`, which `scripts/test` prints at the end (cargo has no "skipped"
+/// result, and a test that returns early would otherwise read as passed).
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let line = format!("skipped {test}: {why}");
+    eprintln!("{line}");
+    let log = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("skipped.log");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+    {
+        // One write per line: tests run in parallel and append to the same file.
+        let _ = f.write_all(format!("{line}\n").as_bytes());
+    }
 }
 
 pub const QWEN_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moss::config::Config;
+use moss::db::accounts::AccountRole;
 use moss::db::Db;
 use moss::engine::Arch;
 
@@ -227,6 +228,7 @@ impl TestApp {
                     std::env::var("MOSS_REQUIRE_POSTGRES").as_deref() != Ok("1"),
                     "MOSS_TEST_POSTGRES_URL is not set"
                 );
+                super::skipped("PostgreSQL: MOSS_TEST_POSTGRES_URL is not set");
                 None
             }
         }
@@ -251,7 +253,7 @@ impl TestApp {
                         std::env::var("MOSS_REQUIRE_POSTGRES").as_deref() != Ok("1"),
                         "MOSS_TEST_POSTGRES_URL is not set"
                     );
-                    eprintln!("skipping PostgreSQL: MOSS_TEST_POSTGRES_URL is not set");
+                    super::skipped("PostgreSQL: MOSS_TEST_POSTGRES_URL is not set");
                     return None;
                 }
             },
@@ -289,12 +291,12 @@ impl TestApp {
         if let Some(s) = &smtp {
             config.smtp.host = "127.0.0.1".into();
             config.smtp.port = s.port;
-            config.smtp.security = "none".into();
+            config.smtp.security = moss::config::SmtpSecurity::None;
             config.smtp.poll_secs = 1;
         }
         if let Some(u) = &opts.upstream {
             let c = &mut config.engine.upstream;
-            config.engine.backend = "openai".into();
+            config.engine.backend = moss::config::BackendKind::Openai;
             c.urls = u.urls.clone();
             c.model = "tiny".into();
             c.api_key = u.api_key.clone();
@@ -509,14 +511,14 @@ impl TestApp {
 
     /// Registers a new account with a fresh code; returns its signed-in client.
     pub async fn user(&self, email: &str) -> reqwest::Client {
-        self.user_with_role(email, "user").await
+        self.user_with_role(email, AccountRole::User).await
     }
 
     pub async fn admin(&self, email: &str) -> reqwest::Client {
-        self.user_with_role(email, "admin").await
+        self.user_with_role(email, AccountRole::Admin).await
     }
 
-    async fn user_with_role(&self, email: &str, role: &'static str) -> reqwest::Client {
+    async fn user_with_role(&self, email: &str, role: AccountRole) -> reqwest::Client {
         let code = self
             .invite(moss::db::invites::InviteSpec {
                 role,
