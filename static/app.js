@@ -69,7 +69,8 @@
     },
     login: function (form, f) {
       return send("POST", "/api/login", f).then(function (r) {
-        if (r.ok) location.href = "/";
+        // Signed out on a conversation's page: back to it.
+        if (r.ok) location.href = /^\/c\/\d+$/.test(location.pathname) ? location.pathname : "/";
         else say(form, errorText(r.body), true);
       });
     },

@@ -36,7 +36,7 @@
     return e;
   }
 
-  var state = { conversations: [], current: null, streaming: null };
+  var state = { conversations: [], current: null, streaming: null, follow: true };
   var list = $("conversations"), messages = $("messages"), prompt = $("prompt");
 
   // ---- views -------------------------------------------------------------------------------
@@ -52,12 +52,40 @@
   });
   $("toggle-sidebar").addEventListener("click", function () { document.body.classList.toggle("sidebar-open"); });
 
+  // ---- addresses: /c/{id} per conversation, / for a new one ----------------------------------
+  function fromPath() {
+    var m = location.pathname.match(/^\/c\/(\d+)$/);
+    return m ? Number(m[1]) : null;
+  }
+  function address(id, replace) {
+    var url = id ? "/c/" + id : "/";
+    if (location.pathname !== url) history[replace ? "replaceState" : "pushState"]({ id: id }, "", url);
+  }
+  function find(id) {
+    return state.conversations.filter(function (c) { return c.id === id; })[0];
+  }
+  function setTitle() {
+    var c = find(state.current);
+    document.title = (c && c.title ? c.title + " · " : "") + "moss";
+  }
+  window.addEventListener("popstate", function () {
+    var id = fromPath();
+    if (id) openConversation(id, true); else blank(true);
+  });
+  // A session that ended (another tab signed out, or it expired): this page becomes the sign-in
+  // form, and signing in comes back here; the draft is kept (see `draft`).
+  function signedOut(r) {
+    if (r && r.status === 401) { location.reload(); return true; }
+    return false;
+  }
+
   // ---- conversations -----------------------------------------------------------------------
   function loadConversations() {
     return M.send("GET", "/api/conversations").then(function (r) {
-      if (!r.ok) return;
+      if (signedOut(r) || !r.ok) return;
       state.conversations = r.body.conversations;
       renderList();
+      setTitle();
     });
   }
   function renderList() {
@@ -65,13 +93,19 @@
     state.conversations.forEach(function (c) {
       var li = el("li", c.id === state.current ? "active" : "");
       li.setAttribute("data-id", c.id);
-      var open = el("button", "conv-title", c.title || t("untitled"));
-      open.addEventListener("click", function () { openConversation(c.id); });
+      var open = el("a", "conv-title", c.title || t("untitled"));
+      open.href = "/c/" + c.id;
+      if (c.id === state.current) open.setAttribute("aria-current", "page");
+      open.addEventListener("click", function (ev) {
+        if (ev.ctrlKey || ev.metaKey || ev.shiftKey) return; // a new tab or window
+        ev.preventDefault();
+        openConversation(c.id);
+      });
       var rename = el("button", "conv-action", "✎");
       rename.title = t("rename");
       rename.addEventListener("click", function () {
         var title = window.prompt(t("newTitle"), c.title);
-        if (title === null) return;
+        if (title === null || !title.trim()) return;
         M.send("PATCH", "/api/conversations/" + c.id, { title: title }).then(loadConversations);
       });
       var del = el("button", "conv-action", "×");
@@ -79,7 +113,7 @@
       del.addEventListener("click", function () {
         if (!window.confirm(t("confirmDelete"))) return;
         M.send("DELETE", "/api/conversations/" + c.id).then(function () {
-          if (state.current === c.id) { state.current = null; messages.textContent = ""; }
+          if (state.current === c.id) blank();
           loadConversations();
         });
       });
@@ -87,28 +121,65 @@
       list.appendChild(li);
     });
   }
-  function openConversation(id) {
+  // Leaves the answer being shown to run on (the server finishes and stores it).
+  function detach() {
+    if (state.streaming) state.streaming.controller.abort();
+    state.streaming = null;
+    setBusy(false);
+    $("queue-note").hidden = true;
+  }
+  function openConversation(id, fromHistory) {
+    detach();
     state.current = id;
+    if (!fromHistory) address(id);
     show("chat");
     renderList();
+    setTitle();
+    restoreDraft();
     return M.send("GET", "/api/conversations/" + id).then(function (r) {
+      if (signedOut(r)) return;
+      if (state.current !== id) return; // another was opened meanwhile
       messages.textContent = "";
-      if (!r.ok) return;
-      r.body.messages.forEach(function (m, i) { appendMessage(m, i === r.body.messages.length - 1); });
+      if (!r.ok) { blank(); address(null, true); return; }
+      var msgs = r.body.messages;
+      msgs.forEach(function (m, i) { appendMessage(m, i === msgs.length - 1 && !r.body.answering); });
+      state.follow = true;
       scrollDown();
+      if (r.body.answering) follow(id);
     });
   }
-  function newConversation() {
-    return M.send("POST", "/api/conversations", {}).then(function (r) {
-      state.current = r.body.id;
-      messages.textContent = "";
-      return loadConversations();
-    });
+  // A new conversation exists only once something is sent in it.
+  function blank(fromHistory) {
+    detach();
+    state.current = null;
+    if (!fromHistory) address(null);
+    messages.textContent = "";
+    renderList();
+    setTitle();
+    restoreDraft();
   }
-  $("new-chat").addEventListener("click", function () { newConversation().then(function () { show("chat"); prompt.focus(); }); });
+  $("new-chat").addEventListener("click", function () { blank(); show("chat"); prompt.focus(); });
+
+  // ---- drafts: what is typed survives a refused send, a reload and a sign-in ----------------
+  function draftKey() { return "moss.draft." + (state.current || "new"); }
+  function saveDraft() { try { sessionStorage.setItem(draftKey(), prompt.value); } catch (e) {} }
+  function restoreDraft() {
+    var d = null;
+    try { d = sessionStorage.getItem(draftKey()); } catch (e) {}
+    prompt.value = d || "";
+  }
+  prompt.addEventListener("input", saveDraft);
 
   // ---- messages ----------------------------------------------------------------------------
-  function scrollDown() { messages.scrollTop = messages.scrollHeight; }
+  function atBottom() { return messages.scrollHeight - messages.scrollTop - messages.clientHeight < 40; }
+  function scrollDown() { messages.scrollTop = messages.scrollHeight; $("jump").hidden = true; }
+  // Follows the answer only while the reader is at the bottom.
+  function keepUp() { if (state.follow) scrollDown(); else $("jump").hidden = false; }
+  messages.addEventListener("scroll", function () {
+    state.follow = atBottom();
+    if (state.follow) $("jump").hidden = true;
+  });
+  $("jump").addEventListener("click", function () { state.follow = true; scrollDown(); });
   function cutNote(reason) {
     var text = reason && reason !== "stop" ? T[M.lang()].cut[reason] : null;
     return text ? el("p", "cut-note", text) : null;
@@ -176,114 +247,190 @@
   function setBusy(busy) {
     $("send").hidden = busy;
     $("stop").hidden = !busy;
-    prompt.disabled = busy;
   }
   function showError(text) {
     var e = $("chat-error");
     e.textContent = text || "";
     e.hidden = !text;
   }
-  function stream(url, body) {
+  // An answer as it comes: the server's latest rendering (sanitised HTML), then the pieces that
+  // came after it as plain text, until the next rendering.
+  function Bubble() {
+    this.node = appendMessage({ role: "assistant", content: "" });
+    this.node.classList.add("streaming");
+    this.text = "";
+    this.rendered = null;
+    this.upto = 0;
+  }
+  Bubble.prototype.draw = function () {
+    var body = this.node.querySelector(".body");
+    if (this.rendered === null) { body.textContent = this.text; return; }
+    body.innerHTML = this.rendered; // sanitised by the server
+    var tail = this.text.slice(this.upto);
+    if (tail) {
+      // After the last paragraph's or code block's text; after a table or list, below it.
+      var last = body.lastElementChild;
+      if (!last || /^(TABLE|UL|OL|HR|BLOCKQUOTE)$/.test(last.tagName)) last = body;
+      else if (last.tagName === "PRE") last = last.querySelector("code") || last;
+      last.appendChild(el("span", "tail", tail));
+    }
+  };
+  // Reads a response's server-sent events; resolves when the stream ends.
+  function consume(r, conv) {
+    var bubble = new Bubble();
+    var reader = r.body.getReader();
+    var decoder = new TextDecoder();
+    var buffer = "";
+    var handle = function (name, data) {
+      if (state.current !== conv) return;
+      if (name === "queued") {
+        $("queue-note").textContent = T[M.lang()].queued(data.position);
+        $("queue-note").hidden = false;
+      } else if (name === "token") {
+        $("queue-note").hidden = true;
+        bubble.text += data.text;
+        bubble.draw();
+        keepUp();
+      } else if (name === "html") {
+        bubble.rendered = data.html;
+        bubble.upto = data.text_len;
+        bubble.draw();
+        keepUp();
+      } else if (name === "done") {
+        bubble.node.remove();
+        if (data.message_id) {
+          appendMessage({ id: data.message_id, role: "assistant", content: bubble.text, html: data.html, finish_reason: data.finish_reason }, true);
+        }
+        keepUp();
+      } else if (name === "error") {
+        bubble.node.classList.remove("streaming");
+        showError(data.message);
+      }
+    };
+    var pump = function () {
+      return reader.read().then(function (chunk) {
+        if (chunk.done) return;
+        buffer += decoder.decode(chunk.value, { stream: true });
+        var parts = buffer.split("\n\n");
+        buffer = parts.pop();
+        parts.forEach(function (block) {
+          var name = "message", data = "";
+          block.split("\n").forEach(function (line) {
+            if (line.indexOf("event:") === 0) name = line.slice(6).trim();
+            else if (line.indexOf("data:") === 0) data += line.slice(5).replace(/^ /, "");
+          });
+          if (data) { try { handle(name, JSON.parse(data)); } catch (e) {} }
+        });
+        return pump();
+      });
+    };
+    return pump().then(function () { bubble.node.classList.remove("streaming"); });
+  }
+  // Starts an answer (send, regenerate) or follows the one being made (`method` GET); `refused`
+  // is called when the server turns the request down before anything is streamed.
+  function stream(conv, method, url, body, refused) {
     var controller = new AbortController();
-    state.streaming = controller;
+    var mine = { controller: controller, conv: conv };
+    state.streaming = mine;
     setBusy(true);
     showError(null);
-    var answer = appendMessage({ role: "assistant", content: "" });
-    answer.classList.add("streaming");
-    var text = "";
     var finish = function () {
+      if (state.streaming !== mine) return;
       state.streaming = null;
       setBusy(false);
       $("queue-note").hidden = true;
-      prompt.disabled = false;
       prompt.focus();
     };
     return fetch(url, {
-      method: "POST", headers: { "Content-Type": "application/json" }, credentials: "same-origin",
-      body: JSON.stringify(body), signal: controller.signal
+      method: method, headers: { "Content-Type": "application/json" }, credentials: "same-origin",
+      body: body === undefined ? undefined : JSON.stringify(body), signal: controller.signal
     }).then(function (r) {
+      if (r.status === 204) return finish();
       if (!r.ok) {
         return r.json().catch(function () { return null; }).then(function (b) {
-          answer.remove();
-          showError(M.errorText(b));
+          if (signedOut(r)) return;
           finish();
+          if (refused) refused(M.errorText(b)); else showError(M.errorText(b));
         });
       }
-      var reader = r.body.getReader();
-      var decoder = new TextDecoder();
-      var buffer = "";
-      var handle = function (name, data) {
-        if (name === "queued") {
-          $("queue-note").textContent = T[M.lang()].queued(data.position);
-          $("queue-note").hidden = false;
-        } else if (name === "token") {
-          $("queue-note").hidden = true;
-          text += data.text;
-          answer.querySelector(".body").textContent = text;
-          scrollDown();
-        } else if (name === "done") {
-          answer.remove();
-          appendMessage({ id: data.message_id, role: "assistant", content: text, html: data.html, finish_reason: data.finish_reason }, true);
-          scrollDown();
-        } else if (name === "error") {
-          answer.classList.remove("streaming");
-          showError(data.message);
-        }
-      };
-      var pump = function () {
-        return reader.read().then(function (chunk) {
-          if (chunk.done) return;
-          buffer += decoder.decode(chunk.value, { stream: true });
-          var parts = buffer.split("\n\n");
-          buffer = parts.pop();
-          parts.forEach(function (block) {
-            var name = "message", data = "";
-            block.split("\n").forEach(function (line) {
-              if (line.indexOf("event:") === 0) name = line.slice(6).trim();
-              else if (line.indexOf("data:") === 0) data += line.slice(5).replace(/^ /, "");
-            });
-            if (data) { try { handle(name, JSON.parse(data)); } catch (e) {} }
-          });
-          return pump();
-        });
-      };
-      return pump().then(finish);
+      return consume(r, conv).then(function () {
+        finish();
+        if (state.current === conv) loadConversations();
+      });
     }).catch(function (e) {
-      if (e && e.name === "AbortError") {
-        // stopped: the server keeps the partial answer; show it as stored
-        answer.classList.remove("streaming");
-        var stopped = function () { openConversation(state.current); };
-        setTimeout(stopped, 300);
-      } else {
-        showError(t("network"));
-      }
+      if (!(e && e.name === "AbortError")) showError(t("network"));
       finish();
     });
   }
-  $("stop").addEventListener("click", function () { if (state.streaming) state.streaming.abort(); });
+  function follow(conv) {
+    return stream(conv, "GET", "/api/conversations/" + conv + "/stream");
+  }
+  function stop() {
+    if (!state.streaming) return;
+    M.send("POST", "/api/conversations/" + state.streaming.conv + "/stop");
+  }
+  $("stop").addEventListener("click", stop);
+  document.addEventListener("keydown", function (ev) { if (ev.key === "Escape") stop(); });
   function regenerate(id) {
     var node = messages.querySelector('.message[data-id="' + id + '"]');
     if (node) node.remove();
-    stream("/api/messages/" + id + "/regenerate", {}).then(loadConversations);
+    stream(state.current, "POST", "/api/messages/" + id + "/regenerate", {}, function (why) {
+      showError(why);
+      openConversation(state.current, true);
+    });
   }
   $("composer").addEventListener("submit", function (ev) {
     ev.preventDefault();
     var content = prompt.value.trim();
     if (!content || state.streaming) return;
-    var go = function () {
+    var created = false;
+    var go = function (conv) {
       prompt.value = "";
       messages.querySelectorAll(".regenerate").forEach(function (b) { b.remove(); });
-      appendMessage({ role: "user", content: content });
+      var question = appendMessage({ role: "user", content: content });
+      state.follow = true;
       scrollDown();
-      return stream("/api/conversations/" + state.current + "/messages", { content: content }).then(loadConversations);
+      return stream(conv, "POST", "/api/conversations/" + conv + "/messages", { content: content }, function (why) {
+        // Turned down (too long, busy, cooling down, overloaded): nothing was stored, so the
+        // question goes back into the composer with the reason next to it.
+        question.remove();
+        prompt.value = content;
+        saveDraft();
+        showError(why);
+        if (created) {
+          // The conversation made for it goes again; the text stays, as a new chat's draft.
+          M.send("DELETE", "/api/conversations/" + conv).then(function () {
+            state.current = null;
+            address(null, true);
+            saveDraft();
+            loadConversations();
+          });
+        }
+      }).then(function () { try { sessionStorage.removeItem("moss.draft." + conv); } catch (e) {} });
     };
-    (state.current ? Promise.resolve() : newConversation()).then(go);
+    if (state.current) { saveDraft(); go(state.current); return; }
+    M.send("POST", "/api/conversations", {}).then(function (r) {
+      if (signedOut(r)) return;
+      if (!r.ok) { showError(M.errorText(r.body)); return; }
+      created = true;
+      state.current = r.body.id;
+      address(r.body.id);
+      saveDraft();
+      try { sessionStorage.removeItem("moss.draft.new"); } catch (e) {}
+      go(r.body.id).then(loadConversations);
+      loadConversations();
+    });
   });
   prompt.addEventListener("keydown", function (ev) {
     if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
       ev.preventDefault();
       $("composer").requestSubmit();
     }
+  });
+  // The composer grows with what is typed (up to a third of the window).
+  prompt.addEventListener("input", function () {
+    prompt.style.height = "auto";
+    prompt.style.height = Math.min(prompt.scrollHeight + 2, window.innerHeight / 3) + "px";
   });
 
   // ---- settings ----------------------------------------------------------------------------
@@ -334,9 +481,16 @@
     });
   });
 
-  document.addEventListener("moss:lang", function () { renderList(); if (!$("settings-view").hidden) loadSettings(); });
-  prompt.placeholder = t("empty");
-  loadConversations().then(function () {
-    if (state.conversations.length) openConversation(state.conversations[0].id);
+  // Everything the script wrote follows the language at once.
+  document.addEventListener("moss:lang", function () {
+    prompt.placeholder = t("empty");
+    renderList();
+    if (!$("settings-view").hidden) loadSettings();
+    if (state.current && !state.streaming) openConversation(state.current, true);
   });
+  prompt.placeholder = t("empty");
+  var first = fromPath();
+  if (first) openConversation(first, true); else restoreDraft();
+  loadConversations();
+  prompt.focus();
 })();

@@ -305,6 +305,7 @@ async fn cross_site_writes_are_refused_on_every_route() {
         ("POST", "/api/admin/invites/{id}/revoke"),
         ("POST", "/api/conversations/{id}/messages"),
         ("POST", "/api/messages/{id}/regenerate"),
+        ("POST", "/api/conversations/{id}/stop"),
         ("POST", "/api/conversations"),
         ("PATCH", "/api/conversations/{id}"),
         ("DELETE", "/api/conversations/{id}"),

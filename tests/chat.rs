@@ -235,19 +235,84 @@ async fn every_path_refuses_the_disguises(app: TestApp) {
 }
 both_backends!(every_path_refuses_the_disguises);
 
-async fn leaving_mid_answer_keeps_the_partial_answer(app: TestApp) {
+/// Follows the answer being made in `conv` (as a reloaded page or a second tab does).
+async fn follow(app: &TestApp, c: &reqwest::Client, conv: i64) -> (u16, Vec<(String, Value)>) {
+    let r = c
+        .get(app.url(&format!("/api/conversations/{conv}/stream")))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, common::server::parse_sse(&r.text().await.unwrap()))
+}
+
+fn streamed_text(events: &[(String, Value)]) -> String {
+    events
+        .iter()
+        .filter(|(e, _)| e == "token")
+        .map(|(_, d)| d["text"].as_str().unwrap())
+        .collect()
+}
+
+/// The page goes away mid-answer (a reload, a closed tab): the answer goes on and is stored
+/// whole; the conversation says it is being answered, and following it again — from two tabs at
+/// once — gives the whole answer from its start, then its end. Nobody else can follow it.
+async fn an_answer_outlives_its_page(app: TestApp) {
     let c = app.user("d@example.com").await;
     let conv = app.conversation(&c).await;
-    let body = app.answer_in_progress(&c, conv, 400).await;
-    drop(body); // the browser goes away
-    let mut msgs = Vec::new();
-    for _ in 0..100 {
-        msgs = app.messages(&c, conv).await;
-        if msgs.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let body = app.answer_in_progress(&c, conv, 30).await;
+    drop(body); // the page goes away
+    let shown = app
+        .get_json(&c, &format!("/api/conversations/{conv}"))
+        .await;
+    assert_eq!(shown["answering"], true, "{shown}");
+    let other = app.user("e@example.com").await;
+    let (status, _) = follow(&app, &other, conv).await;
+    assert_eq!(status, 404, "someone else's conversation");
+    let ((s1, tab1), (s2, tab2)) = tokio::join!(follow(&app, &c, conv), follow(&app, &c, conv));
+    assert_eq!((s1, s2), (200, 200));
+    let done = &tab1.last().unwrap().1;
+    assert_eq!(tab1.last().unwrap().0, "done", "{tab1:?}");
+    assert_eq!(
+        done["finish_reason"], "length",
+        "it ran to its length: {done}"
+    );
+    let text = streamed_text(&tab1);
+    assert_eq!(streamed_text(&tab2), text);
+    let msgs = app.messages(&c, conv).await;
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(
+        msgs[1]["content"],
+        text.as_str(),
+        "stored whole, from its start"
+    );
+    assert_eq!(msgs[1]["id"], done["message_id"]);
+    let shown = app
+        .get_json(&c, &format!("/api/conversations/{conv}"))
+        .await;
+    assert_eq!(shown["answering"], false);
+    let (status, events) = follow(&app, &c, conv).await;
+    assert_eq!((status, events.len()), (204, 0), "nothing left to follow");
+}
+both_backends!(an_answer_outlives_its_page, SLOW);
+
+/// Stop ends the answer at once, from any tab: what was written is kept as `cancelled`, and the
+/// engine is free for the next question.
+async fn stop_ends_the_answer_and_keeps_what_was_written(app: TestApp) {
+    let c = app.user("s@example.com").await;
+    let conv = app.conversation(&c).await;
+    let asking = app.answer_in_progress(&c, conv, 400).await;
+    let r = c
+        .post(app.url(&format!("/api/conversations/{conv}/stop")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let events = common::server::parse_sse(&asking.text().await.unwrap());
+    let (name, done) = events.last().unwrap();
+    assert_eq!(name, "done", "{events:?}");
+    assert_eq!(done["finish_reason"], "cancelled");
+    let msgs = app.messages(&c, conv).await;
     assert_eq!(msgs.len(), 2, "the partial answer is stored");
     assert_eq!(msgs[1]["finish_reason"], "cancelled");
     assert!(!msgs[1]["content"].as_str().unwrap().is_empty());
@@ -260,10 +325,55 @@ async fn leaving_mid_answer_keeps_the_partial_answer(app: TestApp) {
     assert_eq!(events.last().unwrap().1["finish_reason"], "length");
     assert!(
         t.elapsed() < Duration::from_secs(10),
-        "engine still busy with the abandoned answer"
+        "engine still busy with the stopped answer"
     );
+    // Stop with nothing running is harmless; someone else's conversation is not found.
+    let stop = |who: &reqwest::Client| {
+        who.post(app.url(&format!("/api/conversations/{conv}/stop")))
+            .send()
+    };
+    assert_eq!(stop(&c).await.unwrap().status(), 204);
+    let other = app.user("t@example.com").await;
+    assert_eq!(stop(&other).await.unwrap().status(), 404);
 }
-both_backends!(leaving_mid_answer_keeps_the_partial_answer, SLOW);
+both_backends!(stop_ends_the_answer_and_keeps_what_was_written, SLOW);
+
+/// While an answer streams, the browser gets it rendered (sanitised HTML of the text so far) a
+/// few times a second, each rendering that of a prefix of the answer; the API gets none.
+async fn answers_arrive_rendered_while_they_stream(app: TestApp) {
+    let c = app.user("r@example.com").await;
+    let conv = app.conversation(&c).await;
+    let (status, events) = app
+        .chat(&c, conv, json!({"content": "hello", "max_tokens": 40}))
+        .await;
+    assert_eq!(status, 200);
+    let text = streamed_text(&events);
+    let renderings: Vec<&str> = events
+        .iter()
+        .filter(|(e, _)| e == "html")
+        .map(|(_, d)| d["html"].as_str().unwrap())
+        .collect();
+    assert!(
+        renderings.len() >= 2,
+        "40 tokens at 40 ms make several renderings: {}",
+        renderings.len()
+    );
+    let prefixes: Vec<String> = text
+        .char_indices()
+        .map(|(i, _)| i)
+        .chain([text.len()])
+        .map(|i| moss::render::markdown(&text[..i]))
+        .collect();
+    for html in &renderings {
+        assert!(
+            prefixes.iter().any(|p| p == html),
+            "{html} renders no prefix of {text:?}"
+        );
+    }
+    let done = &events.last().unwrap().1;
+    assert_eq!(done["html"], moss::render::markdown(&text).as_str());
+}
+both_backends!(answers_arrive_rendered_while_they_stream, SLOW);
 
 /// With one answer running at a time, the next waits in line and hears its place.
 async fn a_second_request_waits_in_line(app: TestApp) {

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod gate;
+pub mod live;
 pub mod params;
 mod relay;
 
@@ -91,6 +92,14 @@ pub enum StreamEvent {
     },
     Token {
         text: String,
+    },
+    /// The answer so far, rendered and sanitised (a few times a second while it streams, for
+    /// the browser; the API ignores it).
+    Html {
+        html: String,
+        /// How much of the text it renders, in UTF-16 code units (as a browser counts): the
+        /// pieces after that are shown as they come until the next rendering.
+        text_len: usize,
     },
     Done {
         /// The stored answer; `None` when nothing was kept (an API call without `store`, or a
@@ -179,6 +188,8 @@ pub struct Inner {
     pub admission: crate::admission::Admission,
     /// Tells running answers to stop and store what they have (set at shutdown).
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// The answers being made in conversations, for anyone (re)joining them.
+    pub live: live::Registry,
 }
 
 impl std::ops::Deref for Answers {

@@ -1,22 +1,69 @@
 //! One answer from the backend to the client: the prompt (a conversation's history or the
 //! caller's messages, after the operator's system prompt), the wait in line, the stream, and the
-//! store — in a task of its own, so the answer is kept (partially, as `cancelled`) however the
-//! client goes away.
+//! store — in a task of its own. An answer in a conversation goes on when its page goes away
+//! (`live`: it ends early only on Stop); an API caller that leaves ends its answer, which is kept
+//! (partially, as `cancelled`) when it is to be stored.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use super::backend::AnswerRequest;
+use super::live::LiveAnswer;
 use super::{history, AnswerError, Answers, Failure, Finish, Params, Source, StreamEvent};
 use crate::admission::Permit;
 use crate::db::chats::{self, NewMessage};
 use crate::db::Db;
 use crate::engine::{ChatMessage, Event, EventStream, Role, SamplingParams, Usage};
 
-/// How long a client may leave the stream unread before its answer is cut off (and kept).
+/// How long an API client may leave the stream unread before its answer is cut off (and kept).
 const CLIENT_STALL: Duration = Duration::from_secs(30);
+
+/// How often a followed answer is rendered while it streams.
+const RENDER_EVERY: Duration = Duration::from_millis(300);
+
+/// Where an answer's events go.
+enum Sink {
+    /// Straight to the one client that asked (the API): when it leaves, the answer ends.
+    Direct(mpsc::Sender<StreamEvent>),
+    /// To the conversation's followers, however many (none included).
+    Live {
+        live: Arc<LiveAnswer>,
+        conversation: i64,
+    },
+}
+
+impl Sink {
+    /// Passes `event` on; false when the client has left or stopped reading.
+    async fn send(&self, event: StreamEvent) -> bool {
+        match self {
+            Sink::Direct(tx) => matches!(
+                tokio::time::timeout(CLIENT_STALL, tx.send(event)).await,
+                Ok(Ok(()))
+            ),
+            Sink::Live { live, .. } => {
+                live.push(event);
+                true
+            }
+        }
+    }
+
+    /// Returns when the answer is no longer wanted: its client left (direct) or someone
+    /// pressed Stop (live).
+    async fn unwanted(&self) {
+        match self {
+            Sink::Direct(tx) => tx.closed().await,
+            Sink::Live { live, .. } => live.stopped().await,
+        }
+    }
+
+    /// Followers get the answer rendered as it grows; API clients do not need it.
+    fn renders(&self) -> bool {
+        matches!(self, Sink::Live { .. })
+    }
+}
 
 /// One answer under way.
 struct Turn {
@@ -80,16 +127,36 @@ pub async fn start(
         // The new answer is under way: the old one goes (before the new one can be stored).
         chats::truncate_from(&answers.db, id, old).await?;
     }
-    let (tx, rx) = mpsc::channel(64);
-    if ahead > 0 {
-        let _ = tx.try_send(StreamEvent::Queued { position: ahead });
-    }
     let turn = Turn {
         user_id,
         source,
         permit,
     };
-    tokio::spawn(relay(answers.clone(), turn, events, tx, ahead));
+    let (sink, rx) = match turn.source {
+        Source::Conversation { id, .. } => {
+            let live = answers.live.begin(id, user_id);
+            let rx = live.clone().follow();
+            let sink = Sink::Live {
+                live,
+                conversation: id,
+            };
+            (sink, rx)
+        }
+        Source::Messages { .. } => {
+            let (tx, rx) = mpsc::channel(64);
+            (Sink::Direct(tx), rx)
+        }
+    };
+    if ahead > 0 {
+        sink.send(StreamEvent::Queued { position: ahead }).await;
+    }
+    let answers = answers.clone();
+    tokio::spawn(async move {
+        relay(&answers, turn, events, &sink, ahead).await;
+        if let Sink::Live { live, conversation } = &sink {
+            answers.live.end(*conversation, live);
+        }
+    });
     Ok(rx)
 }
 
@@ -162,7 +229,7 @@ enum WaitEnd {
 async fn wait_turn(
     answers: &Answers,
     events: &mut EventStream,
-    tx: &mpsc::Sender<StreamEvent>,
+    sink: &Sink,
     ahead: usize,
 ) -> WaitEnd {
     let stats = answers.backend.stats();
@@ -184,32 +251,27 @@ async fn wait_turn(
                 let position = ahead.saturating_sub(done as usize).max(1);
                 if ahead > 0 && position != last {
                     last = position;
-                    if tx.send(StreamEvent::Queued { position }).await.is_err() {
+                    if !sink.send(StreamEvent::Queued { position }).await {
                         return WaitEnd::ClientLeft;
                     }
                 }
             }
             _ = tokio::time::sleep_until(deadline) => return WaitEnd::TimedOut,
-            _ = tx.closed() => return WaitEnd::ClientLeft,
+            _ = sink.unwanted() => return WaitEnd::ClientLeft,
             _ = stopping.changed() => return WaitEnd::Stopping,
         }
     }
 }
 
 /// Forwards backend events to the client and stores the answer however it ends.
-async fn relay(
-    answers: Answers,
-    turn: Turn,
-    mut events: EventStream,
-    tx: mpsc::Sender<StreamEvent>,
-    ahead: usize,
-) {
-    let started = std::time::Instant::now();
+async fn relay(answers: &Answers, turn: Turn, mut events: EventStream, sink: &Sink, ahead: usize) {
+    let started = Instant::now();
     metrics::gauge!("moss_generations_waiting").increment(1.0);
-    let waited = wait_turn(&answers, &mut events, &tx, ahead).await;
+    let waited = wait_turn(answers, &mut events, sink, ahead).await;
     metrics::gauge!("moss_generations_waiting").decrement(1.0);
     let failure = match waited {
         WaitEnd::Started => None,
+        // Stopped (or left, for the API) before it began: nothing to keep.
         WaitEnd::ClientLeft => Some(None),
         WaitEnd::BackendGone => Some(Some((
             Failure::GenerationFailed,
@@ -230,14 +292,23 @@ async fn relay(
                 tracing::warn!("taking back an unanswered question failed: {e}");
             }
         }
-        if let Some((failure, message)) = told {
-            let message = message.to_string();
-            let _ = tx.send(StreamEvent::Failed { failure, message }).await;
-        }
+        let end = match told {
+            Some((failure, message)) => StreamEvent::Failed {
+                failure,
+                message: message.to_string(),
+            },
+            None => StreamEvent::Done {
+                message_id: None,
+                finish: Finish::Cancelled,
+                usage: Usage::default(),
+                html: String::new(),
+            },
+        };
+        sink.send(end).await;
         return;
     }
     metrics::gauge!("moss_generations_running").increment(1.0);
-    let (text, finish, usage) = forward(&answers, &mut events, &tx, started).await;
+    let (text, finish, usage) = forward(answers, &mut events, sink, started).await;
     drop(events); // cancels the generation if it is still running
     metrics::gauge!("moss_generations_running").decrement(1.0);
     metrics::counter!("moss_tokens_generated_total").increment(usage.completion_tokens as u64);
@@ -252,7 +323,7 @@ async fn relay(
         None => Storage::NotKept,
         Some(conversation) => store_with_retry(&answers.db, turn.user_id, conversation, &m).await,
     };
-    record_usage(&answers, turn.user_id, usage).await;
+    record_usage(answers, turn.user_id, usage).await;
     drop(turn.permit); // the slot is free before the client hears "done"
     let message_id = match storage {
         Storage::Kept(id) => Some(id),
@@ -260,7 +331,7 @@ async fn relay(
         Storage::Failed => {
             let failure = Failure::Unavailable;
             let message = "The answer could not be stored.".to_string();
-            let _ = tx.send(StreamEvent::Failed { failure, message }).await;
+            sink.send(StreamEvent::Failed { failure, message }).await;
             return;
         }
     };
@@ -279,19 +350,20 @@ async fn relay(
             html: crate::render::markdown(&text),
         },
     };
-    let _ = tx.send(event).await;
+    sink.send(event).await;
 }
 
 /// Passes the answer's pieces on until it ends; returns its text, how it ended and its usage.
 async fn forward(
     answers: &Answers,
     events: &mut EventStream,
-    tx: &mpsc::Sender<StreamEvent>,
-    started: std::time::Instant,
+    sink: &Sink,
+    started: Instant,
 ) -> (String, Finish, Usage) {
     let mut stopping = answers.stopping.clone();
     let mut text = String::new();
     let mut first_token = true;
+    let mut rendered = Instant::now();
     loop {
         tokio::select! {
             ev = events.recv() => match ev {
@@ -303,11 +375,17 @@ async fn forward(
                     text.push_str(&piece);
                     // A client that stops reading must not hold the answer (and its slot) forever.
                     let sent = tokio::select! {
-                        r = tokio::time::timeout(CLIENT_STALL, tx.send(StreamEvent::Token { text: piece })) => matches!(r, Ok(Ok(()))),
+                        sent = sink.send(StreamEvent::Token { text: piece }) => sent,
                         _ = stopping.changed() => false,
                     };
                     if !sent {
                         return (text, Finish::Cancelled, Usage::default());
+                    }
+                    if sink.renders() && rendered.elapsed() >= RENDER_EVERY {
+                        rendered = Instant::now();
+                        let html = crate::render::markdown(&text);
+                        let text_len = text.encode_utf16().count();
+                        sink.send(StreamEvent::Html { html, text_len }).await;
                     }
                 }
                 Some(Event::Done { finish_reason, usage, .. }) => return (text, finish_reason.into(), usage),
@@ -318,7 +396,7 @@ async fn forward(
                 }
                 None => return (text, Finish::Error, Usage::default()),
             },
-            _ = tx.closed() => return (text, Finish::Cancelled, Usage::default()),
+            _ = sink.unwanted() => return (text, Finish::Cancelled, Usage::default()),
             _ = stopping.changed() => return (text, Finish::Cancelled, Usage::default()),
         }
     }

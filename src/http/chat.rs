@@ -1,14 +1,17 @@
 //! The answer stream: `POST /api/conversations/{id}/messages` and `/api/messages/{id}/regenerate`
-//! answer with server-sent events — `queued`, `token`, then `done` or `error`.
+//! answer with server-sent events — `queued`, `token` and `html` (the answer so far, rendered),
+//! then `done` or `error`. The answer goes on if the page goes away: `GET …/stream` follows it
+//! again from its start (after a reload, or in another tab), `POST …/stop` ends it.
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::HeaderValue;
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
@@ -23,6 +26,42 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/conversations/{id}/messages", post(send))
         .route("/api/messages/{id}/regenerate", post(regenerate))
+        .route("/api/conversations/{id}/stream", get(follow))
+        .route("/api/conversations/{id}/stop", post(stop))
+}
+
+/// The answer being made in the conversation, from its start: the same events as the request
+/// that asked for it. 204 when none is being made.
+async fn follow(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    Path(id): Path<i64>,
+) -> AppResult<Response> {
+    if let Some(live) = state.answers.live.get(id, user.id) {
+        return Ok(stream(live.follow()));
+    }
+    chats::conversation(&state.db, user.id, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Ends the answer being made in the conversation; what it has written is kept (`cancelled`).
+/// 204 whether or not one was running.
+async fn stop(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    Path(id): Path<i64>,
+) -> AppResult<StatusCode> {
+    match state.answers.live.get(id, user.id) {
+        Some(live) => live.stop(),
+        None => {
+            chats::conversation(&state.db, user.id, id)
+                .await?
+                .ok_or(AppError::NotFound)?;
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]
@@ -143,6 +182,9 @@ fn sse_event(ev: StreamEvent) -> Event {
     let (name, data) = match ev {
         StreamEvent::Queued { position } => ("queued", json!({ "position": position })),
         StreamEvent::Token { text } => ("token", json!({ "text": text })),
+        StreamEvent::Html { html, text_len } => {
+            ("html", json!({ "html": html, "text_len": text_len }))
+        }
         StreamEvent::Done {
             message_id,
             finish,
@@ -161,8 +203,8 @@ fn sse_event(ev: StreamEvent) -> Event {
     Event::default().event(name).data(data.to_string())
 }
 
-/// The SSE response; when the client goes away the receiver is dropped and the answer task
-/// stores what it has as `cancelled`.
+/// The SSE response. When the client goes away the receiver is dropped: a conversation's answer
+/// goes on (only this follower ends), an API answer ends and is kept as `cancelled`.
 fn stream(rx: mpsc::Receiver<StreamEvent>) -> Response {
     let events = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()

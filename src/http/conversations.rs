@@ -72,9 +72,13 @@ async fn show(
     let c = chats::conversation(&state.db, user.id, id)
         .await?
         .ok_or(AppError::NotFound)?;
+    // Asked before the messages are read: an answer that ends in between is then both stored
+    // and announced, never neither.
+    let answering = state.answers.live.get(id, user.id).is_some();
     let msgs = chats::messages(&state.db, user.id, id).await?;
     let mut v = conversation_json(&c);
     v["messages"] = msgs.iter().map(message_json).collect();
+    v["answering"] = json!(answering);
     Ok(Json(v))
 }
 

@@ -332,7 +332,7 @@ async fn complete(
     while let Some(ev) = events.recv().await {
         match ev {
             StreamEvent::Token { text: t } => text.push_str(&t),
-            StreamEvent::Queued { .. } => {}
+            StreamEvent::Queued { .. } | StreamEvent::Html { .. } => {}
             StreamEvent::Done { finish, usage, .. } => {
                 let body = json!({
                     "id": id, "object": "chat.completion", "created": now_secs(), "model": model,
@@ -390,7 +390,7 @@ fn stream(
                     Some(StreamEvent::Token { text }) => {
                         out.push_back(Some(chunk(choice(json!({"content": text}), None), None)));
                     }
-                    Some(StreamEvent::Queued { .. }) => {}
+                    Some(StreamEvent::Queued { .. } | StreamEvent::Html { .. }) => {}
                     Some(StreamEvent::Done { finish, usage, .. }) => {
                         out.push_back(Some(chunk(
                             choice(json!({}), Some(self::finish(finish))),

@@ -18,6 +18,7 @@ use crate::db::waitlist::{self, WaitState};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/", get(home))
+        .route("/c/{id}", get(home))
         .route("/register", get(landing))
         .route("/reset", get(reset_page))
         .route("/admin", get(admin_page))
@@ -60,6 +61,7 @@ async fn asset(axum::extract::Path(path): axum::extract::Path<String>) -> Respon
         Some("png") => "image/png",
         Some("svg") => "image/svg+xml",
         Some("ico") => "image/x-icon",
+        Some("webmanifest") => "application/manifest+json",
         _ => "application/octet-stream",
     };
     let headers = [

@@ -21,6 +21,7 @@ const env = {
   MOSS_ENGINE__TOKEN_DELAY_MS: "30",
   MOSS_ENGINE__MAX_TOKENS: "80",
   MOSS_ENGINE__SYSTEM_PROMPT: "You are moss.",
+  MOSS_CHAT__MAX_MESSAGE_CHARS: "400",
   RUST_LOG: "warn",
   // one browser clicking through everything in seconds: widen the general bucket (its own tests cover it)
   MOSS_LIMITS__API__PER_MINUTE: "6000",
@@ -138,6 +139,98 @@ test("regenerate replaces the last answer", async () => {
     return last && last.dataset.id && last.dataset.id !== old && last.querySelector(".tools");
   }, before, { timeout: 30000 });
   assert.equal(await page.locator(`.message[data-id="${before}"]`).count(), 0);
+});
+
+test("an answer is shown rendered while it streams", async () => {
+  await page.fill("#prompt", "write a paragraph");
+  await page.click("#send");
+  // The server's rendering (a paragraph element) replaces the raw text before the end.
+  await page.waitForSelector(".message.assistant.streaming .body p", { timeout: 10000 });
+  await page.waitForSelector(".message.assistant .tools .regenerate", { timeout: 30000 });
+});
+
+test("a reload mid-answer finds the same answer still coming, and it is stored whole", async () => {
+  await page.fill("#prompt", "a long answer please");
+  await page.click("#send");
+  await page.waitForFunction(() => (document.querySelector(".message.assistant.streaming .body")?.textContent || "").length > 3);
+  const seen = (await page.textContent(".message.assistant.streaming .body")).length;
+  assert.match(new URL(page.url()).pathname, /^\/c\/\d+$/, "the conversation has its address");
+  const id = new URL(page.url()).pathname.split("/")[2];
+  await page.reload();
+  // The reloaded page follows the running answer from its start.
+  await page.waitForSelector(".message.assistant.streaming");
+  await page.waitForSelector(".message.assistant .tools .regenerate", { timeout: 30000 });
+  const detail = await api("GET", `/api/conversations/${id}`);
+  const last = detail.body.messages.at(-1);
+  assert.notEqual(last.finish_reason, "cancelled", "the reload did not stop it");
+  assert.ok(last.content.length >= seen, `${last.content.length} >= ${seen}`);
+  assert.equal(await page.textContent(".message.assistant:last-child .body"), (await page.evaluate((h) => {
+    const d = document.createElement("div"); d.innerHTML = h; return d.textContent;
+  }, (await api("GET", `/api/conversations/${id}`)).body.messages.at(-1).html)));
+});
+
+test("a refused send keeps the text, with the reason next to it", async () => {
+  await page.click("#new-chat");
+  assert.equal(new URL(page.url()).pathname, "/");
+  const before = (await api("GET", "/api/conversations")).body.conversations.length;
+  const long = "x".repeat(401);
+  await page.fill("#prompt", long);
+  await page.click("#send");
+  await page.waitForSelector("#chat-error:not([hidden])");
+  assert.equal(await page.inputValue("#prompt"), long, `the text is still in the composer (${await page.textContent("#chat-error")})`);
+  assert.equal(await page.locator(".message.user").count(), 0, "no question shown as sent");
+  await page.waitForFunction(async (n) => {
+    const r = await fetch("/api/conversations");
+    return (await r.json()).conversations.length === n;
+  }, before);
+  // It survives a reload too.
+  await page.reload();
+  assert.equal(await page.inputValue("#prompt"), long);
+  await page.fill("#prompt", "");
+  await page.evaluate(() => sessionStorage.clear());
+});
+
+test("each conversation has an address; Back and Forward move between them", async () => {
+  moss("debug", "seed-answer", "--email", "admin@example.com", "--question", "Second topic", "--answer", "Yes.");
+  await page.reload();
+  const convs = (await api("GET", "/api/conversations")).body.conversations;
+  const [a, b] = [convs[0], convs[1]];
+  await page.click(`#conversations li[data-id="${a.id}"] .conv-title`);
+  await page.waitForURL(`**/c/${a.id}`);
+  await page.click(`#conversations li[data-id="${b.id}"] .conv-title`);
+  await page.waitForURL(`**/c/${b.id}`);
+  await page.waitForFunction((t) => document.title.startsWith(t), b.title);
+  await page.goBack();
+  await page.waitForURL(`**/c/${a.id}`);
+  await page.waitForFunction((t) => document.title.startsWith(t), a.title);
+  await page.waitForSelector(`#conversations li.active[data-id="${a.id}"]`);
+  await page.goForward();
+  await page.waitForURL(`**/c/${b.id}`);
+  await page.waitForSelector(`#conversations li.active[data-id="${b.id}"]`);
+  // A favicon and a web-app manifest (installable on a phone).
+  const manifest = await page.evaluate(async () => (await fetch(document.querySelector("link[rel=manifest]").href)).json());
+  assert.equal(manifest.name, "moss");
+  const icon = await page.evaluate(async () => (await fetch(document.querySelector("link[rel=icon]").href)).status);
+  assert.equal(icon, 200);
+});
+
+test("scrolled up while an answer streams, the page stays where the reader is", async () => {
+  moss("debug", "seed-answer", "--email", "admin@example.com", "--question", "Long one",
+    "--answer", Array.from({ length: 60 }, (_, i) => `Line ${i} of a long earlier answer.`).join("\n\n"));
+  await page.reload();
+  await page.click("#conversations li:has-text('Long one') .conv-title");
+  await page.waitForSelector(".message.assistant .body:has-text('Line 59')");
+  await page.fill("#prompt", "and more");
+  await page.click("#send");
+  await page.waitForSelector(".message.assistant.streaming");
+  await page.evaluate(() => { const m = document.getElementById("messages"); m.scrollTop = 0; m.dispatchEvent(new Event("scroll")); });
+  const grown = (await page.textContent(".message.assistant.streaming .body")).length;
+  await page.waitForFunction((n) => (document.querySelector(".message.assistant.streaming .body")?.textContent || "").length > n + 5, grown, { timeout: 10000 });
+  assert.equal(await page.evaluate(() => document.getElementById("messages").scrollTop), 0, "not pulled down");
+  assert.ok(await page.isVisible("#jump"), "a jump-to-latest button instead");
+  await page.click("#jump");
+  assert.ok(await page.evaluate(() => { const m = document.getElementById("messages"); return m.scrollHeight - m.scrollTop - m.clientHeight < 40; }));
+  await page.waitForSelector(".message.assistant .tools .regenerate", { timeout: 30000 });
 });
 
 test("a Markdown table renders as a table, and answers cannot run script", async () => {
