@@ -13,7 +13,24 @@
   setLang(saved || ((navigator.language || "en").toLowerCase().indexOf("zh") === 0 ? "zh" : "en"));
   function lang() { return root.getAttribute("data-lang"); }
 
+  // Light or dark: the system's choice until the switch is used, then the choice made.
+  function setTheme(theme) {
+    if (theme) root.setAttribute("data-theme", theme); else root.removeAttribute("data-theme");
+  }
+  var savedTheme = null;
+  try { savedTheme = localStorage.getItem("moss.theme"); } catch (e) {}
+  setTheme(savedTheme);
+  function dark() {
+    var t = root.getAttribute("data-theme");
+    return t ? t === "dark" : window.matchMedia("(prefers-color-scheme: dark)").matches;
+  }
+
   document.addEventListener("click", function (ev) {
+    if (ev.target.closest("[data-action=toggle-theme]")) {
+      var next = dark() ? "light" : "dark";
+      setTheme(next);
+      try { localStorage.setItem("moss.theme", next); } catch (e) {}
+    }
     var t = ev.target.closest("[data-action=toggle-lang]");
     if (t) {
       setLang(lang() === "zh" ? "en" : "zh");

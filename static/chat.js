@@ -14,7 +14,12 @@
              error: "The answer failed before it finished.", refused: "This request was declined." },
       network: "Network error, please try again.", empty: "Ask anything — in English or Chinese.",
       keyOnce: "Your new key (shown only once): ", revoke: "Revoke", noKeys: "No keys yet.",
-      consentSaved: "Saved.", lastUsed: "last used", never: "never used", revoked: "revoked"
+      consentSaved: "Saved.", lastUsed: "last used", never: "never used", revoked: "revoked",
+      ok: "OK", cancel: "Cancel", copyCode: "Copy code", welcome: "What can I help with?",
+      model: function (m) { return "You are talking to " + m + "."; },
+      examples: ["Explain recursion with a short example in Python", "把这句话翻译成英文：今天天气很好",
+                 "Make a table of three planets with their distance from the sun", "Write a haiku about moss"],
+      groups: ["Today", "Yesterday", "Previous 7 days", "Older"]
     },
     zh: {
       untitled: "新对话", rename: "重命名", del: "删除", confirmDelete: "删除这个对话？",
@@ -24,7 +29,12 @@
       cut: { length: "回答因长度限制被截断。", cancelled: "回答在完成前被停止。", error: "回答在完成前出错。", refused: "此请求已被拒绝。" },
       network: "网络错误，请重试。", empty: "用中文或英文问任何问题。",
       keyOnce: "新的密钥（只显示这一次）：", revoke: "撤销", noKeys: "还没有密钥。",
-      consentSaved: "已保存。", lastUsed: "最近使用", never: "从未使用", revoked: "已撤销"
+      consentSaved: "已保存。", lastUsed: "最近使用", never: "从未使用", revoked: "已撤销",
+      ok: "确定", cancel: "取消", copyCode: "复制代码", welcome: "有什么可以帮你？",
+      model: function (m) { return "当前模型：" + m + "。"; },
+      examples: ["用一个简短的 Python 例子解释递归", "把这句话翻译成英文：今天天气很好",
+                 "列一个表格：三颗行星和它们到太阳的距离", "写一首关于苔藓的短诗"],
+      groups: ["今天", "昨天", "过去 7 天", "更早"]
     }
   };
   function t(k) { return T[M.lang()][k]; }
@@ -36,7 +46,40 @@
     return e;
   }
 
-  var state = { conversations: [], current: null, streaming: null, follow: true };
+  var state = { conversations: [], current: null, streaming: null, follow: true, model: "" };
+
+  // An in-page dialog (instead of the browser's prompt/confirm): resolves with the text typed
+  // (or true, without `value`), or null when cancelled.
+  function ask(question, value) {
+    return new Promise(function (resolve) {
+      var d = el("dialog", "ask");
+      var form = el("form");
+      form.method = "dialog";
+      var label = el("label", "", question);
+      var input = null;
+      if (value !== undefined) {
+        input = el("input");
+        input.value = value;
+        input.maxLength = 200;
+        label.appendChild(input);
+      }
+      var row = el("div", "dialog-buttons");
+      var cancel = el("button", "secondary-button", t("cancel"));
+      cancel.type = "button";
+      var ok = el("button", "primary", t("ok"));
+      ok.type = "submit";
+      row.appendChild(cancel); row.appendChild(ok);
+      form.appendChild(label); form.appendChild(row);
+      d.appendChild(form);
+      document.body.appendChild(d);
+      var answer = null;
+      cancel.addEventListener("click", function () { d.close(); });
+      form.addEventListener("submit", function () { answer = input ? input.value : true; });
+      d.addEventListener("close", function () { d.remove(); resolve(answer); });
+      d.showModal();
+      (input || ok).focus();
+    });
+  }
   var list = $("conversations"), messages = $("messages"), prompt = $("prompt");
 
   // ---- views -------------------------------------------------------------------------------
@@ -88,9 +131,24 @@
       setTitle();
     });
   }
+  // Today, yesterday, the week before, older: by the conversation's last message.
+  function groupOf(ms) {
+    var day = new Date(); day.setHours(0, 0, 0, 0);
+    var start = day.getTime(), oneDay = 86400000;
+    if (ms >= start) return 0;
+    if (ms >= start - oneDay) return 1;
+    if (ms >= start - 7 * oneDay) return 2;
+    return 3;
+  }
   function renderList() {
     list.textContent = "";
+    var group = -1;
     state.conversations.forEach(function (c) {
+      var g = groupOf(c.updated_at);
+      if (g !== group) {
+        group = g;
+        list.appendChild(el("li", "group-label", t("groups")[g]));
+      }
       var li = el("li", c.id === state.current ? "active" : "");
       li.setAttribute("data-id", c.id);
       var open = el("a", "conv-title", c.title || t("untitled"));
@@ -104,17 +162,20 @@
       var rename = el("button", "conv-action", "✎");
       rename.title = t("rename");
       rename.addEventListener("click", function () {
-        var title = window.prompt(t("newTitle"), c.title);
-        if (title === null || !title.trim()) return;
-        M.send("PATCH", "/api/conversations/" + c.id, { title: title }).then(loadConversations);
+        ask(t("newTitle"), c.title).then(function (title) {
+          if (title === null || !title.trim()) return;
+          M.send("PATCH", "/api/conversations/" + c.id, { title: title.trim() }).then(loadConversations);
+        });
       });
       var del = el("button", "conv-action", "×");
       del.title = t("del");
       del.addEventListener("click", function () {
-        if (!window.confirm(t("confirmDelete"))) return;
-        M.send("DELETE", "/api/conversations/" + c.id).then(function () {
-          if (state.current === c.id) blank();
-          loadConversations();
+        ask(t("confirmDelete")).then(function (yes) {
+          if (!yes) return;
+          M.send("DELETE", "/api/conversations/" + c.id).then(function () {
+            if (state.current === c.id) blank();
+            loadConversations();
+          });
         });
       });
       li.appendChild(open); li.appendChild(rename); li.appendChild(del);
@@ -154,9 +215,25 @@
     state.current = null;
     if (!fromHistory) address(null);
     messages.textContent = "";
+    welcome();
     renderList();
     setTitle();
     restoreDraft();
+  }
+  // A new conversation: which model answers, and a few things to try.
+  function welcome() {
+    var w = el("div", "welcome");
+    w.appendChild(el("h2", "", t("welcome")));
+    if (state.model) w.appendChild(el("p", "hint", T[M.lang()].model(state.model)));
+    var ideas = el("div", "examples");
+    t("examples").forEach(function (text) {
+      var b = el("button", "example", text);
+      b.type = "button";
+      b.addEventListener("click", function () { prompt.value = text; $("composer").requestSubmit(); });
+      ideas.appendChild(b);
+    });
+    w.appendChild(ideas);
+    messages.appendChild(w);
   }
   $("new-chat").addEventListener("click", function () { blank(); show("chat"); prompt.focus(); });
 
@@ -192,12 +269,30 @@
     else body.textContent = m.content;
     div.appendChild(body);
     if (m.role === "assistant") {
+      decorateCode(body);
       var note = cutNote(m.finish_reason);
       if (note) div.appendChild(note);
       if (m.id) div.appendChild(answerTools(m, isLast));
     }
     messages.appendChild(div);
     return div;
+  }
+  // Each code block gets its language and a copy button for its code alone.
+  function decorateCode(body) {
+    body.querySelectorAll("pre").forEach(function (pre) {
+      var code = pre.querySelector("code");
+      var lang = code && /language-([\w+-]+)/.exec(code.className);
+      var bar = el("div", "code-bar");
+      bar.appendChild(el("span", "code-lang", lang ? lang[1] : ""));
+      var copy = el("button", "copy-code", t("copyCode"));
+      copy.type = "button";
+      copy.addEventListener("click", function () {
+        var done = function () { copy.textContent = t("copied"); };
+        if (navigator.clipboard) navigator.clipboard.writeText((code || pre).textContent).then(done, done); else done();
+      });
+      bar.appendChild(copy);
+      pre.parentNode.insertBefore(bar, pre);
+    });
   }
   function answerTools(m, isLast) {
     var tools = el("div", "tools");
@@ -216,6 +311,7 @@
       var b = el("button", spec[0] > 0 ? "rate-up" : "rate-down", spec[1] + " " + t(spec[2]));
       b.title = t(spec[2]);
       b.addEventListener("click", function () { rate(m.id, spec[0], tools); });
+      if (m.rating === spec[0]) b.classList.add("chosen"); // rated before, shown after a reload
       tools.appendChild(b);
     });
     return tools;
@@ -386,7 +482,7 @@
     var created = false;
     var go = function (conv) {
       prompt.value = "";
-      messages.querySelectorAll(".regenerate").forEach(function (b) { b.remove(); });
+      messages.querySelectorAll(".regenerate, .welcome").forEach(function (b) { b.remove(); });
       var question = appendMessage({ role: "user", content: content });
       state.follow = true;
       scrollDown();
@@ -403,6 +499,7 @@
             state.current = null;
             address(null, true);
             saveDraft();
+            if (!messages.querySelector(".message")) welcome();
             loadConversations();
           });
         }
@@ -487,10 +584,16 @@
     renderList();
     if (!$("settings-view").hidden) loadSettings();
     if (state.current && !state.streaming) openConversation(state.current, true);
+    if (!state.current) { messages.textContent = ""; welcome(); }
   });
   prompt.placeholder = t("empty");
   var first = fromPath();
-  if (first) openConversation(first, true); else restoreDraft();
+  if (first) openConversation(first, true); else blank(true);
+  M.send("GET", "/api/me").then(function (r) {
+    if (!r.ok) return;
+    state.model = r.body.model;
+    if (!state.current) { messages.textContent = ""; welcome(); }
+  });
   loadConversations();
   prompt.focus();
 })();

@@ -27,6 +27,9 @@ pub struct Message {
     #[sqlx(try_from = "String")]
     #[serde(skip)]
     pub written_by: Author,
+    /// The owner's rating of this answer (1 or -1), where the query asks for it (`messages`).
+    #[sqlx(default)]
+    pub rating: Option<i64>,
 }
 
 /// Which side of the conversation a message is on (the `role` column).
@@ -101,7 +104,8 @@ pub async fn conversation(db: &Db, user_id: i64, id: i64) -> DbResult<Option<Con
 
 pub async fn messages(db: &Db, user_id: i64, conversation_id: i64) -> DbResult<Vec<Message>> {
     let sql = format!(
-        "SELECT {} FROM messages m JOIN conversations c ON c.id = m.conversation_id \
+        "SELECT {}, (SELECT f.rating FROM feedback f WHERE f.message_id = m.id AND f.user_id = c.user_id) AS rating \
+         FROM messages m JOIN conversations c ON c.id = m.conversation_id \
          WHERE m.conversation_id = $1 AND c.user_id = $2 ORDER BY m.id",
         super::prefixed(MSG_COLS, "m")
     );

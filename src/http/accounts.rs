@@ -206,7 +206,8 @@ async fn me(
     let c = consent_json(&state, &user).await?;
     let text = json!({"en": state.config.consent.text_en, "zh": state.config.consent.text_zh});
     Ok(Json(
-        json!({"user": user_json(&user), "consent": c, "consent_text": text, "locale": user.locale}),
+        json!({"user": user_json(&user), "consent": c, "consent_text": text, "locale": user.locale,
+               "model": state.answers.backend.model_id()}),
     ))
 }
 

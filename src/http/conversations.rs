@@ -36,7 +36,7 @@ pub fn message_json(m: &Message) -> Value {
         crate::render::plain(&m.content)
     };
     json!({"id": m.id, "role": m.role, "content": m.content, "html": html, "created_at": m.created_at,
-           "finish_reason": m.finish_reason})
+           "finish_reason": m.finish_reason, "rating": m.rating})
 }
 
 async fn list(

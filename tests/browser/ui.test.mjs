@@ -5,7 +5,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
-import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
+import { mkdtempSync, mkdirSync, rmSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { chromium } from "playwright-core";
@@ -35,6 +35,18 @@ function moss(...args) {
 
 async function shot(name) {
   await page.screenshot({ path: join(shots, `${name}.png`), fullPage: false });
+}
+
+// axe-core from npm, run in the page (evaluate is not subject to the page's CSP): no serious or
+// critical accessibility violations.
+const axeSource = readFileSync(join(import.meta.dirname, "node_modules", "axe-core", "axe.min.js"), "utf8");
+async function accessible(where) {
+  await page.evaluate(axeSource);
+  const r = await page.evaluate(() => window.axe.run(document, { resultTypes: ["violations"] }));
+  const bad = r.violations
+    .filter((v) => v.impact === "serious" || v.impact === "critical")
+    .map((v) => `${v.id}: ${v.nodes.slice(0, 3).map((n) => n.target.join(" ")).join(", ")}`);
+  assert.deepEqual(bad, [], where);
 }
 
 before(async () => {
@@ -83,6 +95,7 @@ test("someone without a code joins the waitlist", async () => {
   await page.click("[data-form=waitlist] button[type=submit]");
   await page.waitForSelector("[data-form=waitlist] .result:has-text('Thank you')");
   await shot("01-landing");
+  await accessible("landing");
 });
 
 test("the invite link fills in the code and registers an account", async () => {
@@ -113,7 +126,9 @@ test("a message streams in token by token and ends with tools", async () => {
   await page.waitForSelector(".message.assistant .tools .regenerate", { timeout: 30000 });
   assert.equal(await page.locator(".message.assistant.streaming").count(), 0);
   assert.match(await page.textContent("#conversations"), /hello world/);
+  assert.equal(await page.textContent("#conversations .group-label"), "Today", "grouped by date");
   await shot("03-answered");
+  await accessible("chat");
 });
 
 test("stop ends the answer and keeps what was written", async () => {
@@ -243,6 +258,10 @@ test("a Markdown table renders as a table, and answers cannot run script", async
   await page.waitForSelector(".message.assistant table");
   assert.equal(await page.textContent(".message.assistant table td"), "黑客帝国");
   assert.equal(await page.locator(".message.assistant pre code").count(), 1);
+  // A code block has its language and copies its code alone.
+  assert.equal(await page.textContent(".message.assistant .code-bar .code-lang"), "python");
+  await page.click(".message.assistant .copy-code");
+  assert.equal(await page.evaluate(() => navigator.clipboard.readText()), "print('hi')\n");
   assert.ok((await page.locator(".message.assistant pre code span[class^=hl-]").count()) > 0, "code is highlighted");
   await shot("04-table");
   await page.click("#conversations li:has-text('xss') .conv-title");
@@ -269,6 +288,7 @@ test("the consent switch records every grant and withdrawal", async () => {
   assert.deepEqual(c.body.history.map((r) => r.granted), [1, 0, 1]);
   assert.equal(c.body.model_improvement, true);
   await shot("05-settings");
+  await accessible("settings");
   await page.click("[data-view=chat]");
 });
 
@@ -284,6 +304,58 @@ test("thumbs down with a comment is stored", async () => {
   assert.equal(records.length, 1);
   assert.equal(records[0].rating, -1);
   assert.equal(records[0].comment, "the director is wrong");
+  // The rating is still shown after a reload.
+  await page.reload();
+  await page.click("#conversations li:has-text('Films?') .conv-title");
+  await page.waitForSelector(".message.assistant .rate-down.chosen");
+  assert.equal(await page.locator(".message.assistant .rate-up.chosen").count(), 0);
+});
+
+test("renaming happens in an in-page dialog, and an empty title changes nothing", async () => {
+  const li = "#conversations li:has-text('Films?')";
+  await page.click(`${li} .conv-action >> nth=0`);
+  await page.waitForSelector("dialog.ask[open] input");
+  await page.fill("dialog.ask input", "   ");
+  await page.click("dialog.ask button[type=submit]");
+  await page.waitForSelector("dialog.ask", { state: "detached" });
+  assert.ok(await page.isVisible(li), "the old title stays");
+  await page.click(`${li} .conv-action >> nth=0`);
+  await page.fill("dialog.ask input", "Films and directors");
+  await page.click("dialog.ask button[type=submit]");
+  await page.waitForSelector("#conversations li:has-text('Films and directors')");
+  await page.waitForFunction(() => document.title.startsWith("Films and directors"));
+  assert.equal(page.__dialogs || 0, 0, "no browser dialog");
+});
+
+test("a new chat welcomes with the model's name and examples; an example asks at once", async () => {
+  await page.click("#new-chat");
+  await page.waitForSelector(".welcome .example");
+  const me = await api("GET", "/api/me");
+  assert.ok(me.body.model, "the model is named");
+  assert.match(await page.textContent(".welcome .hint"), new RegExp(me.body.model.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")));
+  assert.equal(await page.evaluate(() => document.activeElement.id), "prompt", "the composer has the focus");
+  await shot("09-welcome");
+  await accessible("welcome");
+  await page.click(".welcome .example >> nth=0");
+  await page.waitForURL(/\/c\/\d+$/);
+  await page.waitForSelector(".message.assistant .tools .regenerate", { timeout: 30000 });
+  assert.equal(await page.locator(".welcome").count(), 0);
+});
+
+test("dark mode follows the switch, and the page stays readable", async () => {
+  await page.click("[data-action=toggle-theme]");
+  assert.equal(await page.getAttribute("html", "data-theme"), "dark");
+  const bg = await page.evaluate(() => getComputedStyle(document.querySelector("#chat-view")).backgroundColor + " " + getComputedStyle(document.documentElement).backgroundColor);
+  assert.match(bg, /rgb\(20, 26, 23\)/, bg);
+  await shot("10-dark");
+  await accessible("dark");
+  await page.reload();
+  assert.equal(await page.getAttribute("html", "data-theme"), "dark", "remembered");
+  await page.setViewportSize({ width: 390, height: 844 });
+  await shot("11-dark-phone");
+  await page.setViewportSize({ width: 1200, height: 800 });
+  await page.click("[data-action=toggle-theme]");
+  assert.equal(await page.getAttribute("html", "data-theme"), "light");
 });
 
 test("the admin admits a waitlist entry", async () => {
@@ -294,6 +366,7 @@ test("the admin admits a waitlist entry", async () => {
   await page.waitForSelector("#admit-form .result:has-text('waiting@example.com')");
   await page.waitForSelector("#waitlist-table tr:has-text('waiting@example.com') td:has-text('invited')");
   await shot("06-admin");
+  await accessible("admin");
 });
 
 test("the interface switches to Chinese", async () => {
@@ -302,8 +375,14 @@ test("the interface switches to Chinese", async () => {
   assert.equal(await page.getAttribute("html", "lang"), "zh-CN");
   assert.ok(await page.isVisible("#send span[lang=zh]"));
   assert.ok(!(await page.isVisible("#send span[lang=en]")));
-  assert.equal(await page.getAttribute("#prompt", "placeholder") !== null, true);
+  // Everything the script wrote changes at once, without a reload.
+  assert.equal(await page.getAttribute("#prompt", "placeholder"), "用中文或英文问任何问题。");
+  await page.click("#conversations li:has-text('Films') .conv-title");
+  await page.waitForSelector(".message.assistant .tools button.copy:has-text('复制')");
+  await page.click("#new-chat");
+  assert.equal(await page.textContent(".welcome h2"), "有什么可以帮你？");
   await shot("07-chinese");
+  await accessible("chinese");
 });
 
 test("it is usable on a phone screen", async () => {
@@ -314,5 +393,11 @@ test("it is usable on a phone screen", async () => {
   await page.click("#toggle-sidebar");
   assert.ok(await page.isVisible("#sidebar"));
   await shot("08-phone");
+  await page.click("#toggle-sidebar");
+  await page.goto(`${base}/admin`);
+  const wide = await page.evaluate(() => document.documentElement.scrollWidth);
+  assert.ok(wide <= 390, `the admin page fits the phone (${wide} px)`);
+  await accessible("admin on a phone");
+  await page.goto(base);
   await page.setViewportSize({ width: 1200, height: 800 });
 });
