@@ -332,7 +332,7 @@ async fn sign_in_flood(s: &Server) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// 3. `forgot` for a known and an unknown address, alternated; each from its own address so
+/// Step 3: `forgot` for a known and an unknown address, alternated; each from its own address so
 /// the auth bucket (10 a minute) does not shape the figures.
 async fn reset_timing(s: &Server) -> anyhow::Result<()> {
     s.account("127.0.4.1", "known@example.com").await?;

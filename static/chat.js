@@ -19,7 +19,8 @@
       model: function (m) { return "You are talking to " + m + "."; },
       examples: ["Explain recursion with a short example in Python", "把这句话翻译成英文：今天天气很好",
                  "Make a table of three planets with their distance from the sun", "Write a haiku about moss"],
-      groups: ["Today", "Yesterday", "Previous 7 days", "Older"]
+      groups: ["Today", "Yesterday", "Previous 7 days", "Older"],
+      search: "Search conversations", nothingFound: "Nothing found."
     },
     zh: {
       untitled: "新对话", rename: "重命名", del: "删除", confirmDelete: "删除这个对话？",
@@ -34,7 +35,8 @@
       model: function (m) { return "当前模型：" + m + "。"; },
       examples: ["用一个简短的 Python 例子解释递归", "把这句话翻译成英文：今天天气很好",
                  "列一个表格：三颗行星和它们到太阳的距离", "写一首关于苔藓的短诗"],
-      groups: ["今天", "昨天", "过去 7 天", "更早"]
+      groups: ["今天", "昨天", "过去 7 天", "更早"],
+      search: "搜索对话", nothingFound: "没有找到。"
     }
   };
   function t(k) { return T[M.lang()][k]; }
@@ -123,9 +125,13 @@
   }
 
   // ---- conversations -----------------------------------------------------------------------
+  // The list, or what the search box finds (titles and every message, Chinese words included).
   function loadConversations() {
-    return M.send("GET", "/api/conversations").then(function (r) {
+    var q = $("search").value.trim();
+    var url = "/api/conversations" + (q ? "?q=" + encodeURIComponent(q) : "");
+    return M.send("GET", url).then(function (r) {
       if (signedOut(r) || !r.ok) return;
+      if ($("search").value.trim() !== q) return; // a newer search is on its way
       state.conversations = r.body.conversations;
       renderList();
       setTitle();
@@ -140,8 +146,16 @@
     if (ms >= start - 7 * oneDay) return 2;
     return 3;
   }
+  var searching = null;
+  $("search").addEventListener("input", function () {
+    clearTimeout(searching);
+    searching = setTimeout(loadConversations, 200);
+  });
   function renderList() {
     list.textContent = "";
+    if (!state.conversations.length && $("search").value.trim()) {
+      list.appendChild(el("li", "hint", t("nothingFound")));
+    }
     var group = -1;
     state.conversations.forEach(function (c) {
       var g = groupOf(c.updated_at);
@@ -581,12 +595,14 @@
   // Everything the script wrote follows the language at once.
   document.addEventListener("moss:lang", function () {
     prompt.placeholder = t("empty");
+    $("search").placeholder = t("search");
     renderList();
     if (!$("settings-view").hidden) loadSettings();
     if (state.current && !state.streaming) openConversation(state.current, true);
     if (!state.current) { messages.textContent = ""; welcome(); }
   });
   prompt.placeholder = t("empty");
+  $("search").placeholder = t("search");
   var first = fromPath();
   if (first) openConversation(first, true); else blank(true);
   M.send("GET", "/api/me").then(function (r) {

@@ -514,3 +514,129 @@ async fn answers_of_different_users_run_together(app: TestApp) {
     assert_eq!(events.last().unwrap().0, "done", "{events:?}");
 }
 both_backends!(answers_of_different_users_run_together, SLOW);
+
+/// Search finds conversations by a word in their title or in any message — Chinese words inside
+/// a sentence included — only the user's own, and hostile queries are just words.
+async fn conversations_are_found_by_a_word_in_them(app: TestApp) {
+    use moss::db::chats::{self, Author, NewMessage};
+    async fn seed(app: &TestApp, c: &reqwest::Client, title: &str, q: &str, a: &str) -> i64 {
+        let v: Value = c
+            .post(app.url("/api/conversations"))
+            .json(&json!({ "title": title }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = v["id"].as_i64().unwrap();
+        let me = app.get_json(c, "/api/me").await;
+        let uid = me["user"]["id"].as_i64().unwrap();
+        for (author, content) in [(Author::User, q), (Author::Model, a)] {
+            let m = NewMessage {
+                author,
+                content,
+                finish_reason: None,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+            };
+            chats::add_message(&app.db, uid, id, &m)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        id
+    }
+    let c = app.user("find@example.com").await;
+    seed(&app, &c, "地理", "中国的首都是哪里？", "北京是中国的首都。").await;
+    seed(
+        &app,
+        &c,
+        "Geography",
+        "France?",
+        "The capital of France is Paris.",
+    )
+    .await;
+    let recipes = seed(&app, &c, "Recipes", "Dumplings", "饺子需要面粉和水。").await;
+    let other = app.user("other@example.com").await;
+    seed(&app, &other, "Mine", "Paris?", "Paris 首都 面粉").await;
+    let find = |q: &str| {
+        let url =
+            reqwest::Url::parse_with_params(&app.url("/api/conversations"), [("q", q)]).unwrap();
+        let c = c.clone();
+        async move {
+            let r = c.get(url).send().await.unwrap();
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(status, 200, "{v}");
+            v["conversations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["title"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        find("首都").await,
+        ["地理"],
+        "a Chinese word inside a sentence"
+    );
+    assert_eq!(find("京是").await, ["地理"]);
+    assert!(
+        find("首京").await.is_empty(),
+        "characters that are not next to each other"
+    );
+    assert_eq!(
+        find("PARIS capital").await,
+        ["Geography"],
+        "every word, any case"
+    );
+    assert_eq!(find("面粉").await, ["Recipes"]);
+    assert_eq!(find("recip").await, ["Recipes"], "a title by part of it");
+    assert_eq!(find("").await.len(), 3, "no words: the whole list");
+    for hostile in [
+        "\"",
+        "*",
+        "%",
+        "_",
+        "' OR 1=1 --",
+        "NEAR(",
+        "a AND",
+        "\\",
+        "首都\" OR \"x",
+    ] {
+        find(hostile).await; // 200 with whatever it finds, never an error
+    }
+    assert!(
+        find("%").await.is_empty(),
+        "% is a character, not a wildcard"
+    );
+    let long = "x".repeat(201);
+    let url =
+        reqwest::Url::parse_with_params(&app.url("/api/conversations"), [("q", long.as_str())])
+            .unwrap();
+    let r = c.get(url).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_query"
+    );
+    // A deleted conversation is no longer found.
+    let r = c
+        .delete(app.url(&format!("/api/conversations/{recipes}")))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    assert!(find("面粉").await.is_empty());
+    // Messages written before search existed are indexed at start.
+    sqlx::query("UPDATE messages SET search_text = NULL")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    assert!(find("首都").await.is_empty());
+    assert!(moss::db::search::index_earlier(&app.db).await.unwrap() >= 4);
+    assert_eq!(find("首都").await, ["地理"]);
+}
+both_backends!(conversations_are_found_by_a_word_in_them);

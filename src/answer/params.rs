@@ -275,7 +275,7 @@ mod tests {
         ));
         let sys = ChatMessage::new(Role::System, "s");
         assert!(matches!(
-            messages(&c, &[sys.clone()]),
+            messages(&c, std::slice::from_ref(&sys)),
             Err(AnswerError::Invalid {
                 field: Field::Messages,
                 ..

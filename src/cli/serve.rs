@@ -33,6 +33,10 @@ pub async fn open_db(config: &Config) -> anyhow::Result<Db> {
     };
     let db = Db::connect(&config.database_url()?, &settings).await?;
     db.migrate().await?;
+    let indexed = crate::db::search::index_earlier(&db).await?;
+    if indexed > 0 {
+        tracing::info!("indexed {indexed} earlier messages for search");
+    }
     Ok(db)
 }
 

@@ -60,7 +60,8 @@ impl TryFrom<String> for MessageRole {
     }
 }
 
-const CONV_COLS: &str = "id, title, exclude_from_training, source, created_at, updated_at";
+pub(crate) const CONV_COLS: &str =
+    "id, title, exclude_from_training, source, created_at, updated_at";
 const MSG_COLS: &str = "id, conversation_id, role, content, finish_reason, prompt_tokens, completion_tokens, created_at, written_by";
 
 pub async fn create_conversation(
@@ -221,8 +222,8 @@ pub async fn add_message(
         return Ok(None);
     }
     let sql = format!(
-        "INSERT INTO messages (conversation_id, role, content, finish_reason, prompt_tokens, completion_tokens, created_at, written_by) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {MSG_COLS}"
+        "INSERT INTO messages (conversation_id, role, content, finish_reason, prompt_tokens, completion_tokens, created_at, written_by, search_text) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {MSG_COLS}"
     );
     let msg = sqlx::query_as::<_, Message>(&sql)
         .bind(conversation_id)
@@ -233,6 +234,7 @@ pub async fn add_message(
         .bind(m.completion_tokens)
         .bind(now)
         .bind(m.author.column())
+        .bind(super::search::index_text(m.content))
         .fetch_one(&mut *tx)
         .await?;
     tx.commit().await?;

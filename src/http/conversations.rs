@@ -1,6 +1,6 @@
 //! Conversations, their messages, and feedback on answers — always the signed-in user's own.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -39,11 +39,24 @@ pub fn message_json(m: &Message) -> Value {
            "finish_reason": m.finish_reason, "rating": m.rating})
 }
 
+#[derive(Deserialize)]
+struct ListQuery {
+    /// Words to find in titles and messages.
+    q: Option<String>,
+}
+
 async fn list(
     State(state): State<AppState>,
     CurrentUser(user): CurrentUser,
+    Query(query): Query<ListQuery>,
 ) -> AppResult<Json<Value>> {
-    let convs = chats::list_conversations(&state.db, user.id).await?;
+    let q = query.q.as_deref().unwrap_or("");
+    let q = bounded_text(Field::Query, q, crate::db::search::MAX_QUERY_CHARS)?;
+    let convs = if q.is_empty() {
+        chats::list_conversations(&state.db, user.id).await?
+    } else {
+        crate::db::search::conversations(&state.db, user.id, &q).await?
+    };
     Ok(Json(
         json!({"conversations": convs.iter().map(conversation_json).collect::<Vec<_>>()}),
     ))

@@ -131,6 +131,8 @@ pub enum Field {
     MaxTokens,
     Message,
     Locale,
+    /// The search words.
+    Query,
     /// An API parameter without a code of its own (`messages`, `top_p`, `stop`, `n`).
     Request(&'static str),
 }
@@ -154,6 +156,7 @@ impl Field {
             Field::MaxTokens => "max_tokens",
             Field::Message => "message",
             Field::Locale => "locale",
+            Field::Query => "q",
             Field::Request(name) => name,
         }
     }
@@ -173,6 +176,7 @@ impl Field {
             Field::MaxTokens => "invalid_max_tokens",
             Field::Message => "invalid_message",
             Field::Locale => "invalid_locale",
+            Field::Query => "invalid_query",
             Field::Uses | Field::ExpiresInDays | Field::Note | Field::Request(_) => {
                 "invalid_request"
             }

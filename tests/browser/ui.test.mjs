@@ -311,6 +311,20 @@ test("thumbs down with a comment is stored", async () => {
   assert.equal(await page.locator(".message.assistant .rate-up.chosen").count(), 0);
 });
 
+test("search finds a Chinese and an English conversation by a word in an answer", async () => {
+  moss("debug", "seed-answer", "--email", "admin@example.com", "--question", "首都在哪里", "--answer", "北京是中国的首都。");
+  moss("debug", "seed-answer", "--email", "admin@example.com", "--question", "France", "--answer", "The capital of France is Paris.");
+  await page.reload();
+  await page.fill("#search", "首都");
+  await page.waitForFunction(() => [...document.querySelectorAll("#conversations .conv-title")].map((a) => a.textContent).join("|") === "首都在哪里");
+  await page.fill("#search", "paris");
+  await page.waitForFunction(() => [...document.querySelectorAll("#conversations .conv-title")].map((a) => a.textContent).join("|") === "France");
+  await page.fill("#search", "zzzz");
+  await page.waitForSelector("#conversations li.hint");
+  await page.fill("#search", "");
+  await page.waitForFunction(() => document.querySelectorAll("#conversations .conv-title").length > 2);
+});
+
 test("renaming happens in an in-page dialog, and an empty title changes nothing", async () => {
   const li = "#conversations li:has-text('Films?')";
   await page.click(`${li} .conv-action >> nth=0`);
