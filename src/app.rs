@@ -107,6 +107,11 @@ fn generation_route(path: &str) -> Option<&'static str> {
             .and_then(|p| p.strip_suffix("/regenerate")),
     ) {
         Some("/api/messages/{id}/regenerate")
+    } else if one_segment(
+        path.strip_prefix("/api/messages/")
+            .and_then(|p| p.strip_suffix("/edit")),
+    ) {
+        Some("/api/messages/{id}/edit")
     } else {
         None
     }

@@ -20,7 +20,8 @@
       examples: ["Explain recursion with a short example in Python", "把这句话翻译成英文：今天天气很好",
                  "Make a table of three planets with their distance from the sun", "Write a haiku about moss"],
       groups: ["Today", "Yesterday", "Previous 7 days", "Older"],
-      search: "Search conversations", nothingFound: "Nothing found."
+      search: "Search conversations", nothingFound: "Nothing found.", edit: "Edit", save: "Send",
+      previous: "Previous version", next: "Next version"
     },
     zh: {
       untitled: "新对话", rename: "重命名", del: "删除", confirmDelete: "删除这个对话？",
@@ -36,7 +37,8 @@
       examples: ["用一个简短的 Python 例子解释递归", "把这句话翻译成英文：今天天气很好",
                  "列一个表格：三颗行星和它们到太阳的距离", "写一首关于苔藓的短诗"],
       groups: ["今天", "昨天", "过去 7 天", "更早"],
-      search: "搜索对话", nothingFound: "没有找到。"
+      search: "搜索对话", nothingFound: "没有找到。", edit: "编辑", save: "发送",
+      previous: "上一个版本", next: "下一个版本"
     }
   };
   function t(k) { return T[M.lang()][k]; }
@@ -214,13 +216,88 @@
     return M.send("GET", "/api/conversations/" + id).then(function (r) {
       if (signedOut(r)) return;
       if (state.current !== id) return; // another was opened meanwhile
-      messages.textContent = "";
-      if (!r.ok) { blank(); address(null, true); return; }
-      var msgs = r.body.messages;
-      msgs.forEach(function (m, i) { appendMessage(m, i === msgs.length - 1 && !r.body.answering); });
+      if (!r.ok) { messages.textContent = ""; blank(); address(null, true); return; }
+      render(r.body);
       state.follow = true;
       scrollDown();
       if (r.body.answering) follow(id);
+    });
+  }
+  // The branch being viewed.
+  function render(conversation) {
+    messages.textContent = "";
+    var msgs = conversation.messages;
+    msgs.forEach(function (m, i) { appendMessage(m, i === msgs.length - 1 && !conversation.answering); });
+  }
+  // Shown again as stored (after an edit or a regenerate: the versions changed), where the reader is.
+  function refresh(conv) {
+    if (state.current !== conv || state.streaming) return;
+    var top = messages.scrollTop;
+    M.send("GET", "/api/conversations/" + conv).then(function (r) {
+      if (!r.ok || state.current !== conv || state.streaming) return;
+      render(r.body);
+      messages.scrollTop = state.follow ? messages.scrollHeight : top;
+    });
+  }
+  // ‹ i / n ›: another version of a question or an answer, and the branch that follows it.
+  function branchNav(m) {
+    var at = m.siblings.indexOf(m.id);
+    var nav = el("span", "branch-nav");
+    var go = function (to) {
+      return function () {
+        M.send("POST", "/api/conversations/" + state.current + "/branch", { message_id: m.siblings[to] }).then(function (r) {
+          if (r.ok) render(r.body);
+        });
+      };
+    };
+    var prev = el("button", "branch-prev", "‹");
+    prev.type = "button"; prev.title = t("previous"); prev.setAttribute("aria-label", t("previous"));
+    prev.disabled = at <= 0;
+    prev.addEventListener("click", go(at - 1));
+    var next = el("button", "branch-next", "›");
+    next.type = "button"; next.title = t("next"); next.setAttribute("aria-label", t("next"));
+    next.disabled = at >= m.siblings.length - 1;
+    next.addEventListener("click", go(at + 1));
+    nav.appendChild(prev);
+    nav.appendChild(el("span", "branch-at", (at + 1) + " / " + m.siblings.length));
+    nav.appendChild(next);
+    return nav;
+  }
+  // A question edited in place: sent as a new version beside the old one.
+  function editQuestion(div, m) {
+    if (state.streaming) return;
+    var form = el("form", "edit-form");
+    var area = el("textarea");
+    area.value = m.content;
+    area.rows = Math.min(10, m.content.split("\n").length + 1);
+    area.setAttribute("aria-label", t("edit"));
+    var cancel = el("button", "secondary-button", t("cancel"));
+    cancel.type = "button";
+    var save = el("button", "primary", t("save"));
+    save.type = "submit";
+    var row = el("div", "dialog-buttons");
+    row.appendChild(cancel); row.appendChild(save);
+    form.appendChild(area); form.appendChild(row);
+    div.hidden = true;
+    div.parentNode.insertBefore(form, div.nextSibling);
+    area.focus();
+    cancel.addEventListener("click", function () { form.remove(); div.hidden = false; });
+    form.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      var content = area.value.trim();
+      if (!content) return;
+      var conv = state.current;
+      // What came after the edited question belongs to the other version now.
+      while (form.nextSibling) form.nextSibling.remove();
+      form.remove();
+      div.remove();
+      appendMessage({ role: "user", content: content });
+      state.follow = true;
+      scrollDown();
+      stream(conv, "POST", "/api/messages/" + m.id + "/edit", { content: content }, function (why) {
+        showError(why);
+        openConversation(conv, true);
+      }).then(function () { refresh(conv); });
     });
   }
   // A new conversation exists only once something is sent in it.
@@ -282,6 +359,15 @@
     if (m.html !== undefined) body.innerHTML = m.html; // sanitised by the server
     else body.textContent = m.content;
     div.appendChild(body);
+    if (m.role === "user" && m.id) {
+      var own = el("div", "tools user-tools");
+      if (m.siblings && m.siblings.length > 1) own.appendChild(branchNav(m));
+      var change = el("button", "edit", t("edit"));
+      change.type = "button";
+      change.addEventListener("click", function () { editQuestion(div, m); });
+      own.appendChild(change);
+      div.appendChild(own);
+    }
     if (m.role === "assistant") {
       decorateCode(body);
       var note = cutNote(m.finish_reason);
@@ -310,6 +396,7 @@
   }
   function answerTools(m, isLast) {
     var tools = el("div", "tools");
+    if (m.siblings && m.siblings.length > 1) tools.appendChild(branchNav(m));
     var copy = el("button", "copy", t("copy"));
     copy.addEventListener("click", function () {
       var done = function () { copy.textContent = t("copied"); };
@@ -484,10 +571,11 @@
   function regenerate(id) {
     var node = messages.querySelector('.message[data-id="' + id + '"]');
     if (node) node.remove();
-    stream(state.current, "POST", "/api/messages/" + id + "/regenerate", {}, function (why) {
+    var conv = state.current;
+    stream(conv, "POST", "/api/messages/" + id + "/regenerate", {}, function (why) {
       showError(why);
-      openConversation(state.current, true);
-    });
+      openConversation(conv, true);
+    }).then(function () { refresh(conv); });
   }
   $("composer").addEventListener("submit", function (ev) {
     ev.preventDefault();
@@ -517,7 +605,10 @@
             loadConversations();
           });
         }
-      }).then(function () { try { sessionStorage.removeItem("moss.draft." + conv); } catch (e) {} });
+      }).then(function () {
+        try { sessionStorage.removeItem("moss.draft." + conv); } catch (e) {}
+        refresh(conv); // the question's own tools (edit) come with its stored form
+      });
     };
     if (state.current) { saveDraft(); go(state.current); return; }
     M.send("POST", "/api/conversations", {}).then(function (r) {

@@ -306,6 +306,8 @@ async fn cross_site_writes_are_refused_on_every_route() {
         ("POST", "/api/conversations/{id}/messages"),
         ("POST", "/api/messages/{id}/regenerate"),
         ("POST", "/api/conversations/{id}/stop"),
+        ("POST", "/api/conversations/{id}/branch"),
+        ("POST", "/api/messages/{id}/edit"),
         ("POST", "/api/conversations"),
         ("PATCH", "/api/conversations/{id}"),
         ("DELETE", "/api/conversations/{id}"),

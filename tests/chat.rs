@@ -396,7 +396,7 @@ both_backends!(
     }
 );
 
-async fn regenerate_replaces_the_answer(app: TestApp) {
+async fn regenerate_adds_an_answer_beside_the_earlier_one(app: TestApp) {
     let c = app.user("g@example.com").await;
     let conv = app.conversation(&c).await;
     let (_, first) = app
@@ -417,6 +417,8 @@ async fn regenerate_replaces_the_answer(app: TestApp) {
     assert_eq!(msgs.len(), 2);
     assert_ne!(msgs[1]["id"].as_i64().unwrap(), old);
     assert_eq!(msgs[1]["id"], done["message_id"]);
+    // The earlier answer stays, beside the new one.
+    assert_eq!(msgs[1]["siblings"], json!([old, done["message_id"]]));
     // only answers, only one's own
     let question = msgs[0]["id"].as_i64().unwrap();
     assert_eq!(
@@ -439,7 +441,7 @@ async fn regenerate_replaces_the_answer(app: TestApp) {
         404
     );
 }
-both_backends!(regenerate_replaces_the_answer);
+both_backends!(regenerate_adds_an_answer_beside_the_earlier_one);
 
 async fn bad_chat_requests_get_clear_errors(app: TestApp) {
     let c = app.user("b@example.com").await;
@@ -534,6 +536,7 @@ async fn conversations_are_found_by_a_word_in_them(app: TestApp) {
         let uid = me["user"]["id"].as_i64().unwrap();
         for (author, content) in [(Author::User, q), (Author::Model, a)] {
             let m = NewMessage {
+                place: moss::db::chats::Place::AtLeaf,
                 author,
                 content,
                 finish_reason: None,
@@ -640,3 +643,128 @@ async fn conversations_are_found_by_a_word_in_them(app: TestApp) {
     assert_eq!(find("首都").await, ["地理"]);
 }
 both_backends!(conversations_are_found_by_a_word_in_them);
+
+/// Editing a question makes a second branch; switching shows each; the model reads the branch
+/// being viewed; regenerating in the first branch keeps its question; the export pairs each
+/// rated answer with the question it answered.
+async fn edits_make_branches_and_the_model_reads_the_one_shown(app: TestApp) {
+    let c = app.user("branch@example.com").await;
+    let conv = app.conversation(&c).await;
+    let id = |v: &Value| v.as_i64().unwrap();
+    let ask = |url: String, body: Value| {
+        let c = c.clone();
+        async move {
+            let r = c.post(url).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let events = common::server::parse_sse(&r.text().await.unwrap());
+            let done = events.last().unwrap().clone();
+            assert_eq!(done.0, "done", "{events:?}");
+            done.1
+        }
+    };
+    let send = |text: &str| {
+        ask(
+            app.url(&format!("/api/conversations/{conv}/messages")),
+            json!({"content": text, "max_tokens": 4, "temperature": 0}),
+        )
+    };
+    send("hello").await;
+    let first = app.messages(&c, conv).await;
+    let (q1, a1) = (id(&first[0]["id"]), id(&first[1]["id"]));
+    // The question edited: a long one, beside the first.
+    let long = "tell me everything about the history of moss gardens ".repeat(4);
+    ask(
+        app.url(&format!("/api/messages/{q1}/edit")),
+        json!({"content": long, "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
+    let second = app.messages(&c, conv).await;
+    assert_eq!(second.len(), 2);
+    let q2 = id(&second[0]["id"]);
+    assert_eq!(second[0]["content"], long.trim());
+    assert_eq!(second[0]["siblings"], json!([q1, q2]));
+    let follow_up_prompt = |done: Value| done["usage"]["prompt_tokens"].as_u64().unwrap();
+    let in_second = follow_up_prompt(send("and then?").await);
+    // Back to the first branch: it is shown as it was, at its newest end.
+    let r: Value = c
+        .post(app.url(&format!("/api/conversations/{conv}/branch")))
+        .json(&json!({ "message_id": q1 }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let shown: Vec<i64> = r["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| id(&m["id"]))
+        .collect();
+    assert_eq!(shown, [q1, a1]);
+    assert_eq!(app.messages(&c, conv).await.len(), 2, "the switch is kept");
+    let in_first = follow_up_prompt(send("and then?").await);
+    assert!(
+        in_second > in_first + 20,
+        "the model read the branch shown: {in_second} vs {in_first} prompt tokens"
+    );
+    // Regenerating the first answer keeps its own question, not the newer edit.
+    let again = ask(
+        app.url(&format!("/api/messages/{a1}/regenerate")),
+        json!({"max_tokens": 4}),
+    )
+    .await;
+    let a1b = id(&again["message_id"]);
+    let now = app.messages(&c, conv).await;
+    assert_eq!(
+        now.iter().map(|m| id(&m["id"])).collect::<Vec<_>>(),
+        [q1, a1b]
+    );
+    // Rated with consent, the regenerated answer is exported with the question it answered.
+    let r = c
+        .put(app.url("/api/consent"))
+        .json(&json!({"model_improvement": true}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let r = c
+        .post(app.url(&format!("/api/messages/{a1b}/feedback")))
+        .json(&json!({"rating": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let exported = moss::db::chats::export_feedback(&app.db).await.unwrap();
+    let record = exported
+        .iter()
+        .find(|r| r.message_id == a1b)
+        .expect("exported");
+    assert_eq!(record.prompt, "hello");
+    // Only questions are edited; another user's messages are not found; a switch to a message
+    // of another conversation is not found either.
+    let r = c
+        .post(app.url(&format!("/api/messages/{a1}/edit")))
+        .json(&json!({"content": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let other = app.user("branch2@example.com").await;
+    let r = other
+        .post(app.url(&format!("/api/messages/{q1}/edit")))
+        .json(&json!({"content": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let elsewhere = app.conversation(&c).await;
+    let r = c
+        .post(app.url(&format!("/api/conversations/{elsewhere}/branch")))
+        .json(&json!({ "message_id": q1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+both_backends!(edits_make_branches_and_the_model_reads_the_one_shown);

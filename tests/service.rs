@@ -445,6 +445,7 @@ async fn seed_answer(app: &TestApp, email: &str, conversation: i64) -> i64 {
         .unwrap()
         .unwrap();
     let m = |author, content| moss::db::chats::NewMessage {
+        place: moss::db::chats::Place::AtLeaf,
         author,
         content,
         finish_reason: None,

@@ -589,6 +589,7 @@ async fn export_contains_consented_ratings_only(app: TestApp) {
             .unwrap();
         let (q, a) = (format!("question of {name}"), format!("answer to {name}"));
         let msg = |author, content| moss::db::chats::NewMessage {
+            place: moss::db::chats::Place::AtLeaf,
             author,
             content,
             finish_reason: Some("stop"),

@@ -161,13 +161,13 @@ impl From<DbError> for AnswerError {
 
 /// Where an answer's conversation comes from.
 pub enum Source {
-    /// A stored conversation (the browser): its history is the prompt and the answer is stored in
-    /// it. `question` is taken back if nothing answers it; `replaces` (regenerate) is left out of
-    /// the prompt and removed once the new answer has started.
+    /// A stored conversation (the browser): the answer follows `after` (the question it
+    /// answers), the path to it is the prompt, and the answer is stored under it — beside any
+    /// earlier answers (regenerate). `question` is taken back if nothing answers it.
     Conversation {
         id: i64,
         question: Option<i64>,
-        replaces: Option<i64>,
+        after: i64,
     },
     /// The caller's own messages (the API); the answer is stored in `keep` when asked.
     Messages {
@@ -206,18 +206,20 @@ impl Answers {
 
     /// Takes a question back that nothing will answer (a refused start, a shed wait).
     pub async fn take_back(&self, conversation_id: i64, question: i64) -> Result<(), DbError> {
-        chats::truncate_from(&self.db, conversation_id, question).await
+        chats::take_back(&self.db, conversation_id, question).await
     }
 
-    /// Stores a refusal as the answer in a conversation and streams it.
+    /// Stores a refusal as the answer to `question` and streams it.
     pub async fn refuse_in(
         &self,
         user_id: i64,
         conversation_id: i64,
+        question: i64,
         refusal: Refusal,
     ) -> Result<tokio::sync::mpsc::Receiver<StreamEvent>, AnswerError> {
         let m = chats::NewMessage {
             author: chats::Author::Rules,
+            place: chats::Place::Under(Some(question)),
             content: &refusal.answer,
             finish_reason: Some(Finish::Refused.as_str()),
             prompt_tokens: 0,

@@ -14,7 +14,8 @@ use super::backend::AnswerRequest;
 use super::live::LiveAnswer;
 use super::{history, AnswerError, Answers, Failure, Finish, Params, Source, StreamEvent};
 use crate::admission::Permit;
-use crate::db::chats::{self, NewMessage};
+use crate::db::branches;
+use crate::db::chats::{self, Message, NewMessage, Place};
 use crate::db::Db;
 use crate::engine::{ChatMessage, Event, EventStream, Role, SamplingParams, Usage};
 
@@ -118,15 +119,6 @@ pub async fn start(
     };
     let ahead = answers.backend.ahead();
     let events = answers.backend.start(request).await?;
-    if let Source::Conversation {
-        id,
-        replaces: Some(old),
-        ..
-    } = source
-    {
-        // The new answer is under way: the old one goes (before the new one can be stored).
-        chats::truncate_from(&answers.db, id, old).await?;
-    }
     let turn = Turn {
         user_id,
         source,
@@ -187,12 +179,13 @@ async fn prompt(
                 .collect();
             Ok((system, rest))
         }
-        Source::Conversation { id, replaces, .. } => {
-            let mut messages = chats::messages(&answers.db, user_id, *id).await?;
-            if let Some(old) = replaces {
-                messages.retain(|m| m.id < *old);
-            }
-            Ok((operator, history(&messages)))
+        Source::Conversation { id, after, .. } => {
+            let all = chats::messages(&answers.db, user_id, *id).await?;
+            let path: Vec<Message> = branches::path_to(&all, Some(*after))
+                .into_iter()
+                .cloned()
+                .collect();
+            Ok((operator, history(&path)))
         }
     }
 }
@@ -312,8 +305,14 @@ async fn relay(answers: &Answers, turn: Turn, mut events: EventStream, sink: &Si
     drop(events); // cancels the generation if it is still running
     metrics::gauge!("moss_generations_running").decrement(1.0);
     metrics::counter!("moss_tokens_generated_total").increment(usage.completion_tokens as u64);
+    let place = match turn.source {
+        Source::Conversation { after, .. } => Place::Under(Some(after)),
+        // An API exchange kept with `store`: its messages are one branch.
+        Source::Messages { .. } => Place::AtLeaf,
+    };
     let m = NewMessage {
         author: chats::Author::Model,
+        place,
         content: &text,
         finish_reason: Some(finish.as_str()),
         prompt_tokens: usage.prompt_tokens as i64,

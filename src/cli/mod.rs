@@ -193,6 +193,7 @@ fn seed_answer(config: &Config, email: &str, question: &str, answer: &str) -> an
             .ok_or_else(|| anyhow::anyhow!("unknown email {email}"))?;
         let conv = chats::create_conversation(&db, user.id, question, "web").await?;
         let q = NewMessage {
+            place: crate::db::chats::Place::AtLeaf,
             author: chats::Author::User,
             content: question,
             finish_reason: None,
@@ -200,6 +201,7 @@ fn seed_answer(config: &Config, email: &str, question: &str, answer: &str) -> an
             completion_tokens: 0,
         };
         let a = NewMessage {
+            place: crate::db::chats::Place::AtLeaf,
             author: chats::Author::Model,
             content: answer,
             finish_reason: Some("stop"),

@@ -11,6 +11,8 @@ pub struct Conversation {
     pub source: String,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The last message of the branch being viewed.
+    pub leaf_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
@@ -27,6 +29,8 @@ pub struct Message {
     #[sqlx(try_from = "String")]
     #[serde(skip)]
     pub written_by: Author,
+    /// The message this one follows in its branch (None: a first question).
+    pub parent_id: Option<i64>,
     /// The owner's rating of this answer (1 or -1), where the query asks for it (`messages`).
     #[sqlx(default)]
     pub rating: Option<i64>,
@@ -61,8 +65,8 @@ impl TryFrom<String> for MessageRole {
 }
 
 pub(crate) const CONV_COLS: &str =
-    "id, title, exclude_from_training, source, created_at, updated_at";
-const MSG_COLS: &str = "id, conversation_id, role, content, finish_reason, prompt_tokens, completion_tokens, created_at, written_by";
+    "id, title, exclude_from_training, source, created_at, updated_at, leaf_id";
+const MSG_COLS: &str = "id, conversation_id, role, content, finish_reason, prompt_tokens, completion_tokens, created_at, written_by, parent_id";
 
 pub async fn create_conversation(
     db: &Db,
@@ -196,13 +200,24 @@ impl TryFrom<String> for Author {
 
 pub struct NewMessage<'a> {
     pub author: Author,
+    pub place: Place,
     pub content: &'a str,
     pub finish_reason: Option<&'a str>,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
 }
 
-/// Appends a message to the user's conversation (None when it is not theirs) and bumps its time.
+/// Where a new message goes in the conversation's tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// After the last message of the branch being viewed.
+    AtLeaf,
+    /// After this message (None: as a first question), beside any that already follow it.
+    Under(Option<i64>),
+}
+
+/// Adds a message to the user's conversation (None when it is not theirs), makes it the end of
+/// the branch being viewed and bumps the conversation's time.
 pub async fn add_message(
     db: &Db,
     user_id: i64,
@@ -211,19 +226,26 @@ pub async fn add_message(
 ) -> DbResult<Option<Message>> {
     let mut tx = db.begin().await?;
     let now = now_ms();
-    let owned =
-        sqlx::query("UPDATE conversations SET updated_at = $1 WHERE id = $2 AND user_id = $3")
-            .bind(now)
-            .bind(conversation_id)
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-    if owned.rows_affected() == 0 {
+    // The conversation's row is written first, so two messages added at once queue up here
+    // and each finds the other's leaf.
+    let owned: Option<Option<i64>> = sqlx::query_scalar(
+        "UPDATE conversations SET updated_at = $1 WHERE id = $2 AND user_id = $3 RETURNING leaf_id",
+    )
+    .bind(now)
+    .bind(conversation_id)
+    .bind(user_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(leaf) = owned else {
         return Ok(None);
-    }
+    };
+    let parent = match m.place {
+        Place::AtLeaf => leaf,
+        Place::Under(parent) => parent,
+    };
     let sql = format!(
-        "INSERT INTO messages (conversation_id, role, content, finish_reason, prompt_tokens, completion_tokens, created_at, written_by, search_text) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {MSG_COLS}"
+        "INSERT INTO messages (conversation_id, role, content, finish_reason, prompt_tokens, completion_tokens, created_at, written_by, search_text, parent_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {MSG_COLS}"
     );
     let msg = sqlx::query_as::<_, Message>(&sql)
         .bind(conversation_id)
@@ -235,7 +257,13 @@ pub async fn add_message(
         .bind(now)
         .bind(m.author.column())
         .bind(super::search::index_text(m.content))
+        .bind(parent)
         .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE conversations SET leaf_id = $1 WHERE id = $2")
+        .bind(msg.id)
+        .bind(conversation_id)
+        .execute(&mut *tx)
         .await?;
     tx.commit().await?;
     Ok(Some(msg))
@@ -312,8 +340,7 @@ pub async fn export_feedback(db: &Db) -> DbResult<Vec<ExportRecord>> {
     );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT f.message_id, u.pseudonym, \
-           (SELECT p.content FROM messages p WHERE p.conversation_id = m.conversation_id AND p.id < m.id \
-            AND p.role = 'user' ORDER BY p.id DESC LIMIT 1), \
+           (SELECT p.content FROM messages p WHERE p.id = m.parent_id AND p.role = 'user'), \
            m.content, f.rating, f.comment, f.created_at, cr.text_version \
          FROM feedback f \
          JOIN users u ON u.id = f.user_id \
@@ -369,13 +396,30 @@ pub async fn owned_message(db: &Db, user_id: i64, message_id: i64) -> DbResult<O
         .await?)
 }
 
-/// Deletes `message_id` and every later message of its conversation (regenerate replaces an answer).
-pub async fn truncate_from(db: &Db, conversation_id: i64, message_id: i64) -> DbResult<()> {
-    sqlx::query("DELETE FROM messages WHERE conversation_id = $1 AND id >= $2")
+/// Takes back a question nothing answered: it goes (with anything under it), and the branch
+/// being viewed ends where it began again.
+pub async fn take_back(db: &Db, conversation_id: i64, message_id: i64) -> DbResult<()> {
+    let mut tx = db.begin().await?;
+    let parent: Option<Option<i64>> =
+        sqlx::query_scalar("SELECT parent_id FROM messages WHERE id = $1 AND conversation_id = $2")
+            .bind(message_id)
+            .bind(conversation_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(parent) = parent else {
+        return Ok(());
+    };
+    sqlx::query("DELETE FROM messages WHERE id = $1")
+        .bind(message_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE conversations SET leaf_id = $1 WHERE id = $2 AND leaf_id = $3")
+        .bind(parent)
         .bind(conversation_id)
         .bind(message_id)
-        .execute(&db.pool)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! Unix-millisecond BIGINT times, 0/1 flags); only migrations are written per backend.
 
 pub mod accounts;
+pub mod branches;
 pub mod chats;
 pub mod consent;
 pub mod invites;

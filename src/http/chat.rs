@@ -26,6 +26,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/conversations/{id}/messages", post(send))
         .route("/api/messages/{id}/regenerate", post(regenerate))
+        .route("/api/messages/{id}/edit", post(edit))
         .route("/api/conversations/{id}/stream", get(follow))
         .route("/api/conversations/{id}/stop", post(stop))
 }
@@ -78,62 +79,101 @@ struct RegenerateBody {
 }
 
 /// A new question in a conversation: checked, then the gate (cool-down, refusal rules, slot,
-/// quota) before anything is stored; the question is stored, then answered (by the model, or by
-/// the rules), and taken back if nothing can answer it.
+/// quota) before anything is stored; the question is stored at the end of the branch being
+/// viewed, then answered (by the model, or by the rules), and taken back if nothing can answer it.
 async fn send(
     State(state): State<AppState>,
     CurrentUser(user): CurrentUser,
     Path(id): Path<i64>,
     JsonBody(b): JsonBody<SendBody>,
 ) -> AppResult<Response> {
+    chats::conversation(&state.db, user.id, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    ask(&state, user.id, id, chats::Place::AtLeaf, b).await
+}
+
+/// An edited question: a new question beside the one edited (which stays, with its answers, as
+/// another branch), answered like any other.
+async fn edit(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    Path(id): Path<i64>,
+    JsonBody(b): JsonBody<SendBody>,
+) -> AppResult<Response> {
+    let old = chats::owned_message(&state.db, user.id, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    if old.role != chats::MessageRole::User {
+        return Err(AppError::invalid(
+            Field::Message,
+            "only questions can be edited",
+            "只能编辑提问",
+        ));
+    }
+    let place = chats::Place::Under(old.parent_id);
+    ask(&state, user.id, old.conversation_id, place, b).await
+}
+
+/// Stores a question at `place` and answers it (see `send`).
+async fn ask(
+    state: &AppState,
+    user_id: i64,
+    conversation: i64,
+    place: chats::Place,
+    b: SendBody,
+) -> AppResult<Response> {
     let answers = &state.answers;
     let fail = |e| state.answer_error(e);
     let content = params::message(&state.config, &b.content).map_err(fail)?;
     let params = Params::from_browser(&state.config, b.temperature, b.max_tokens).map_err(fail)?;
-    chats::conversation(&state.db, user.id, id)
-        .await?
-        .ok_or(AppError::NotFound)?;
     let decision = answers
-        .gate(user.id, [content.as_str()])
+        .gate(user_id, [content.as_str()])
         .await
         .map_err(fail)?;
     let m = NewMessage {
         author: chats::Author::User,
+        place,
         content: &content,
         finish_reason: None,
         prompt_tokens: 0,
         completion_tokens: 0,
     };
-    let question = chats::add_message(&state.db, user.id, id, &m)
+    let question = chats::add_message(&state.db, user_id, conversation, &m)
         .await?
         .ok_or(AppError::NotFound)?;
     let title: String = super::visible(&content)
         .chars()
         .take(state.config.chat.title_chars)
         .collect();
-    chats::set_title_if_empty(&state.db, id, title.trim()).await?;
+    chats::set_title_if_empty(&state.db, conversation, title.trim()).await?;
     let events = match decision {
-        Decision::Refuse(refusal) => answers.refuse_in(user.id, id, refusal).await,
+        Decision::Refuse(refusal) => {
+            answers
+                .refuse_in(user_id, conversation, question.id, refusal)
+                .await
+        }
         Decision::Answer(permit) => {
             let source = Source::Conversation {
-                id,
+                id: conversation,
                 question: Some(question.id),
-                replaces: None,
+                after: question.id,
             };
-            answer::start(answers, user.id, source, params, permit).await
+            answer::start(answers, user_id, source, params, permit).await
         }
     };
     match events {
         Ok(rx) => Ok(stream(rx)),
         Err(e) => {
             // Nothing will answer this question: take it back rather than leave it dangling.
-            answers.take_back(id, question.id).await?;
+            answers.take_back(conversation, question.id).await?;
             Err(fail(e))
         }
     }
 }
 
-/// A new answer in place of `id` (and anything after it), to the question before it.
+/// Another answer to the question `id` answers, beside it (the earlier answers stay; the new
+/// one is shown).
 async fn regenerate(
     State(state): State<AppState>,
     CurrentUser(user): CurrentUser,
@@ -146,31 +186,32 @@ async fn regenerate(
     let answer = chats::owned_message(&state.db, user.id, id)
         .await?
         .ok_or(AppError::NotFound)?;
-    if answer.role != chats::MessageRole::Assistant {
+    let question = match (answer.role, answer.parent_id) {
+        (chats::MessageRole::Assistant, Some(q)) => chats::owned_message(&state.db, user.id, q)
+            .await?
+            .filter(|q| q.role == chats::MessageRole::User),
+        _ => None,
+    };
+    let Some(question) = question else {
         return Err(AppError::invalid(
             Field::Message,
             "only answers can be regenerated",
             "只能重新生成回答",
         ));
-    }
+    };
     let conversation = answer.conversation_id;
-    let question = chats::messages(&state.db, user.id, conversation)
-        .await?
-        .into_iter()
-        .filter(|m| m.id < answer.id)
-        .rev()
-        .find(|m| m.role == chats::MessageRole::User);
-    let texts = question.as_ref().map(|q| q.content.as_str());
-    let events = match answers.gate(user.id, texts).await.map_err(fail)? {
+    let gate = answers.gate(user.id, [question.content.as_str()]);
+    let events = match gate.await.map_err(fail)? {
         Decision::Refuse(refusal) => {
-            chats::truncate_from(&state.db, conversation, answer.id).await?;
-            answers.refuse_in(user.id, conversation, refusal).await
+            answers
+                .refuse_in(user.id, conversation, question.id, refusal)
+                .await
         }
         Decision::Answer(permit) => {
             let source = Source::Conversation {
                 id: conversation,
                 question: None,
-                replaces: Some(answer.id),
+                after: question.id,
             };
             answer::start(answers, user.id, source, params, permit).await
         }

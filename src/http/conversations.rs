@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::auth::CurrentUser;
 use super::{bounded_text, AppError, AppResult, AppState, Field, JsonBody, OptionalJson};
+use crate::db::branches;
 use crate::db::chats::{self, Conversation, Message};
 use crate::db::consent;
 
@@ -20,6 +21,7 @@ pub fn router() -> Router<AppState> {
             "/api/conversations/{id}",
             get(show).patch(update).delete(remove),
         )
+        .route("/api/conversations/{id}/branch", post(switch_branch))
         .route("/api/messages/{id}/feedback", post(feedback))
 }
 
@@ -88,10 +90,50 @@ async fn show(
     // Asked before the messages are read: an answer that ends in between is then both stored
     // and announced, never neither.
     let answering = state.answers.live.get(id, user.id).is_some();
-    let msgs = chats::messages(&state.db, user.id, id).await?;
+    let all = chats::messages(&state.db, user.id, id).await?;
     let mut v = conversation_json(&c);
-    v["messages"] = msgs.iter().map(message_json).collect();
+    v["messages"] = branch_json(&all, c.leaf_id);
     v["answering"] = json!(answering);
+    Ok(Json(v))
+}
+
+/// The branch being viewed, each message with its siblings (`‹ 1 / 2 ›`).
+fn branch_json(all: &[Message], leaf: Option<i64>) -> Value {
+    branches::path_to(all, leaf)
+        .into_iter()
+        .map(|m| {
+            let mut v = message_json(m);
+            v["siblings"] = json!(branches::siblings(all, m));
+            v
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+struct BranchBody {
+    message_id: i64,
+}
+
+/// Shows the branch through `message_id` (an edited question or another answer), at its newest
+/// end; answers with the conversation as `GET` does.
+async fn switch_branch(
+    State(state): State<AppState>,
+    CurrentUser(user): CurrentUser,
+    Path(id): Path<i64>,
+    JsonBody(b): JsonBody<BranchBody>,
+) -> AppResult<Json<Value>> {
+    let c = chats::conversation(&state.db, user.id, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    let all = chats::messages(&state.db, user.id, id).await?;
+    if !all.iter().any(|m| m.id == b.message_id) {
+        return Err(AppError::NotFound);
+    }
+    let leaf = branches::newest_end(&all, b.message_id);
+    branches::set_leaf(&state.db, user.id, id, leaf).await?;
+    let mut v = conversation_json(&c);
+    v["messages"] = branch_json(&all, Some(leaf));
+    v["answering"] = json!(state.answers.live.get(id, user.id).is_some());
     Ok(Json(v))
 }
 

@@ -302,6 +302,7 @@ async fn keep_exchange(
         };
         let finish = (m.role == Role::Assistant).then_some("stop");
         let nm = NewMessage {
+            place: crate::db::chats::Place::AtLeaf,
             author,
             content: &m.content,
             finish_reason: finish,

@@ -248,6 +248,30 @@ test("scrolled up while an answer streams, the page stays where the reader is", 
   await page.waitForSelector(".message.assistant .tools .regenerate", { timeout: 30000 });
 });
 
+test("editing a question makes a second version, and ‹ › switch between versions", async () => {
+  await page.click("#new-chat");
+  await page.fill("#prompt", "first version");
+  await page.click("#send");
+  await page.waitForSelector(".message.user .edit", { timeout: 30000 });
+  await page.click(".message.user .edit");
+  await page.fill(".edit-form textarea", "second version");
+  await page.click(".edit-form button[type=submit]");
+  await page.waitForSelector(".message.user .branch-at:has-text('2 / 2')", { timeout: 30000 });
+  assert.equal(await page.textContent(".message.user .body"), "second version");
+  await page.click(".message.user .branch-prev");
+  await page.waitForSelector(".message.user .branch-at:has-text('1 / 2')");
+  assert.equal(await page.textContent(".message.user .body"), "first version");
+  assert.equal(await page.locator(".message.assistant").count(), 1, "the first version's answer");
+  // Regenerate keeps the earlier answer as another version.
+  const before = await page.textContent(".message.assistant .body");
+  await page.click(".message.assistant .regenerate");
+  await page.waitForSelector(".message.assistant .branch-at:has-text('2 / 2')", { timeout: 30000 });
+  await page.click(".message.assistant .branch-prev");
+  await page.waitForSelector(".message.assistant .branch-at:has-text('1 / 2')");
+  assert.equal(await page.textContent(".message.assistant .body"), before);
+  await shot("12-versions");
+});
+
 test("a Markdown table renders as a table, and answers cannot run script", async () => {
   moss("debug", "seed-answer", "--email", "admin@example.com", "--question", "Films?",
     "--answer", "| 电影 | 导演 |\n|---|---|\n| 黑客帝国 | 沃卓斯基 |\n\n```python\nprint('hi')\n```");
