@@ -291,7 +291,7 @@
       while (form.nextSibling) form.nextSibling.remove();
       form.remove();
       div.remove();
-      appendMessage({ role: "user", content: content });
+      appendMessage({ role: "user", content: content, sent: true });
       state.follow = true;
       scrollDown();
       stream(conv, "POST", "/api/messages/" + m.id + "/edit", { content: content }, function (why) {
@@ -359,11 +359,14 @@
     if (m.html !== undefined) body.innerHTML = m.html; // sanitised by the server
     else body.textContent = m.content;
     div.appendChild(body);
-    if (m.role === "user" && m.id) {
+    // A question just sent has its tools too (inactive until it is stored), so that nothing
+    // moves when it is shown as stored.
+    if (m.role === "user" && (m.id || m.sent)) {
       var own = el("div", "tools user-tools");
       if (m.siblings && m.siblings.length > 1) own.appendChild(branchNav(m));
       var change = el("button", "edit", t("edit"));
       change.type = "button";
+      change.disabled = !m.id;
       change.addEventListener("click", function () { editQuestion(div, m); });
       own.appendChild(change);
       div.appendChild(own);
@@ -524,7 +527,8 @@
     return pump().then(function () { bubble.node.classList.remove("streaming"); });
   }
   // Starts an answer (send, regenerate) or follows the one being made (`method` GET); `refused`
-  // is called when the server turns the request down before anything is streamed.
+  // is called when the server turns the request down before anything is streamed. Resolves
+  // with true once an answer was streamed.
   function stream(conv, method, url, body, refused) {
     var controller = new AbortController();
     var mine = { controller: controller, conv: conv };
@@ -542,21 +546,24 @@
       method: method, headers: { "Content-Type": "application/json" }, credentials: "same-origin",
       body: body === undefined ? undefined : JSON.stringify(body), signal: controller.signal
     }).then(function (r) {
-      if (r.status === 204) return finish();
+      if (r.status === 204) { finish(); return false; }
       if (!r.ok) {
         return r.json().catch(function () { return null; }).then(function (b) {
-          if (signedOut(r)) return;
+          if (signedOut(r)) return false;
           finish();
           if (refused) refused(M.errorText(b)); else showError(M.errorText(b));
+          return false;
         });
       }
       return consume(r, conv).then(function () {
         finish();
         if (state.current === conv) loadConversations();
+        return true;
       });
     }).catch(function (e) {
       if (!(e && e.name === "AbortError")) showError(t("network"));
       finish();
+      return false;
     });
   }
   function follow(conv) {
@@ -585,7 +592,7 @@
     var go = function (conv) {
       prompt.value = "";
       messages.querySelectorAll(".regenerate, .welcome").forEach(function (b) { b.remove(); });
-      var question = appendMessage({ role: "user", content: content });
+      var question = appendMessage({ role: "user", content: content, sent: true });
       state.follow = true;
       scrollDown();
       return stream(conv, "POST", "/api/conversations/" + conv + "/messages", { content: content }, function (why) {
@@ -605,7 +612,8 @@
             loadConversations();
           });
         }
-      }).then(function () {
+      }).then(function (answered) {
+        if (!answered) return;
         try { sessionStorage.removeItem("moss.draft." + conv); } catch (e) {}
         refresh(conv); // the question's own tools (edit) come with its stored form
       });

@@ -362,9 +362,20 @@ async fn forward(
     let mut stopping = answers.stopping.clone();
     let mut text = String::new();
     let mut first_token = true;
-    let mut rendered = Instant::now();
+    // Renderings: the first at once, then at most one per RENDER_EVERY, and one after the last
+    // piece however long the next takes (a stalled answer is not left half raw).
+    let mut rendered: Option<tokio::time::Instant> = None;
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
+        let render_at = due.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
+            _ = tokio::time::sleep_until(render_at), if due.is_some() => {
+                due = None;
+                rendered = Some(tokio::time::Instant::now());
+                let html = crate::render::markdown(&text);
+                let text_len = text.encode_utf16().count();
+                sink.send(StreamEvent::Html { html, text_len }).await;
+            }
             ev = events.recv() => match ev {
                 Some(Event::Text(piece)) => {
                     if first_token {
@@ -380,11 +391,9 @@ async fn forward(
                     if !sent {
                         return (text, Finish::Cancelled, Usage::default());
                     }
-                    if sink.renders() && rendered.elapsed() >= RENDER_EVERY {
-                        rendered = Instant::now();
-                        let html = crate::render::markdown(&text);
-                        let text_len = text.encode_utf16().count();
-                        sink.send(StreamEvent::Html { html, text_len }).await;
+                    if sink.renders() && due.is_none() {
+                        let now = tokio::time::Instant::now();
+                        due = Some(rendered.map_or(now, |at| (at + RENDER_EVERY).max(now)));
                     }
                 }
                 Some(Event::Done { finish_reason, usage, .. }) => return (text, finish_reason.into(), usage),
