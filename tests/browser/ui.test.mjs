@@ -96,6 +96,12 @@ test("someone without a code joins the waitlist", async () => {
   await page.waitForSelector("[data-form=waitlist] .result:has-text('Thank you')");
   await shot("01-landing");
   await accessible("landing");
+  // The first Tab stop on the chat page is checked later; here the other pages pass axe too.
+  for (const path of ["/reset?token=nothing", "/waitlist/status?token=nothing", "/register"]) {
+    await page.goto(base + path);
+    await accessible(path);
+  }
+  await page.goto(base);
 });
 
 test("the invite link fills in the code and registers an account", async () => {
@@ -129,6 +135,19 @@ test("a message streams in token by token and ends with tools", async () => {
   assert.equal(await page.textContent("#conversations .group-label"), "Today", "grouped by date");
   await shot("03-answered");
   await accessible("chat");
+});
+
+test("Esc stops an answer too; a question looks the same after a reload", async () => {
+  await page.fill("#prompt", "one line question");
+  await page.click("#send");
+  await page.waitForFunction(() => (document.querySelector(".message.assistant.streaming .body")?.textContent || "").length > 3);
+  const sent = await page.locator(".message.user:has-text('one line question')").boundingBox();
+  await page.keyboard.press("Escape");
+  await page.waitForSelector(".message.assistant:last-child .cut-note", { timeout: 10000 });
+  await page.reload();
+  await page.waitForSelector(".message.user:has-text('one line question') .edit:not([disabled])");
+  const stored = await page.locator(".message.user:has-text('one line question')").boundingBox();
+  assert.equal(stored.height, sent.height, "no blank lines gained");
 });
 
 test("stop ends the answer and keeps what was written", async () => {
@@ -300,6 +319,10 @@ test("a Markdown table renders as a table, and answers cannot run script", async
 test("the consent switch records every grant and withdrawal", async () => {
   await page.click("[data-view=settings]");
   await page.waitForSelector("#consent-text:not(:empty)");
+  // The checkbox sits on its label's line.
+  const box = await page.locator("#consent-switch").boundingBox();
+  const label = await page.locator("label.switch span:visible").boundingBox();
+  assert.ok(Math.abs((box.y + box.height / 2) - (label.y + label.height / 2)) < 6, "checkbox beside its label");
   assert.equal(await page.isChecked("#consent-switch"), false, "off until turned on");
   await page.check("#consent-switch");
   await page.waitForSelector("#consent-result:has-text('Saved')");
@@ -320,6 +343,12 @@ test("thumbs down with a comment is stored", async () => {
   await page.click("#conversations li:has-text('Films?') .conv-title");
   await page.waitForSelector(".message.assistant .rate-down");
   await page.click(".message.assistant .rate-down");
+  // Its Send button stays on one line, even on a phone.
+  await page.setViewportSize({ width: 390, height: 844 });
+  const send = await page.locator(".tools form.feedback button").boundingBox();
+  const line = await page.locator(".tools form.feedback input").boundingBox();
+  assert.ok(send.height <= line.height + 4, `Send is one line: ${send.height} vs ${line.height}`);
+  await page.setViewportSize({ width: 1200, height: 800 });
   await page.fill(".tools form.feedback input", "the director is wrong");
   await page.click(".tools form.feedback button");
   await page.waitForSelector(".tools .thanks");
@@ -375,6 +404,11 @@ test("a new chat welcomes with the model's name and examples; an example asks at
   assert.ok(me.body.model, "the model is named");
   assert.match(await page.textContent(".welcome .hint"), new RegExp(me.body.model.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")));
   assert.equal(await page.evaluate(() => document.activeElement.id), "prompt", "the composer has the focus");
+  // The page's first stop in tab order is a skip link, which leads to the composer.
+  assert.equal(await page.evaluate(() => document.querySelector("a[href], button, input, textarea, select").className), "skip-link");
+  await page.focus(".skip-link");
+  await page.keyboard.press("Enter");
+  assert.equal(await page.evaluate(() => document.activeElement.id), "prompt");
   await shot("09-welcome");
   await accessible("welcome");
   await page.click(".welcome .example >> nth=0");
