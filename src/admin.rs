@@ -2,15 +2,15 @@
 
 use crate::config::Config;
 use crate::db::invites::InviteSpec;
-use crate::db::waitlist::{self, Admitted};
+use crate::db::waitlist::{self, Admitted, Pick};
 use crate::db::{Db, DbResult};
 
-/// Admits the `count` oldest confirmed waitlist entries: one single-use code each, and (when
+/// Admits confirmed waitlist entries (the oldest N, or one): one single-use code each, and (when
 /// e-mail is configured) the invitation queued in the same transaction.
 pub async fn admit(
     db: &Db,
     config: &Config,
-    count: i64,
+    pick: Pick,
     admin: Option<i64>,
 ) -> DbResult<Vec<Admitted>> {
     let days = config.invites.waitlist_code_days;
@@ -22,8 +22,16 @@ pub async fn admit(
         created_by: admin,
     };
     let mail = config.smtp.enabled();
-    waitlist::admit(db, count, &spec, |email, locale, code| {
+    waitlist::admit(db, pick, &spec, |email, locale, code| {
         mail.then(|| crate::mail::invite_mail(config, email, locale, code))
     })
     .await
+}
+
+/// A single-use password-reset link for `user_id`, for an operator to hand over (when the user
+/// cannot get mail); the user's earlier links end.
+pub async fn reset_link(db: &Db, config: &Config, user_id: i64) -> DbResult<String> {
+    let ttl = config.accounts.reset_link_minutes * 60_000;
+    let token = crate::db::profile::operator_reset(db, user_id, ttl).await?;
+    Ok(format!("{}/reset?token={token}", config.public_url()))
 }

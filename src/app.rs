@@ -42,6 +42,7 @@ pub fn build_router(state: AppState) -> Router {
     // Each group of paths draws on its own bucket; health checks and metrics on none.
     let general = Router::new()
         .merge(http::accounts::router())
+        .merge(http::account::router())
         .merge(http::waitlist::status_router())
         .merge(http::conversations::router())
         .merge(http::keys::router())
@@ -60,6 +61,7 @@ pub fn build_router(state: AppState) -> Router {
     Router::new()
         .merge(
             http::accounts::auth_router()
+                .merge(http::account::password_router())
                 .layer(timeout)
                 .layer(crate::limits::layer("auth", auth)),
         )

@@ -92,7 +92,10 @@
       });
     },
     forgot: function (form, f) {
-      return send("POST", "/api/password/forgot", f).then(function () {
+      return send("POST", "/api/password/forgot", f).then(function (r) {
+        if (r.body && r.body.mail === false) {
+          return say(form, lang() === "zh" ? "本服务没有配置邮件：请向管理员索取重置链接。" : "This service sends no e-mail: ask its operator for a password-reset link.");
+        }
         say(form, lang() === "zh" ? "如果该邮箱已注册，重置链接已发出。" : "If this address has an account, a reset link is on its way.");
       });
     },

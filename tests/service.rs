@@ -962,3 +962,274 @@ fn migration_folders_hold_the_same_names() {
     assert_eq!(names("sqlite"), names("postgres"));
     assert!(!names("sqlite").is_empty());
 }
+
+/// The account page's API: a new name, a new password (other sessions end, this one stays), a
+/// download of everything held about the user, and deleting the account (the consent log keeps
+/// its rows, naming no one). The operator's per-row actions: admit one waitlist entry, remove
+/// one, change a role, hand out a reset link — never on their own account.
+async fn own_account_and_operator_rows(app: TestApp) {
+    let at = &app;
+    let login = |email: &'static str, password: &'static str| {
+        let c = at.client();
+        async move {
+            let r = c
+                .post(at.url("/api/login"))
+                .json(&json!({"email": email, "password": password}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), c)
+        }
+    };
+    let c = app.user("own@example.com").await;
+    let (status, elsewhere) = login("own@example.com", "a good long password").await;
+    assert_eq!(status, 200);
+    // Name.
+    let r = c
+        .put(app.url("/api/me/profile"))
+        .json(&json!({"display_name": "Lin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        app.get_json(&c, "/api/me").await["user"]["display_name"],
+        "Lin"
+    );
+    let r = c
+        .put(app.url("/api/me/profile"))
+        .json(&json!({"display_name": "\u{202e}nil"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    // Password.
+    let change = |current: &str, new: &str| {
+        c.put(app.url("/api/me/password"))
+            .json(&json!({"current": current, "password": new}))
+            .send()
+    };
+    assert_eq!(
+        change("wrong password!", "another long password")
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        change("a good long password", "short")
+            .await
+            .unwrap()
+            .status(),
+        422
+    );
+    assert_eq!(
+        change("a good long password", "another long password")
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    assert_eq!(
+        c.get(app.url("/api/me")).send().await.unwrap().status(),
+        200,
+        "this session stays"
+    );
+    assert_eq!(
+        elsewhere
+            .get(app.url("/api/me"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401,
+        "others end"
+    );
+    assert_eq!(
+        login("own@example.com", "a good long password").await.0,
+        401
+    );
+    assert_eq!(
+        login("own@example.com", "another long password").await.0,
+        200
+    );
+    // Download.
+    let conv = app.conversation(&c).await;
+    let (status, _) = app
+        .chat(&c, conv, json!({"content": "hello there", "max_tokens": 3}))
+        .await;
+    assert_eq!(status, 200);
+    let r = c
+        .put(app.url("/api/consent"))
+        .json(&json!({"model_improvement": true}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let r = c.get(app.url("/api/me/export")).send().await.unwrap();
+    assert!(r.headers()["content-disposition"]
+        .to_str()
+        .unwrap()
+        .starts_with("attachment"));
+    let data: Value = serde_json::from_str(&r.text().await.unwrap()).expect("the download is JSON");
+    assert_eq!(data["account"]["email"], "own@example.com");
+    assert_eq!(
+        data["conversations"][0]["messages"][0]["content"],
+        "hello there"
+    );
+    assert_eq!(data["consent_history"][0]["granted"], 1);
+    // The operator's rows.
+    let admin = app.admin("ops@example.com").await;
+    let me = app.get_json(&c, "/api/me").await["user"]["id"]
+        .as_i64()
+        .unwrap();
+    let admin_id = app.get_json(&admin, "/api/me").await["user"]["id"]
+        .as_i64()
+        .unwrap();
+    let r = c
+        .post(app.url(&format!("/api/admin/users/{me}/reset-link")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "only admins");
+    let r = admin
+        .post(app.url(&format!("/api/admin/users/{admin_id}/role")))
+        .json(&json!({"role": "user"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422, "not one's own role");
+    let r = admin
+        .post(app.url(&format!("/api/admin/users/{me}/role")))
+        .json(&json!({"role": "root"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let r = admin
+        .post(app.url(&format!("/api/admin/users/{me}/role")))
+        .json(&json!({"role": "admin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(app.get_json(&c, "/api/me").await["user"]["role"], "admin");
+    let link: Value = admin
+        .post(app.url(&format!("/api/admin/users/{me}/reset-link")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = link["url"]
+        .as_str()
+        .unwrap()
+        .split("token=")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let r = app
+        .client()
+        .post(app.url("/api/password/reset"))
+        .json(&json!({"token": token, "password": "set by the link"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(login("own@example.com", "set by the link").await.0, 200);
+    for email in ["w1@example.com", "w2@example.com"] {
+        let r = app
+            .client()
+            .post(app.url("/api/waitlist"))
+            .json(&json!({ "email": email }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let entries = app.get_json(&admin, "/api/admin/waitlist").await;
+    let id_of = |email: &str| {
+        entries["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["email"] == email)
+            .unwrap()["id"]
+            .as_i64()
+            .unwrap()
+    };
+    let (w1, w2) = (id_of("w1@example.com"), id_of("w2@example.com"));
+    let admitted: Value = admin
+        .post(app.url(&format!("/api/admin/waitlist/{w2}/admit")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        admitted["email"], "w2@example.com",
+        "the one chosen, not the oldest"
+    );
+    assert!(admitted["link"]
+        .as_str()
+        .unwrap()
+        .contains("/register?code="));
+    let again = admin
+        .post(app.url(&format!("/api/admin/waitlist/{w2}/admit")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 404, "admitted once");
+    let r = admin
+        .delete(app.url(&format!("/api/admin/waitlist/{w1}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let entries = app.get_json(&admin, "/api/admin/waitlist").await;
+    assert!(!entries.to_string().contains("w1@example.com"));
+    // Forgot password without mail says so (the same for every address).
+    let r: Value = app
+        .client()
+        .post(app.url("/api/password/forgot"))
+        .json(&json!({"email": "own@example.com"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["mail"], false);
+    // Deleting the account: the password first; then signing in fails, the consent log stays.
+    let c = login("own@example.com", "set by the link").await.1;
+    let consents: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM consent_records")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let delete = |password: &str| {
+        c.post(app.url("/api/me/delete"))
+            .json(&json!({ "password": password }))
+            .send()
+    };
+    assert_eq!(delete("not my password").await.unwrap().status(), 401);
+    assert_eq!(delete("set by the link").await.unwrap().status(), 204);
+    assert_eq!(login("own@example.com", "set by the link").await.0, 401);
+    assert_eq!(
+        c.get(app.url("/api/me")).send().await.unwrap().status(),
+        401
+    );
+    let after: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM consent_records")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(after, consents, "the consent log keeps its rows");
+    let left: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE email = 'own@example.com'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+}
+both_backends!(own_account_and_operator_rows);

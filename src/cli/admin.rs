@@ -66,6 +66,10 @@ pub enum UserCommand {
         /// `admin` or `user`.
         role: String,
     },
+    /// Print a single-use password-reset link to hand to the user (no e-mail needed).
+    ResetLink {
+        email: String,
+    },
     /// Delete an account and its data (consent history is kept, anonymised).
     Delete {
         email: String,
@@ -170,7 +174,13 @@ pub fn run(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             }
             AdminCommand::Waitlist(WaitlistCommand::Admit { count }) => {
                 anyhow::ensure!(count >= 1, "--count must be at least 1");
-                let admitted = crate::admin::admit(&db, &config, count, None).await?;
+                let admitted = crate::admin::admit(
+                    &db,
+                    &config,
+                    crate::db::waitlist::Pick::Oldest(count),
+                    None,
+                )
+                .await?;
                 for a in &admitted {
                     writeln!(out, "{}\t{}", a.email, a.code)?;
                 }
@@ -194,6 +204,13 @@ pub fn run(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
                         u.created_at / 1000
                     )?;
                 }
+            }
+            AdminCommand::User(UserCommand::ResetLink { email }) => {
+                let user = accounts::user_by_email(&db, &email.trim().to_lowercase())
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("unknown email {email}"))?;
+                let url = crate::admin::reset_link(&db, &config, user.id).await?;
+                writeln!(out, "{url}")?;
             }
             AdminCommand::User(UserCommand::SetRole { email, role }) => {
                 anyhow::ensure!(

@@ -9,6 +9,7 @@ pub mod consent;
 pub mod invites;
 pub mod keys;
 pub mod outbox;
+pub mod profile;
 pub mod search;
 pub mod usage;
 pub mod waitlist;

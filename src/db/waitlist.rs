@@ -209,12 +209,21 @@ pub struct Admitted {
     pub code: String,
 }
 
-/// Admits the `count` oldest confirmed entries: for each, mints a single-use code, marks the entry
-/// invited and queues the invitation made by `mail` — all in one transaction, so a code is never
-/// minted without its e-mail or the other way round. Safe with several replicas (rows are locked).
+/// Which entries to admit.
+#[derive(Debug, Clone, Copy)]
+pub enum Pick {
+    /// The oldest confirmed ones, this many.
+    Oldest(i64),
+    /// This one, if it is confirmed and not invited yet.
+    Entry(i64),
+}
+
+/// Admits confirmed entries (`pick`): for each, mints a single-use code, marks the entry invited
+/// and queues the invitation made by `mail` — all in one transaction, so a code is never minted
+/// without its e-mail or the other way round. Safe with several replicas (rows are locked).
 pub async fn admit(
     db: &Db,
-    count: i64,
+    pick: Pick,
     spec: &InviteSpec,
     mail: impl Fn(&str, &str, &str) -> Option<NewMail>,
 ) -> DbResult<Vec<Admitted>> {
@@ -224,11 +233,14 @@ pub async fn admit(
     } else {
         ""
     };
+    let (which, n) = match pick {
+        Pick::Oldest(count) => ("ORDER BY id LIMIT $1", count),
+        Pick::Entry(id) => ("AND id = $1", id),
+    };
     let sql = format!(
-        "SELECT id, email, locale FROM waitlist WHERE confirmed_at IS NOT NULL AND invited_at IS NULL ORDER BY id LIMIT $1{lock}"
+        "SELECT id, email, locale FROM waitlist WHERE confirmed_at IS NOT NULL AND invited_at IS NULL {which}{lock}"
     );
-    let rows: Vec<(i64, String, String)> =
-        sqlx::query_as(&sql).bind(count).fetch_all(&mut *tx).await?;
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(&sql).bind(n).fetch_all(&mut *tx).await?;
     let mut admitted = Vec::with_capacity(rows.len());
     for (id, email, locale) in rows {
         let (invite_id, code) = mint(&mut tx, spec).await?;
@@ -249,6 +261,15 @@ pub async fn admit(
     }
     tx.commit().await?;
     Ok(admitted)
+}
+
+/// Removes an entry (its address can sign up again).
+pub async fn remove(db: &Db, id: i64) -> DbResult<bool> {
+    let r = sqlx::query("DELETE FROM waitlist WHERE id = $1")
+        .bind(id)
+        .execute(&db.pool)
+        .await?;
+    Ok(r.rows_affected() > 0)
 }
 
 /// Marks the entry of `email` registered (inside the registration transaction).

@@ -255,7 +255,12 @@ async fn forgot_password(
     if let Ok(email) = normalize_email(&b.email) {
         state.resets.request(email);
     }
-    (StatusCode::ACCEPTED, Json(json!({"status": "accepted"})))
+    // Whether mail goes out at all depends on the service, not on the address: saying so tells
+    // nothing about accounts, and spares people waiting for a mail that cannot come.
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({"status": "accepted", "mail": state.mail_enabled()})),
+    )
 }
 
 #[derive(Deserialize)]

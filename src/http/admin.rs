@@ -3,14 +3,16 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::AdminUser;
 use super::{bounded_text, AppError, AppResult, AppState, Field, JsonBody};
+use crate::db::accounts::AccountRole;
 use crate::db::invites::{self, InviteSpec};
+use crate::db::waitlist::Pick;
 use crate::db::{accounts, chats, waitlist};
 
 pub fn router() -> Router<AppState> {
@@ -21,6 +23,104 @@ pub fn router() -> Router<AppState> {
         .route("/api/admin/invites", get(list_invites).post(create_invites))
         .route("/api/admin/invites/{id}/revoke", post(revoke_invite))
         .route("/api/admin/users", get(list_users))
+        .route("/api/admin/waitlist/{id}/admit", post(admit_one))
+        .route("/api/admin/waitlist/{id}", delete(remove_entry))
+        .route("/api/admin/users/{id}/role", post(set_role))
+        .route("/api/admin/users/{id}/reset-link", post(reset_link))
+        .route("/api/admin/users/{id}", delete(delete_user))
+}
+
+/// Admits one entry; its code is in the answer when no e-mail is configured.
+async fn admit_one(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    Path(id): Path<i64>,
+) -> AppResult<Json<Value>> {
+    let pick = Pick::Entry(id);
+    let admitted = crate::admin::admit(&state.db, &state.config, pick, Some(admin.id)).await?;
+    let Some(a) = admitted.first() else {
+        // Unknown, unconfirmed or already invited.
+        return Err(AppError::NotFound);
+    };
+    let link = format!("{}/register?code={}", state.config.public_url(), a.code);
+    Ok(Json(match state.mail_enabled() {
+        true => json!({"email": a.email, "emailed": true}),
+        false => json!({"email": a.email, "emailed": false, "code": a.code, "link": link}),
+    }))
+}
+
+async fn remove_entry(
+    State(state): State<AppState>,
+    _: AdminUser,
+    Path(id): Path<i64>,
+) -> AppResult<StatusCode> {
+    match waitlist::remove(&state.db, id).await? {
+        true => Ok(StatusCode::NO_CONTENT),
+        false => Err(AppError::NotFound),
+    }
+}
+
+/// The user row an admin acts on; never the admin's own (no one locks themselves out).
+async fn other_user(
+    state: &AppState,
+    admin: &accounts::User,
+    id: i64,
+) -> AppResult<accounts::User> {
+    let user = accounts::user_by_id(&state.db, id)
+        .await?
+        .ok_or(AppError::NotFound)?;
+    if user.id == admin.id {
+        return Err(AppError::invalid(
+            Field::Request("id"),
+            "use your own account page for your own account",
+            "请在自己的账号页面管理自己的账号",
+        ));
+    }
+    Ok(user)
+}
+
+#[derive(Deserialize)]
+struct RoleBody {
+    role: String,
+}
+
+async fn set_role(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    Path(id): Path<i64>,
+    JsonBody(b): JsonBody<RoleBody>,
+) -> AppResult<StatusCode> {
+    let role: AccountRole = b.role.parse().map_err(|_| {
+        AppError::invalid(
+            Field::Request("role"),
+            "role must be admin or user",
+            "角色必须是 admin 或 user",
+        )
+    })?;
+    let user = other_user(&state, &admin, id).await?;
+    accounts::set_role(&state.db, &user.email, role).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A single-use reset link to hand to the user (valid `accounts.reset_link_minutes`).
+async fn reset_link(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    Path(id): Path<i64>,
+) -> AppResult<Json<Value>> {
+    let user = other_user(&state, &admin, id).await?;
+    let url = crate::admin::reset_link(&state.db, &state.config, user.id).await?;
+    Ok(Json(json!({"email": user.email, "url": url})))
+}
+
+async fn delete_user(
+    State(state): State<AppState>,
+    AdminUser(admin): AdminUser,
+    Path(id): Path<i64>,
+) -> AppResult<StatusCode> {
+    let user = other_user(&state, &admin, id).await?;
+    accounts::delete_user(&state.db, &user.email).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn stats(State(state): State<AppState>, _: AdminUser) -> AppResult<Json<Value>> {
@@ -68,7 +168,13 @@ async fn admit(
     JsonBody(b): JsonBody<AdmitBody>,
 ) -> AppResult<Json<Value>> {
     let count = check_count(b.count)?;
-    let admitted = crate::admin::admit(&state.db, &state.config, count, Some(admin.id)).await?;
+    let admitted = crate::admin::admit(
+        &state.db,
+        &state.config,
+        Pick::Oldest(count),
+        Some(admin.id),
+    )
+    .await?;
     let show_codes = !state.mail_enabled();
     let rows: Vec<Value> = admitted
         .iter()

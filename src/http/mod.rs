@@ -1,6 +1,7 @@
 //! The HTTP layer: one module per resource, each with its own `router()`. Handlers are thin:
 //! extract, call into `db` / `engine`, map to a response.
 
+pub mod account;
 pub mod accounts;
 pub mod admin;
 pub mod auth;
