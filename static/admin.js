@@ -13,6 +13,36 @@
     tbody.appendChild(tr);
   }
   function when(ms) { return ms ? new Date(ms).toLocaleString() : ""; }
+  function zh() { return M.lang() === "zh"; }
+  function button(en, cn, cls, onClick) {
+    var b = document.createElement("button");
+    b.type = "button";
+    b.className = cls;
+    b.textContent = zh() ? cn : en;
+    b.addEventListener("click", onClick);
+    return b;
+  }
+  // A link to hand over, shown once with a copy button.
+  function showLink(text, url) {
+    var box = $("row-result");
+    box.textContent = "";
+    box.hidden = false;
+    box.appendChild(document.createTextNode(text + " "));
+    var field = document.createElement("input");
+    field.readOnly = true;
+    field.value = url;
+    field.className = "link-field";
+    field.setAttribute("aria-label", text);
+    box.appendChild(field);
+    box.appendChild(button("Copy", "复制", "copy-link", function () {
+      if (navigator.clipboard) navigator.clipboard.writeText(url);
+    }));
+  }
+  function tell(text) {
+    var box = $("row-result");
+    box.hidden = false;
+    box.textContent = text;
+  }
   function loadStats() {
     M.send("GET", "/api/admin/stats").then(function (r) {
       if (!r.ok) return;
@@ -26,7 +56,24 @@
     M.send("GET", "/api/admin/waitlist").then(function (r) {
       var tbody = $("waitlist-table").querySelector("tbody");
       tbody.textContent = "";
-      if (r.ok) r.body.entries.forEach(function (e) { row(tbody, [e.email, e.state, when(e.created_at)]); });
+      if (!r.ok) return;
+      r.body.entries.forEach(function (e) {
+        var actions = document.createElement("span");
+        if (e.state === "waiting") {
+          actions.appendChild(button("Admit", "放行", "admit-one", function () {
+            M.send("POST", "/api/admin/waitlist/" + e.id + "/admit").then(function (r) {
+              if (!r.ok) return tell(M.errorText(r.body));
+              if (r.body.link) showLink(e.email + (zh() ? " 的邀请链接：" : ": invitation link"), r.body.link);
+              else tell(zh() ? "邀请已发送到 " + e.email : "Invitation mailed to " + e.email);
+              all();
+            });
+          }));
+        }
+        actions.appendChild(button("Remove", "移除", "remove-entry", function () {
+          M.send("DELETE", "/api/admin/waitlist/" + e.id).then(all);
+        }));
+        row(tbody, [e.email, e.state, when(e.created_at), actions]);
+      });
     });
   }
   function loadInvites() {
@@ -52,7 +99,35 @@
     M.send("GET", "/api/admin/users").then(function (r) {
       var tbody = $("users-table").querySelector("tbody");
       tbody.textContent = "";
-      if (r.ok) r.body.users.forEach(function (u) { row(tbody, [u.email, u.display_name, u.role]); });
+      if (!r.ok) return;
+      var me = document.getElementById("admin-me").getAttribute("data-id");
+      r.body.users.forEach(function (u) {
+        var actions = document.createElement("span");
+        var role = u.role;
+        if (String(u.id) !== me) {
+          var select = document.createElement("select");
+          select.className = "role";
+          select.setAttribute("aria-label", (zh() ? "角色：" : "Role: ") + u.email);
+          ["user", "admin"].forEach(function (v) {
+            var o = document.createElement("option");
+            o.value = v; o.textContent = v; o.selected = v === u.role;
+            select.appendChild(o);
+          });
+          select.addEventListener("change", function () {
+            M.send("POST", "/api/admin/users/" + u.id + "/role", { role: select.value }).then(function (r) {
+              tell(r.ok ? (zh() ? "已更改 " : "Changed ") + u.email : M.errorText(r.body));
+            });
+          });
+          role = select;
+          actions.appendChild(button("Reset link", "重置链接", "reset-link", function () {
+            M.send("POST", "/api/admin/users/" + u.id + "/reset-link").then(function (r) {
+              if (r.ok) showLink(u.email + (zh() ? " 的密码重置链接：" : ": password-reset link"), r.body.url);
+              else tell(M.errorText(r.body));
+            });
+          }));
+        }
+        row(tbody, [u.email, u.display_name, role, actions]);
+      });
     });
   }
   function all() { loadStats(); loadWaitlist(); loadInvites(); loadUsers(); }

@@ -21,7 +21,8 @@
                  "Make a table of three planets with their distance from the sun", "Write a haiku about moss"],
       groups: ["Today", "Yesterday", "Previous 7 days", "Older"],
       search: "Search conversations", nothingFound: "Nothing found.", edit: "Edit", save: "Send",
-      previous: "Previous version", next: "Next version"
+      previous: "Previous version", next: "Next version",
+      confirmAccountDelete: "Delete your account, your conversations and your keys for good?"
     },
     zh: {
       untitled: "新对话", rename: "重命名", del: "删除", confirmDelete: "删除这个对话？",
@@ -38,7 +39,8 @@
                  "列一个表格：三颗行星和它们到太阳的距离", "写一首关于苔藓的短诗"],
       groups: ["今天", "昨天", "过去 7 天", "更早"],
       search: "搜索对话", nothingFound: "没有找到。", edit: "编辑", save: "发送",
-      previous: "上一个版本", next: "下一个版本"
+      previous: "上一个版本", next: "下一个版本",
+      confirmAccountDelete: "永久删除你的账号、对话和密钥？"
     }
   };
   function t(k) { return T[M.lang()][k]; }
@@ -650,9 +652,38 @@
       $("consent-text").textContent = r.body.consent_text[M.lang()];
       $("consent-version").textContent = r.body.consent.text_version;
       $("consent-switch").checked = r.body.consent.model_improvement;
+      $("name-form").elements.display_name.value = r.body.user.display_name;
     });
     loadKeys();
   }
+  // ---- the account -------------------------------------------------------------------------
+  function said(form, r, done) { M.say(form, r.ok ? done : M.errorText(r.body), !r.ok); }
+  $("name-form").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var form = ev.target;
+    M.send("PUT", "/api/me/profile", { display_name: form.elements.display_name.value }).then(function (r) {
+      said(form, r, t("consentSaved"));
+    });
+  });
+  $("password-form").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var form = ev.target;
+    M.send("PUT", "/api/me/password", { current: form.elements.current.value, password: form.elements.password.value }).then(function (r) {
+      said(form, r, t("consentSaved"));
+      if (r.ok) form.reset();
+    });
+  });
+  $("delete-form").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var form = ev.target;
+    ask(t("confirmAccountDelete")).then(function (yes) {
+      if (!yes) return;
+      M.send("POST", "/api/me/delete", { password: form.elements.password.value }).then(function (r) {
+        if (r.ok) { location.href = "/"; return; }
+        said(form, r, "");
+      });
+    });
+  });
   $("consent-switch").addEventListener("change", function (ev) {
     M.send("PUT", "/api/consent", { model_improvement: ev.target.checked }).then(function (r) {
       $("consent-result").textContent = r.ok ? t("consentSaved") : M.errorText(r.body);

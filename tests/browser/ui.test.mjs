@@ -496,3 +496,66 @@ test("it is usable on a phone screen", async () => {
   await page.goto(base);
   await page.setViewportSize({ width: 1200, height: 800 });
 });
+
+test("the operator admits one entry, promotes a user and hands a reset link to someone without mail", async () => {
+  await page.goto(base);
+  await api("POST", "/api/waitlist", { email: "row@example.com" });
+  const invite = await api("POST", "/api/admin/invites", { count: 1 });
+  // A second person registers in a browser of their own.
+  const other = await browser.newContext({ locale: "en-US", viewport: { width: 390, height: 844 } });
+  const theirs = await other.newPage();
+  await theirs.goto(`${base}/register?code=${invite.body.codes[0]}`);
+  await theirs.fill("[data-form=register] [name=email]", "user2@example.com");
+  await theirs.fill("[data-form=register] [name=password]", "their first password");
+  await theirs.click("[data-form=register] button[type=submit]");
+  await theirs.waitForSelector("#composer");
+  await page.goto(`${base}/admin`);
+  await page.click("#waitlist-table tr:has-text('row@example.com') .admit-one");
+  await page.waitForSelector("#row-result .link-field");
+  assert.match(await page.inputValue("#row-result .link-field"), /\/register\?code=/);
+  await page.waitForSelector("#waitlist-table tr:has-text('row@example.com') td:has-text('invited')");
+  await page.selectOption("#users-table tr:has-text('user2@example.com') select.role", "admin");
+  await page.waitForSelector("#row-result:has-text('user2@example.com')");
+  const users = await api("GET", "/api/admin/users");
+  assert.equal(users.body.users.find((u) => u.email === "user2@example.com").role, "admin");
+  await page.click("#users-table tr:has-text('user2@example.com') .reset-link");
+  await page.waitForFunction(() => (document.querySelector("#row-result .link-field")?.value || "").includes("/reset?token="));
+  const link = await page.inputValue("#row-result .link-field");
+  await theirs.goto(link);
+  await theirs.fill("[data-form=reset] [name=password]", "a password from the link");
+  await theirs.click("[data-form=reset] button[type=submit]");
+  await theirs.waitForSelector("[data-form=reset] .result:has-text('Password changed')");
+  const signIn = await theirs.evaluate(async () => (await fetch("/api/login", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ email: "user2@example.com", password: "a password from the link" }) })).status);
+  assert.equal(signIn, 200);
+  await shot("14-admin-rows");
+  await other.close();
+});
+
+test("the account page: a new name, a new password, a download that parses, and deleting the account", async () => {
+  await page.goto(base);
+  await page.evaluate(() => localStorage.setItem("moss.lang", "en"));
+  await page.reload();
+  await page.click("[data-view=settings]");
+  await page.waitForFunction(() => document.querySelector("#name-form [name=display_name]").value === "Ada");
+  await page.fill("#name-form [name=display_name]", "Ada L.");
+  await page.click("#name-form button[type=submit]");
+  await page.waitForSelector("#name-form .result:has-text('Saved')");
+  await page.fill("#password-form [name=current]", "a long enough password");
+  await page.fill("#password-form [name=password]", "an even longer password");
+  await page.click("#password-form button[type=submit]");
+  await page.waitForSelector("#password-form .result:has-text('Saved')");
+  const [download] = await Promise.all([page.waitForEvent("download"), page.click("#download")]);
+  const data = JSON.parse(readFileSync(await download.path(), "utf8"));
+  assert.equal(data.account.email, "admin@example.com");
+  assert.equal(data.account.display_name, "Ada L.");
+  assert.ok(data.conversations.some((c) => c.title.startsWith("hello world")), "the conversations");
+  assert.deepEqual(data.consent_history.map((r) => r.granted), [1, 0, 1], "the consent history");
+  await shot("15-account");
+  await accessible("account");
+  await page.fill("#delete-form [name=password]", "an even longer password");
+  await page.click("#delete-form button[type=submit]");
+  await page.click("dialog.ask button[type=submit]");
+  await page.waitForSelector("[data-form=login]");
+  const signIn = await page.evaluate(async () => (await fetch("/api/login", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ email: "admin@example.com", password: "an even longer password" }) })).status);
+  assert.equal(signIn, 401, "the account is gone");
+});
