@@ -73,8 +73,20 @@
   var handlers = {
     waitlist: function (form, f) {
       return send("POST", "/api/waitlist", { email: f.email, locale: lang() }).then(function (r) {
-        if (r.ok) say(form, lang() === "zh" ? "已收到！请查看邮箱确认。" : "Thank you! Check your inbox to confirm.");
-        else say(form, errorText(r.body), true);
+        if (!r.ok) return say(form, errorText(r.body), true);
+        var b = r.body || {};
+        if (b.mail) return say(form, lang() === "zh" ? "已收到！请查看邮箱确认。" : "Thank you! Check your inbox to confirm.");
+        if (b.known) {
+          return say(form, lang() === "zh" ? "这个邮箱已在候补名单上：请用登记时得到的链接查看排位。" : "This address is on the list already: use the link you got when you joined to see your place.");
+        }
+        // No mail here: the place in line, and the private link to keep.
+        say(form, lang() === "zh" ? "你排在第 " + b.position + " 位。请保存这个私人链接，随时查看你的排位：" : "You are number " + b.position + " in line. Keep this private link to see your place at any time:");
+        var a = document.createElement("a");
+        a.href = b.status_url;
+        a.className = "status-link";
+        a.textContent = b.status_url;
+        form.querySelector(".result").appendChild(document.createElement("br"));
+        form.querySelector(".result").appendChild(a);
       });
     },
     register: function (form, f) {

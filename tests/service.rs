@@ -337,7 +337,7 @@ async fn failed_logins_are_throttled_per_account(app: TestApp) {
 }
 both_backends!(failed_logins_are_throttled_per_account);
 
-async fn waitlist_signup_is_idempotent_and_silent(app: TestApp) {
+async fn waitlist_signup_is_idempotent_and_gives_its_link_once(app: TestApp) {
     let c = app.client();
     let signup = |email: &str| {
         c.post(app.url("/api/waitlist"))
@@ -347,18 +347,38 @@ async fn waitlist_signup_is_idempotent_and_silent(app: TestApp) {
     let r1 = signup("w@example.com").await.unwrap();
     assert_eq!(r1.status(), 202);
     let b1 = body(r1).await;
+    // No mail here: the place in line and the private status link come in the answer.
+    assert_eq!(
+        (b1["mail"].clone(), b1["position"].clone()),
+        (json!(false), json!(1)),
+        "{b1}"
+    );
+    let url = b1["status_url"].as_str().unwrap();
+    let token = url.split("token=").nth(1).unwrap();
+    let status = app
+        .get_json(&c, &format!("/api/waitlist/status?token={token}"))
+        .await;
+    assert_eq!(status["position"], 1);
     let r2 = signup("  W@Example.COM ").await.unwrap();
     assert_eq!(r2.status(), 202);
-    assert_eq!(b1, body(r2).await, "same answer for a known address");
+    let b2 = body(r2).await;
+    assert_eq!(b2["known"], true, "{b2}");
+    assert!(
+        b2.get("status_url").is_none(),
+        "a status link is given once, never to whoever types the address again"
+    );
+    let b3 = body(signup("second@example.com").await.unwrap()).await;
+    assert_eq!(b3["position"], 2);
     let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM waitlist")
         .fetch_one(&app.db.pool)
         .await
         .unwrap();
-    assert_eq!(n, 1);
-    let locale: String = sqlx::query_scalar("SELECT locale FROM waitlist")
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
+    assert_eq!(n, 2);
+    let locale: String =
+        sqlx::query_scalar("SELECT locale FROM waitlist WHERE email = 'w@example.com'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
     assert_eq!(locale, "zh");
     expect_error(signup("nope").await.unwrap(), 422, "invalid_email").await;
     expect_error(
@@ -385,7 +405,7 @@ async fn waitlist_signup_is_idempotent_and_silent(app: TestApp) {
     assert_eq!(page.status(), 404);
     assert!(page.text().await.unwrap().contains("<html"));
 }
-both_backends!(waitlist_signup_is_idempotent_and_silent);
+both_backends!(waitlist_signup_is_idempotent_and_gives_its_link_once);
 
 async fn consent_is_an_append_only_log(app: TestApp) {
     let c = app.user("c@example.com").await;

@@ -85,9 +85,14 @@ async fn waitlist_to_signed_in(app: TestApp) {
         (Some(2), Some(1))
     );
     // the operator admits one: the oldest
-    let admitted = moss::admin::admit(&app.db, &app.config, 1, None)
-        .await
-        .unwrap();
+    let admitted = moss::admin::admit(
+        &app.db,
+        &app.config,
+        moss::db::waitlist::Pick::Oldest(1),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(admitted.len(), 1);
     assert_eq!(admitted[0].email, "first@example.com");
     let s = app
@@ -98,9 +103,14 @@ async fn waitlist_to_signed_in(app: TestApp) {
         (Some(1), Some(0))
     );
     // then the next one; the invitation arrives in Chinese with the register link
-    moss::admin::admit(&app.db, &app.config, 5, None)
-        .await
-        .unwrap();
+    moss::admin::admit(
+        &app.db,
+        &app.config,
+        moss::db::waitlist::Pick::Oldest(5),
+        None,
+    )
+    .await
+    .unwrap();
     let invite = sink.wait_for("second@example.com", "/register?code=").await;
     assert!(invite.contains("邀请码"), "{invite}");
     let register = link(&invite, &app.url("/register?code="));
@@ -222,17 +232,27 @@ async fn confirm_links_confirm_once_and_expire(app: TestApp) {
     assert_eq!(browser.get(&b2).send().await.unwrap().status(), 200);
     assert!(confirmed_at("b@example.com").await.is_some());
     // Admitting "everyone" admits the confirmed entries only.
-    let admitted = moss::admin::admit(&app.db, &app.config, 10, None)
-        .await
-        .unwrap();
+    let admitted = moss::admin::admit(
+        &app.db,
+        &app.config,
+        moss::db::waitlist::Pick::Oldest(10),
+        None,
+    )
+    .await
+    .unwrap();
     let mut emails: Vec<&str> = admitted.iter().map(|a| a.email.as_str()).collect();
     emails.sort();
     assert_eq!(emails, ["a@example.com", "b@example.com"]);
     assert_eq!(confirmed_at("never@example.com").await, None);
-    assert!(moss::admin::admit(&app.db, &app.config, 10, None)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(moss::admin::admit(
+        &app.db,
+        &app.config,
+        moss::db::waitlist::Pick::Oldest(10),
+        None
+    )
+    .await
+    .unwrap()
+    .is_empty());
 }
 both_backends!(confirm_links_confirm_once_and_expire, WITH_MAIL);
 
@@ -258,7 +278,7 @@ async fn password_reset_by_email(app: TestApp) {
         assert_eq!(r.status(), 202);
         assert_eq!(
             r.json::<Value>().await.unwrap(),
-            json!({"status": "accepted"})
+            json!({"status": "accepted", "mail": true})
         );
     }
     let mail = sink.wait_for("r@example.com", "/reset?token=").await;

@@ -73,16 +73,27 @@ impl Entry {
     }
 }
 
-/// Adds `email` once. Returns a fresh status token when a confirmation e-mail should go out
-/// (a new entry, or an unconfirmed one whose last e-mail is older than `resend_after_ms`).
-/// With `confirmed` (no e-mail configured) the entry waits at once.
+/// What a signup did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Joined {
+    /// A new entry, with its private status token.
+    New(String),
+    /// An unconfirmed entry whose confirmation mail is due again, with its new token.
+    Resent(String),
+    /// The address was on the list already (nothing changes).
+    Known,
+}
+
+/// Adds `email` once. With `confirmed` (no e-mail configured) the entry waits at once;
+/// otherwise its token goes out in a confirmation mail (again for an unconfirmed entry whose
+/// last mail is older than `resend_after_ms`).
 pub async fn signup(
     db: &Db,
     email: &str,
     locale: &str,
     confirmed: bool,
     resend_after_ms: i64,
-) -> DbResult<Option<String>> {
+) -> DbResult<Joined> {
     let token = crate::secrets::token();
     let now = now_ms();
     let inserted: Option<i64> = sqlx::query_scalar(
@@ -97,10 +108,10 @@ pub async fn signup(
     .fetch_optional(&db.pool)
     .await?;
     if inserted.is_some() {
-        return Ok((!confirmed).then_some(token));
+        return Ok(Joined::New(token));
     }
     if confirmed {
-        return Ok(None);
+        return Ok(Joined::Known);
     }
     // Already there: a new link only for an unconfirmed entry, and not more than once per period.
     let resent = sqlx::query(
@@ -113,7 +124,10 @@ pub async fn signup(
     .bind(now - resend_after_ms)
     .execute(&db.pool)
     .await?;
-    Ok((resent.rows_affected() > 0).then_some(token))
+    Ok(match resent.rows_affected() {
+        0 => Joined::Known,
+        _ => Joined::Resent(token),
+    })
 }
 
 /// What a confirmation link did.

@@ -213,7 +213,8 @@ async fn status_page(State(state): State<AppState>, Query(q): Query<TokenQuery>)
                     format!("You are number {} in line; {} people are ahead of you. We will e-mail your invite code.", s.position.unwrap_or(0), s.ahead.unwrap_or(0)),
                     format!("你排在第 {} 位，前面还有 {} 人。轮到你时我们会把邀请码发到你的邮箱。", s.position.unwrap_or(0), s.ahead.unwrap_or(0)),
                 ),
-                WaitState::Invited => ("You are invited! Your code is in your inbox.".to_string(), "你已获得邀请！邀请码已发送到你的邮箱。".to_string()),
+                WaitState::Invited if state.mail_enabled() => ("You are invited! Your code is in your inbox.".to_string(), "你已获得邀请！邀请码已发送到你的邮箱。".to_string()),
+                WaitState::Invited => ("You are invited! The operator will hand you your invitation link.".to_string(), "你已获得邀请！管理员会把邀请链接交给你。".to_string()),
                 WaitState::Registered => ("You have registered. Welcome!".to_string(), "你已完成注册，欢迎！".to_string()),
             };
             message(

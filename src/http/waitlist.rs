@@ -34,12 +34,29 @@ async fn signup(
     let locale = normalize_locale(b.locale.as_deref());
     let mail = state.mail_enabled();
     let resend = state.config.waitlist.resend_confirmation_minutes * 60_000;
-    // Without e-mail there is no way to confirm: the entry waits at once.
-    if let Some(token) = waitlist::signup(&state.db, &email, locale, !mail, resend).await? {
-        let m = crate::mail::confirm_mail(&state.config, &email, locale, &token);
-        crate::db::outbox::enqueue_now(&state.db, &m).await?;
-    }
-    Ok((StatusCode::ACCEPTED, Json(json!({"status": "accepted"}))))
+    // Without e-mail there is no way to confirm: the entry waits at once, and its private status
+    // link is given here instead of in a mail (to the first signup of the address only: a link is
+    // never handed out again to whoever types the address).
+    let joined = waitlist::signup(&state.db, &email, locale, !mail, resend).await?;
+    let body = match (mail, joined) {
+        (true, waitlist::Joined::New(token) | waitlist::Joined::Resent(token)) => {
+            let m = crate::mail::confirm_mail(&state.config, &email, locale, &token);
+            crate::db::outbox::enqueue_now(&state.db, &m).await?;
+            json!({"status": "accepted", "mail": true})
+        }
+        (true, waitlist::Joined::Known) => json!({"status": "accepted", "mail": true}),
+        (false, waitlist::Joined::New(token)) => {
+            let status = waitlist::status(&state.db, &token).await?;
+            let url = format!(
+                "{}/waitlist/status?token={token}",
+                state.config.public_url()
+            );
+            json!({"status": "accepted", "mail": false, "known": false,
+                   "position": status.and_then(|s| s.position), "status_url": url})
+        }
+        (false, _) => json!({"status": "accepted", "mail": false, "known": true}),
+    };
+    Ok((StatusCode::ACCEPTED, Json(body)))
 }
 
 #[derive(Deserialize)]
