@@ -988,83 +988,60 @@ fn migration_folders_hold_the_same_names() {
 /// its rows, naming no one). The operator's per-row actions: admit one waitlist entry, remove
 /// one, change a role, hand out a reset link — never on their own account.
 async fn own_account_and_operator_rows(app: TestApp) {
+    use reqwest::Method;
     let at = &app;
+    let send = |c: &reqwest::Client, method: Method, path: String, body: Value| {
+        let c = c.clone();
+        async move { at.send_json(&c, method, &path, body).await }
+    };
     let login = |email: &'static str, password: &'static str| {
         let c = at.client();
         async move {
-            let r = c
-                .post(at.url("/api/login"))
-                .json(&json!({"email": email, "password": password}))
-                .send()
-                .await
-                .unwrap();
-            (r.status().as_u16(), c)
+            let body = json!({"email": email, "password": password});
+            let (status, _) = at.send_json(&c, Method::POST, "/api/login", body).await;
+            (status, c)
         }
     };
     let c = app.user("own@example.com").await;
     let (status, elsewhere) = login("own@example.com", "a good long password").await;
     assert_eq!(status, 200);
     // Name.
-    let r = c
-        .put(app.url("/api/me/profile"))
-        .json(&json!({"display_name": "Lin"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let name = |n: &str| {
+        send(
+            &c,
+            Method::PUT,
+            "/api/me/profile".into(),
+            json!({"display_name": n}),
+        )
+    };
+    assert_eq!(name("Lin").await.0, 200);
     assert_eq!(
         app.get_json(&c, "/api/me").await["user"]["display_name"],
         "Lin"
     );
-    let r = c
-        .put(app.url("/api/me/profile"))
-        .json(&json!({"display_name": "\u{202e}nil"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 422);
+    assert_eq!(name("\u{202e}nil").await.0, 422);
     // Password.
     let change = |current: &str, new: &str| {
-        c.put(app.url("/api/me/password"))
-            .json(&json!({"current": current, "password": new}))
-            .send()
+        let body = json!({"current": current, "password": new});
+        send(&c, Method::PUT, "/api/me/password".into(), body)
     };
     assert_eq!(
-        change("wrong password!", "another long password")
-            .await
-            .unwrap()
-            .status(),
+        change("wrong password!", "another long password").await.0,
         401
     );
-    assert_eq!(
-        change("a good long password", "short")
-            .await
-            .unwrap()
-            .status(),
-        422
-    );
+    assert_eq!(change("a good long password", "short").await.0, 422);
     assert_eq!(
         change("a good long password", "another long password")
             .await
-            .unwrap()
-            .status(),
+            .0,
         204
     );
-    assert_eq!(
-        c.get(app.url("/api/me")).send().await.unwrap().status(),
-        200,
-        "this session stays"
-    );
-    assert_eq!(
-        elsewhere
-            .get(app.url("/api/me"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401,
-        "others end"
-    );
+    let me_status = |c: &reqwest::Client| {
+        let c = c.clone();
+        async move { c.get(at.url("/api/me")).send().await.unwrap().status() }
+    };
+    assert_eq!(me_status(&c).await, 200, "this session stays");
+    assert_eq!(me_status(&elsewhere).await, 401, "the others end");
     assert_eq!(
         login("own@example.com", "a good long password").await.0,
         401
@@ -1079,18 +1056,19 @@ async fn own_account_and_operator_rows(app: TestApp) {
         .chat(&c, conv, json!({"content": "hello there", "max_tokens": 3}))
         .await;
     assert_eq!(status, 200);
-    let r = c
-        .put(app.url("/api/consent"))
-        .json(&json!({"model_improvement": true}))
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success());
+    let consent = json!({"model_improvement": true});
+    assert_eq!(
+        send(&c, Method::PUT, "/api/consent".into(), consent)
+            .await
+            .0,
+        200
+    );
     let r = c.get(app.url("/api/me/export")).send().await.unwrap();
-    assert!(r.headers()["content-disposition"]
+    let disposition = r.headers()["content-disposition"]
         .to_str()
         .unwrap()
-        .starts_with("attachment"));
+        .to_string();
+    assert!(disposition.starts_with("attachment"), "{disposition}");
     let data: Value = serde_json::from_str(&r.text().await.unwrap()).expect("the download is JSON");
     assert_eq!(data["account"]["email"], "own@example.com");
     assert_eq!(
@@ -1100,94 +1078,63 @@ async fn own_account_and_operator_rows(app: TestApp) {
     assert_eq!(data["consent_history"][0]["granted"], 1);
     // The operator's rows.
     let admin = app.admin("ops@example.com").await;
-    let me = app.get_json(&c, "/api/me").await["user"]["id"]
-        .as_i64()
-        .unwrap();
-    let admin_id = app.get_json(&admin, "/api/me").await["user"]["id"]
-        .as_i64()
-        .unwrap();
-    let r = c
-        .post(app.url(&format!("/api/admin/users/{me}/reset-link")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403, "only admins");
-    let r = admin
-        .post(app.url(&format!("/api/admin/users/{admin_id}/role")))
-        .json(&json!({"role": "user"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 422, "not one's own role");
-    let r = admin
-        .post(app.url(&format!("/api/admin/users/{me}/role")))
-        .json(&json!({"role": "root"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 422);
-    let r = admin
-        .post(app.url(&format!("/api/admin/users/{me}/role")))
-        .json(&json!({"role": "admin"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    let id_of = |v: Value| v["user"]["id"].as_i64().unwrap();
+    let me = id_of(app.get_json(&c, "/api/me").await);
+    let admin_id = id_of(app.get_json(&admin, "/api/me").await);
+    let as_admin = |path: String, body: Value| send(&admin, Method::POST, path, body);
+    let link = format!("/api/admin/users/{me}/reset-link");
+    assert_eq!(
+        send(&c, Method::POST, link.clone(), json!({})).await.0,
+        403,
+        "only admins"
+    );
+    let role = |id: i64, role: &str| {
+        as_admin(
+            format!("/api/admin/users/{id}/role"),
+            json!({ "role": role }),
+        )
+    };
+    assert_eq!(role(admin_id, "user").await.0, 422, "not one's own role");
+    assert_eq!(role(me, "root").await.0, 422);
+    assert_eq!(role(me, "admin").await.0, 204);
     assert_eq!(app.get_json(&c, "/api/me").await["user"]["role"], "admin");
-    let link: Value = admin
-        .post(app.url(&format!("/api/admin/users/{me}/reset-link")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = link["url"]
+    let (status, made) = as_admin(link, json!({})).await;
+    assert_eq!(status, 200);
+    let token = made["url"]
         .as_str()
         .unwrap()
         .split("token=")
         .nth(1)
-        .unwrap()
-        .to_string();
-    let r = app
-        .client()
-        .post(app.url("/api/password/reset"))
-        .json(&json!({"token": token, "password": "set by the link"}))
-        .send()
-        .await
         .unwrap();
-    assert_eq!(r.status(), 204);
+    let reset = json!({"token": token, "password": "set by the link"});
+    let anyone = app.client();
+    assert_eq!(
+        send(&anyone, Method::POST, "/api/password/reset".into(), reset)
+            .await
+            .0,
+        204
+    );
     assert_eq!(login("own@example.com", "set by the link").await.0, 200);
     for email in ["w1@example.com", "w2@example.com"] {
-        let r = app
-            .client()
-            .post(app.url("/api/waitlist"))
-            .json(&json!({ "email": email }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
+        let (status, _) = send(
+            &anyone,
+            Method::POST,
+            "/api/waitlist".into(),
+            json!({ "email": email }),
+        )
+        .await;
+        assert_eq!(status, 202);
     }
     let entries = app.get_json(&admin, "/api/admin/waitlist").await;
-    let id_of = |email: &str| {
-        entries["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["email"] == email)
-            .unwrap()["id"]
+    let entry = |email: &str| {
+        let all = entries["entries"].as_array().unwrap();
+        all.iter().find(|e| e["email"] == email).unwrap()["id"]
             .as_i64()
             .unwrap()
     };
-    let (w1, w2) = (id_of("w1@example.com"), id_of("w2@example.com"));
-    let admitted: Value = admin
-        .post(app.url(&format!("/api/admin/waitlist/{w2}/admit")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (w1, w2) = (entry("w1@example.com"), entry("w2@example.com"));
+    let (status, admitted) = as_admin(format!("/api/admin/waitlist/{w2}/admit"), json!({})).await;
+    assert_eq!(status, 200);
     assert_eq!(
         admitted["email"], "w2@example.com",
         "the one chosen, not the oldest"
@@ -1196,60 +1143,51 @@ async fn own_account_and_operator_rows(app: TestApp) {
         .as_str()
         .unwrap()
         .contains("/register?code="));
-    let again = admin
-        .post(app.url(&format!("/api/admin/waitlist/{w2}/admit")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(again.status(), 404, "admitted once");
-    let r = admin
-        .delete(app.url(&format!("/api/admin/waitlist/{w1}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 204);
+    let (again, _) = as_admin(format!("/api/admin/waitlist/{w2}/admit"), json!({})).await;
+    assert_eq!(again, 404, "admitted once");
+    let (status, _) = send(
+        &admin,
+        Method::DELETE,
+        format!("/api/admin/waitlist/{w1}"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 204);
     let entries = app.get_json(&admin, "/api/admin/waitlist").await;
     assert!(!entries.to_string().contains("w1@example.com"));
     // Forgot password without mail says so (the same for every address).
-    let r: Value = app
-        .client()
-        .post(app.url("/api/password/forgot"))
-        .json(&json!({"email": "own@example.com"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let forgot = json!({"email": "own@example.com"});
+    let (_, r) = send(&anyone, Method::POST, "/api/password/forgot".into(), forgot).await;
     assert_eq!(r["mail"], false);
     // Deleting the account: the password first; then signing in fails, the consent log stays.
     let c = login("own@example.com", "set by the link").await.1;
-    let consents: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM consent_records")
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
-    let delete = |password: &str| {
-        c.post(app.url("/api/me/delete"))
-            .json(&json!({ "password": password }))
-            .send()
-    };
-    assert_eq!(delete("not my password").await.unwrap().status(), 401);
-    assert_eq!(delete("set by the link").await.unwrap().status(), 204);
-    assert_eq!(login("own@example.com", "set by the link").await.0, 401);
-    assert_eq!(
-        c.get(app.url("/api/me")).send().await.unwrap().status(),
-        401
-    );
-    let after: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM consent_records")
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
-    assert_eq!(after, consents, "the consent log keeps its rows");
-    let left: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE email = 'own@example.com'")
-            .fetch_one(&app.db.pool)
+    let count = |sql: &'static str| async move {
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&at.db.pool)
             .await
-            .unwrap();
-    assert_eq!(left, 0);
+            .unwrap()
+    };
+    let consents = count("SELECT COUNT(*) FROM consent_records").await;
+    let delete = |password: &str| {
+        send(
+            &c,
+            Method::POST,
+            "/api/me/delete".into(),
+            json!({ "password": password }),
+        )
+    };
+    assert_eq!(delete("not my password").await.0, 401);
+    assert_eq!(delete("set by the link").await.0, 204);
+    assert_eq!(login("own@example.com", "set by the link").await.0, 401);
+    assert_eq!(me_status(&c).await, 401);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM consent_records").await,
+        consents,
+        "the consent log keeps its rows"
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM users WHERE email = 'own@example.com'").await,
+        0
+    );
 }
 both_backends!(own_account_and_operator_rows);

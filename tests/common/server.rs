@@ -427,6 +427,26 @@ impl TestApp {
         v["id"].as_i64().unwrap()
     }
 
+    /// Sends `body` as JSON with `method` to `path`; the status and the JSON answer (Null when
+    /// there is none).
+    pub async fn send_json(
+        &self,
+        c: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let r = c
+            .request(method, self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_default())
+    }
+
     /// GET `path` as client `c` and read the JSON body.
     pub async fn get_json(&self, c: &reqwest::Client, path: &str) -> serde_json::Value {
         c.get(self.url(path))
