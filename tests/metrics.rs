@@ -108,24 +108,7 @@ async fn counters_count_what_this_process_did() {
         app.user("b@example.com").await,
         app.user("c@example.com").await,
     );
-    let conv_a = app.conversation(&a).await;
-    let _first = app.answer_in_progress(&a, conv_a, 300).await;
-    let conv_b = app.conversation(&b).await;
-    let mut second = b
-        .post(app.url(&format!("/api/conversations/{conv_b}/messages")))
-        .json(&json!({"content": "hi", "max_tokens": 5}))
-        .send()
-        .await
-        .unwrap();
-    let chunk = String::from_utf8_lossy(&second.chunk().await.unwrap().unwrap()).to_string();
-    assert!(chunk.contains("event: queued"), "{chunk}");
-    let conv_c = app.conversation(&c).await;
-    let r = c
-        .post(app.url(&format!("/api/conversations/{conv_c}/messages")))
-        .json(&json!({"content": "hi"}))
-        .send()
-        .await
-        .unwrap();
+    let (_held, r) = app.fill_the_line(&a, &b, &c).await;
     assert_eq!(r.status(), 503);
     assert_eq!(app.metric(shed).await, 1.0);
     assert_eq!(app.metric(&requests(503)).await - unavailable_before, 1.0);

@@ -143,25 +143,8 @@ async fn a_full_queue_is_shed_at_once_until_tomorrow_morning(app: TestApp) {
         app.user("b@example.com").await,
         app.user("c@example.com").await,
     );
-    let _first = running_answer(&app, &a, 300).await;
-    // the second waits in line (capacity: 1 running + 1 waiting)
-    let conv_b = app.conversation(&b).await;
-    let mut second = b
-        .post(app.url(&format!("/api/conversations/{conv_b}/messages")))
-        .json(&json!({"content": "hi", "max_tokens": 5}))
-        .send()
-        .await
-        .unwrap();
-    let chunk = String::from_utf8_lossy(&second.chunk().await.unwrap().unwrap()).to_string();
-    assert!(chunk.contains("event: queued"), "{chunk}");
-    // the third is shed at once, while the others still run
-    let conv_c = app.conversation(&c).await;
-    let r = c
-        .post(app.url(&format!("/api/conversations/{conv_c}/messages")))
-        .json(&json!({"content": "hi"}))
-        .send()
-        .await
-        .unwrap();
+    // capacity: 1 running + 1 waiting; the third is shed at once, while the others still run
+    let (_held, r) = app.fill_the_line(&a, &b, &c).await;
     let (status, headers, body) = error_of(r).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),

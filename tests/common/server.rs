@@ -405,6 +405,39 @@ impl TestApp {
         r
     }
 
+    /// With room for one running answer and one waiting (`limits.max_running = 1`,
+    /// `max_waiting = 1`): starts an answer for `running` and one for `waiting` (returning once
+    /// it has heard that it waits), then sends a third question for `third` — the request the
+    /// full line turns away. Returns the two open streams (the answers go on while they are
+    /// held) and the third response.
+    pub async fn fill_the_line(
+        &self,
+        running: &reqwest::Client,
+        waiting: &reqwest::Client,
+        third: &reqwest::Client,
+    ) -> ([reqwest::Response; 2], reqwest::Response) {
+        let conv = self.conversation(running).await;
+        let first = self.answer_in_progress(running, conv, 300).await;
+        let conv = self.conversation(waiting).await;
+        let mut second = waiting
+            .post(self.url(&format!("/api/conversations/{conv}/messages")))
+            .json(&serde_json::json!({"content": "hi", "max_tokens": 5}))
+            .send()
+            .await
+            .unwrap();
+        let chunk = second.chunk().await.unwrap().unwrap();
+        let chunk = String::from_utf8_lossy(&chunk).to_string();
+        assert!(chunk.contains("event: queued"), "{chunk}");
+        let conv = self.conversation(third).await;
+        let r = third
+            .post(self.url(&format!("/api/conversations/{conv}/messages")))
+            .json(&serde_json::json!({"content": "hi"}))
+            .send()
+            .await
+            .unwrap();
+        ([first, second], r)
+    }
+
     /// The status of a GET from a new, signed-out client.
     pub async fn status(&self, path: &str) -> reqwest::StatusCode {
         self.client()
