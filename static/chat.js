@@ -9,7 +9,7 @@
       untitled: "New chat", rename: "Rename", del: "Delete", confirmDelete: "Delete this conversation?",
       newTitle: "New title:", copy: "Copy", copied: "Copied", regenerate: "Regenerate", good: "Good answer",
       bad: "Bad answer", comment: "What was wrong or right? (optional)", send: "Send", thanks: "Thanks for the feedback.",
-      queued: function (n) { return "You are number " + n + " in line…"; },
+      queued: function (n, s) { return "You are number " + n + " in line" + (s ? " (about " + wait(s, "en") + ")" : "") + "…"; },
       cut: { length: "The answer was cut short (length limit).", cancelled: "The answer was stopped before it finished.",
              error: "The answer failed before it finished.", refused: "This request was declined." },
       network: "Network error, please try again.", empty: "Ask anything — in English or Chinese.",
@@ -28,7 +28,7 @@
       untitled: "新对话", rename: "重命名", del: "删除", confirmDelete: "删除这个对话？",
       newTitle: "新标题：", copy: "复制", copied: "已复制", regenerate: "重新生成", good: "回答得好",
       bad: "回答得不好", comment: "哪里好或不好？（可选）", send: "发送", thanks: "感谢你的反馈。",
-      queued: function (n) { return "你排在第 " + n + " 位，请稍候…"; },
+      queued: function (n, s) { return "你排在第 " + n + " 位" + (s ? "（约 " + wait(s, "zh") + "）" : "") + "，请稍候…"; },
       cut: { length: "回答因长度限制被截断。", cancelled: "回答在完成前被停止。", error: "回答在完成前出错。", refused: "此请求已被拒绝。" },
       network: "网络错误，请重试。", empty: "用中文或英文问任何问题。",
       keyOnce: "新的密钥（只显示这一次）：", revoke: "撤销", noKeys: "还没有密钥。",
@@ -44,6 +44,12 @@
     }
   };
   function t(k) { return T[M.lang()][k]; }
+  // A wait in words: seconds under two minutes, else minutes.
+  function wait(s, lang) {
+    if (s < 120) return s + (lang === "zh" ? " 秒" : " s");
+    var m = Math.round(s / 60);
+    return m + (lang === "zh" ? " 分钟" : " min");
+  }
   function $(id) { return document.getElementById(id); }
   function el(tag, cls, text) {
     var e = document.createElement(tag);
@@ -486,7 +492,7 @@
     var handle = function (name, data) {
       if (state.current !== conv) return;
       if (name === "queued") {
-        $("queue-note").textContent = T[M.lang()].queued(data.position);
+        $("queue-note").textContent = T[M.lang()].queued(data.position, data.wait_secs);
         $("queue-note").hidden = false;
       } else if (name === "token") {
         $("queue-note").hidden = true;

@@ -375,7 +375,8 @@ async fn answers_arrive_rendered_while_they_stream(app: TestApp) {
 }
 both_backends!(answers_arrive_rendered_while_they_stream, SLOW);
 
-/// With one answer running at a time, the next waits in line and hears its place.
+/// With one answer running at a time, the next waits in line and hears its place, and — once an
+/// answer has been timed — about how long the wait is.
 async fn a_second_request_waits_in_line(app: TestApp) {
     let a = app.user("qa@example.com").await;
     let b = app.user("qb@example.com").await;
@@ -387,6 +388,16 @@ async fn a_second_request_waits_in_line(app: TestApp) {
     assert_eq!(events[0].0, "queued", "{events:?}");
     assert_eq!(events[0].1["position"], 1);
     assert_eq!(events.last().unwrap().0, "done");
+    // Two answers have run now (the second one just finished): the next wait has an estimate.
+    let _again = app.answer_in_progress(&a, ca, 20).await;
+    let (_, events) = app
+        .chat(&b, cb, json!({"content": "hello", "max_tokens": 3}))
+        .await;
+    assert_eq!(events[0].0, "queued", "{events:?}");
+    assert!(
+        events[0].1["wait_secs"].as_u64().is_some_and(|s| s >= 1),
+        "{events:?}"
+    );
 }
 both_backends!(
     a_second_request_waits_in_line,

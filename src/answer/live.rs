@@ -61,7 +61,7 @@ pub struct LiveAnswer {
 
 #[derive(Default)]
 struct Progress {
-    queued: Option<usize>,
+    queued: Option<(usize, Option<u64>)>,
     /// The answer's pieces as they came (followers get them as they came, not merged).
     pieces: Vec<String>,
     /// The latest rendering (an event), and a number that tells renderings apart.
@@ -85,7 +85,10 @@ impl LiveAnswer {
         {
             let mut p = self.state.lock().unwrap();
             match event {
-                StreamEvent::Queued { position } => p.queued = Some(position),
+                StreamEvent::Queued {
+                    position,
+                    wait_secs,
+                } => p.queued = Some((position, wait_secs)),
                 StreamEvent::Token { text } => {
                     p.queued = None;
                     p.pieces.push(text);
@@ -145,8 +148,11 @@ impl LiveAnswer {
         let mut out = Vec::new();
         if p.queued != seen.queued {
             seen.queued = p.queued;
-            if let Some(position) = p.queued {
-                out.push(StreamEvent::Queued { position });
+            if let Some((position, wait_secs)) = p.queued {
+                out.push(StreamEvent::Queued {
+                    position,
+                    wait_secs,
+                });
             }
         }
         for piece in &p.pieces[seen.pieces..] {
@@ -174,7 +180,7 @@ impl LiveAnswer {
 /// How far a follower has got.
 #[derive(Default)]
 struct Seen {
-    queued: Option<usize>,
+    queued: Option<(usize, Option<u64>)>,
     pieces: usize,
     html: Option<u64>,
 }
@@ -205,7 +211,10 @@ mod tests {
     #[tokio::test]
     async fn a_late_follower_hears_everything_once_then_the_end() {
         let live = Arc::new(LiveAnswer::new(1));
-        live.push(StreamEvent::Queued { position: 2 });
+        live.push(StreamEvent::Queued {
+            position: 2,
+            wait_secs: None,
+        });
         let early = live.clone().follow();
         live.push(StreamEvent::Token { text: "a".into() });
         live.push(StreamEvent::Html {

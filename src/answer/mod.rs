@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod gate;
 pub mod live;
+pub mod pace;
 pub mod params;
 mod relay;
 
@@ -89,6 +90,8 @@ impl Failure {
 pub enum StreamEvent {
     Queued {
         position: usize,
+        /// About how long until the answer starts, from the measured pace (None before any).
+        wait_secs: Option<u64>,
     },
     Token {
         text: String,
@@ -190,6 +193,8 @@ pub struct Inner {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// The answers being made in conversations, for anyone (re)joining them.
     pub live: live::Registry,
+    /// How fast answers are being made (the estimated wait in line).
+    pub pace: pace::Pace,
 }
 
 impl std::ops::Deref for Answers {

@@ -140,7 +140,14 @@ pub async fn start(
         }
     };
     if ahead > 0 {
-        sink.send(StreamEvent::Queued { position: ahead }).await;
+        let wait_secs = answers
+            .pace
+            .wait_secs(ahead, answers.config.limits.max_running);
+        sink.send(StreamEvent::Queued {
+            position: ahead,
+            wait_secs,
+        })
+        .await;
     }
     let answers = answers.clone();
     tokio::spawn(async move {
@@ -244,7 +251,8 @@ async fn wait_turn(
                 let position = ahead.saturating_sub(done as usize).max(1);
                 if ahead > 0 && position != last {
                     last = position;
-                    if !sink.send(StreamEvent::Queued { position }).await {
+                    let wait_secs = answers.pace.wait_secs(position, answers.config.limits.max_running);
+                    if !sink.send(StreamEvent::Queued { position, wait_secs }).await {
                         return WaitEnd::ClientLeft;
                     }
                 }
@@ -301,7 +309,11 @@ async fn relay(answers: &Answers, turn: Turn, mut events: EventStream, sink: &Si
         return;
     }
     metrics::gauge!("moss_generations_running").increment(1.0);
+    let running_since = Instant::now();
     let (text, finish, usage) = forward(answers, &mut events, sink, started).await;
+    if matches!(finish, Finish::Stop | Finish::Length) {
+        answers.pace.record(running_since.elapsed());
+    }
     drop(events); // cancels the generation if it is still running
     metrics::gauge!("moss_generations_running").decrement(1.0);
     metrics::counter!("moss_tokens_generated_total").increment(usage.completion_tokens as u64);

@@ -221,7 +221,13 @@ async fn regenerate(
 
 fn sse_event(ev: StreamEvent) -> Event {
     let (name, data) = match ev {
-        StreamEvent::Queued { position } => ("queued", json!({ "position": position })),
+        StreamEvent::Queued {
+            position,
+            wait_secs,
+        } => (
+            "queued",
+            json!({ "position": position, "wait_secs": wait_secs }),
+        ),
         StreamEvent::Token { text } => ("token", json!({ "text": text })),
         StreamEvent::Html { html, text_len } => {
             ("html", json!({ "html": html, "text_len": text_len }))

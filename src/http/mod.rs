@@ -80,6 +80,7 @@ impl AppState {
         let resets = crate::recovery::ResetMailer::start(db.clone(), config.clone());
         let answers = crate::answer::Answers::new(crate::answer::Inner {
             live: Default::default(),
+            pace: Default::default(),
             db: db.clone(),
             config: config.clone(),
             backend,
