@@ -57,7 +57,8 @@
       var tbody = $("waitlist-table").querySelector("tbody");
       tbody.textContent = "";
       if (!r.ok) return;
-      r.body.entries.forEach(function (e) {
+      var find = $("waitlist-search").value.trim().toLowerCase();
+      r.body.entries.filter(function (e) { return !find || e.email.indexOf(find) >= 0; }).forEach(function (e) {
         var actions = document.createElement("span");
         if (e.state === "waiting") {
           actions.appendChild(button("Admit", "放行", "admit-one", function () {
@@ -125,12 +126,26 @@
               else tell(M.errorText(r.body));
             });
           }));
+          // Two clicks: the first asks, in the button itself.
+          actions.appendChild(button("Delete", "删除", "delete-user", function (ev) {
+            var b = ev.currentTarget;
+            if (!b.classList.contains("armed")) {
+              b.classList.add("armed");
+              b.textContent = zh() ? "确定删除 " + u.email + "？" : "Really delete " + u.email + "?";
+              return;
+            }
+            M.send("DELETE", "/api/admin/users/" + u.id).then(function (r) {
+              tell(r.ok ? (zh() ? "已删除 " : "Deleted ") + u.email : M.errorText(r.body));
+              all();
+            });
+          }));
         }
         row(tbody, [u.email, u.display_name, role, actions]);
       });
     });
   }
   function all() { loadStats(); loadWaitlist(); loadInvites(); loadUsers(); }
+  $("waitlist-search").addEventListener("input", loadWaitlist);
   $("admit-form").addEventListener("submit", function (ev) {
     ev.preventDefault();
     var form = ev.target;

@@ -534,6 +534,13 @@ test("the operator admits one entry, promotes a user and hands a reset link to s
   assert.equal(signIn, 200);
   await shot("14-admin-rows");
   await other.close();
+  // The waitlist can be searched; a user is deleted with two clicks on the same button.
+  await page.fill("#waitlist-search", "row@");
+  await page.waitForFunction(() => document.querySelectorAll("#waitlist-table tbody tr").length === 1);
+  await page.click("#users-table tr:has-text('user2@example.com') .delete-user");
+  await page.click("#users-table tr:has-text('user2@example.com') .delete-user.armed");
+  await page.waitForSelector("#users-table tr:has-text('user2@example.com')", { state: "detached" });
+  assert.equal(page.__dialogs || 0, 0, "no browser dialog");
 });
 
 test("the account page: a new name, a new password, a download that parses, and deleting the account", async () => {
