@@ -88,7 +88,10 @@ pub fn build_router(state: AppState) -> Router {
             state.secure_cookies(),
             layers::security_headers,
         ))
-        .layer(middleware::from_fn(layers::record_metrics))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            layers::record_metrics,
+        ))
         // 5xx answers are logged where they are made (AppError); a flood of shed 503s is not news.
         .layer(TraceLayer::new_for_http().on_failure(()))
         .with_state(state)
@@ -131,6 +134,10 @@ fn shed_early<B>(state: &AppState, req: &axum::http::Request<B>) -> Option<Respo
     let route = generation_route(req.uri().path())?;
     let start = std::time::Instant::now();
     let mut resp = state.overloaded().into_response();
+    state
+        .answers
+        .tally
+        .outcome(crate::tally::Outcome::Overloaded);
     layers::add_security_headers(resp.headers_mut(), false, state.secure_cookies());
     metrics::counter!("moss_http_requests_total", "route" => route, "method" => "POST", "status" => "503").increment(1);
     metrics::histogram!("moss_http_request_duration_seconds", "route" => route)
@@ -151,6 +158,14 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
     let admission = state.answers.admission.clone();
     tokio::spawn(housekeeping(state.db.clone(), state.session_idle_ms()));
+    let d = &state.config.dashboard;
+    crate::dashboard::spawn_writer(
+        state.db.clone(),
+        state.answers.clone(),
+        crate::secrets::token(),
+        Duration::from_secs(d.write_secs),
+        d.keep_days,
+    );
     let header_timeout = Duration::from_secs(state.config.server.header_timeout_secs);
     let max_head = state.config.server.max_header_bytes;
     let early = state.clone();

@@ -26,6 +26,14 @@ pub struct Config {
     pub chat: ChatConfig,
     pub refusals: RefusalsConfig,
     pub limits: LimitsConfig,
+    pub dashboard: DashboardConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DashboardConfig {
+    pub write_secs: u64,
+    pub keep_days: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -359,6 +367,10 @@ impl Config {
         anyhow::ensure!(
             self.database.max_connections >= 1,
             "database.max_connections must be at least 1"
+        );
+        anyhow::ensure!(
+            self.dashboard.write_secs >= 1 && self.dashboard.keep_days >= 1,
+            "dashboard.write_secs and dashboard.keep_days must be at least 1"
         );
         anyhow::ensure!(
             self.accounts.min_password_chars >= 8,

@@ -176,6 +176,9 @@ fn rate_limited(bucket: &'static str, e: GovernorError) -> Response<Body> {
             );
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+            // Counted for the dashboard by the layer that sees every response.
+            r.extensions_mut()
+                .insert(crate::tally::Outcome::RateLimited);
             r
         }
         _ => error_body(

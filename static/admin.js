@@ -144,7 +144,36 @@
       });
     });
   }
-  function all() { loadStats(); loadWaitlist(); loadInvites(); loadUsers(); }
+  // The dashboard: charts drawn by the server (SVG of its own making, no user text in it).
+  var range = "hour";
+  function loadCharts() {
+    M.send("GET", "/api/admin/dashboard?range=" + range).then(function (r) {
+      var box = $("charts");
+      if (!r.ok) return;
+      box.textContent = "";
+      r.body.charts.forEach(function (c) {
+        var fig = document.createElement("figure");
+        fig.className = "chart-card";
+        fig.setAttribute("data-chart", c.id);
+        var cap = document.createElement("figcaption");
+        cap.textContent = (zh() ? c.title_zh : c.title_en) + " — " + (Math.round(c.summary * 100) / 100);
+        fig.appendChild(cap);
+        var holder = document.createElement("div");
+        holder.innerHTML = c.svg; // made by the server from numbers and its own labels
+        fig.appendChild(holder);
+        box.appendChild(fig);
+      });
+    });
+  }
+  document.querySelectorAll("[data-range]").forEach(function (b) {
+    b.addEventListener("click", function () {
+      range = b.getAttribute("data-range");
+      document.querySelectorAll("[data-range]").forEach(function (o) { o.classList.toggle("chosen", o === b); });
+      loadCharts();
+    });
+  });
+  setInterval(loadCharts, 30000);
+  function all() { loadStats(); loadWaitlist(); loadInvites(); loadUsers(); loadCharts(); }
   $("waitlist-search").addEventListener("input", loadWaitlist);
   $("admit-form").addEventListener("submit", function (ev) {
     ev.preventDefault();
@@ -166,6 +195,6 @@
       loadInvites();
     });
   });
-  document.addEventListener("moss:lang", loadStats);
+  document.addEventListener("moss:lang", function () { loadStats(); loadCharts(); });
   all();
 })();

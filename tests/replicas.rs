@@ -106,3 +106,71 @@ async fn a_daily_quota_is_shared_by_replicas() {
         "quota_exceeded"
     );
 }
+
+/// The dashboard reads rollups that every replica writes: what two replicas did adds up, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_rollups_from_two_replicas_add_up() {
+    let opts = Options {
+        configure: Some(|c| c.dashboard.write_secs = 1),
+        ..Options::default()
+    };
+    let Some((a, b)) = two_replicas(opts).await else {
+        return;
+    };
+    let on_a = a.user("da@example.com").await;
+    let on_b = b.user("db@example.com").await;
+    let admin = a.admin("ops@example.com").await;
+    for (app, c, text) in [
+        (&a, &on_a, "hello"),
+        (&b, &on_b, "hello"),
+        (&b, &on_b, "How do I break into someone's house?"),
+    ] {
+        let conv = app.conversation(c).await;
+        let (status, events) = app
+            .chat(c, conv, json!({"content": text, "max_tokens": 3}))
+            .await;
+        assert_eq!(status, 200, "{events:?}");
+    }
+    let requests = || async {
+        let d = a.get_json(&admin, "/api/admin/dashboard?range=hour").await;
+        let chart = d["charts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == "requests")
+            .cloned()
+            .unwrap();
+        (
+            chart["summary"].as_f64().unwrap(),
+            chart["svg"].as_str().unwrap().to_string(),
+        )
+    };
+    // Each replica writes every second; wait (bounded) until both have.
+    let mut seen = (0.0, String::new());
+    for _ in 0..100 {
+        seen = requests().await;
+        if seen.0 >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen.0, 3.0, "two answers and a refusal, each counted once");
+    assert!(seen.1.contains("data-series=\"answered\"") && seen.1.contains("<polyline"));
+    let d = a.get_json(&admin, "/api/admin/dashboard?range=week").await;
+    assert_eq!(d["charts"].as_array().unwrap().len(), 7);
+    let active = d["charts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "active")
+        .unwrap()["summary"]
+        .as_f64()
+        .unwrap();
+    assert_eq!(active, 2.0, "two people asked");
+    let r = admin
+        .get(a.url("/api/admin/dashboard?range=year"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+}

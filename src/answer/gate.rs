@@ -6,6 +6,7 @@ use super::{AnswerError, Answers};
 use crate::admission::{Permit, Shed};
 use crate::db::{chats, now_ms};
 use crate::policy::Refusal;
+use crate::tally::Outcome;
 
 /// What the gate decided.
 pub enum Decision {
@@ -18,6 +19,25 @@ pub enum Decision {
 impl Answers {
     /// Decides on a request by `user_id` whose caller wrote `texts`.
     pub async fn gate<'a>(
+        &self,
+        user_id: i64,
+        texts: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Decision, AnswerError> {
+        let decided = self.decide(user_id, texts).await;
+        let outcome = match &decided {
+            Ok(Decision::Refuse(_)) | Err(AnswerError::Cooldown { .. }) => Some(Outcome::Refused),
+            Err(AnswerError::Busy) => Some(Outcome::Busy),
+            Err(AnswerError::Overloaded) => Some(Outcome::Overloaded),
+            Err(AnswerError::QuotaExceeded { .. }) => Some(Outcome::OverQuota),
+            _ => None, // answered: counted when the answer is made
+        };
+        if let Some(o) = outcome {
+            self.tally.outcome(o);
+        }
+        decided
+    }
+
+    async fn decide<'a>(
         &self,
         user_id: i64,
         texts: impl IntoIterator<Item = &'a str>,

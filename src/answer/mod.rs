@@ -195,6 +195,8 @@ pub struct Inner {
     pub live: live::Registry,
     /// How fast answers are being made (the estimated wait in line).
     pub pace: pace::Pace,
+    /// What this process did, for the dashboard's rollups.
+    pub tally: crate::tally::Tally,
 }
 
 impl std::ops::Deref for Answers {

@@ -280,6 +280,7 @@ async fn relay(answers: &Answers, turn: Turn, mut events: EventStream, sink: &Si
         ))),
         WaitEnd::TimedOut | WaitEnd::Stopping => {
             metrics::counter!("moss_shed_total", "reason" => "queue_timeout").increment(1);
+            answers.tally.outcome(crate::tally::Outcome::Overloaded);
             Some(Some((
                 Failure::Overloaded,
                 "The server is overloaded, please try again tomorrow morning.",
@@ -310,10 +311,15 @@ async fn relay(answers: &Answers, turn: Turn, mut events: EventStream, sink: &Si
     }
     metrics::gauge!("moss_generations_running").increment(1.0);
     let running_since = Instant::now();
+    answers.tally.waited(running_since - started);
     let (text, finish, usage) = forward(answers, &mut events, sink, started).await;
     if matches!(finish, Finish::Stop | Finish::Length) {
         answers.pace.record(running_since.elapsed());
     }
+    answers.tally.outcome(crate::tally::Outcome::Answered);
+    answers
+        .tally
+        .add(crate::tally::Metric::Tokens, usage.completion_tokens as u64);
     drop(events); // cancels the generation if it is still running
     metrics::gauge!("moss_generations_running").decrement(1.0);
     metrics::counter!("moss_tokens_generated_total").increment(usage.completion_tokens as u64);
@@ -393,6 +399,7 @@ async fn forward(
                     if first_token {
                         first_token = false;
                         metrics::histogram!("moss_time_to_first_token_seconds").record(started.elapsed().as_secs_f64());
+                        answers.tally.first_token(started.elapsed());
                     }
                     text.push_str(&piece);
                     // A client that stops reading must not hold the answer (and its slot) forever.

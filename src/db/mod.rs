@@ -10,6 +10,7 @@ pub mod invites;
 pub mod keys;
 pub mod outbox;
 pub mod profile;
+pub mod rollups;
 pub mod search;
 pub mod usage;
 pub mod waitlist;

@@ -23,11 +23,40 @@ pub fn router() -> Router<AppState> {
         .route("/api/admin/invites", get(list_invites).post(create_invites))
         .route("/api/admin/invites/{id}/revoke", post(revoke_invite))
         .route("/api/admin/users", get(list_users))
+        .route("/api/admin/dashboard", get(dashboard))
         .route("/api/admin/waitlist/{id}/admit", post(admit_one))
         .route("/api/admin/waitlist/{id}", delete(remove_entry))
         .route("/api/admin/users/{id}/role", post(set_role))
         .route("/api/admin/users/{id}/reset-link", post(reset_link))
         .route("/api/admin/users/{id}", delete(delete_user))
+}
+
+#[derive(Deserialize)]
+struct RangeQuery {
+    range: Option<String>,
+}
+
+/// The dashboard's charts over the last `range` (`hour`, the default; `day`; `week`).
+async fn dashboard(
+    State(state): State<AppState>,
+    _: AdminUser,
+    axum::extract::Query(q): axum::extract::Query<RangeQuery>,
+) -> AppResult<Json<Value>> {
+    use crate::dashboard::Range;
+    let range = match q.range.as_deref() {
+        None | Some("hour") => Range::Hour,
+        Some("day") => Range::Day,
+        Some("week") => Range::Week,
+        Some(_) => {
+            return Err(AppError::invalid(
+                Field::Request("range"),
+                "range must be hour, day or week",
+                "范围必须是 hour、day 或 week",
+            ))
+        }
+    };
+    let charts = crate::dashboard::charts(&state.db, range).await?;
+    Ok(Json(json!({ "charts": charts })))
 }
 
 /// Admits one entry; its code is in the answer when no e-mail is configured.

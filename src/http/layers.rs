@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 
 use super::error::error_body;
-use super::AppError;
+use super::{AppError, AppState};
 
 pub async fn not_found(req: Request) -> Response {
     if wants_json(req.uri().path()) {
@@ -32,7 +32,11 @@ pub fn wants_json(path: &str) -> bool {
 }
 
 /// Requests by route and status, and their latency.
-pub async fn record_metrics(req: Request, next: Next) -> Response {
+pub async fn record_metrics(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
@@ -47,6 +51,9 @@ pub async fn record_metrics(req: Request, next: Next) -> Response {
     let method = req.method().to_string();
     let start = std::time::Instant::now();
     let resp = next.run(req).await;
+    if let Some(outcome) = resp.extensions().get::<crate::tally::Outcome>() {
+        state.answers.tally.outcome(*outcome);
+    }
     let status = resp.status().as_u16().to_string();
     metrics::counter!("moss_http_requests_total", "route" => route.clone(), "method" => method, "status" => status).increment(1);
     metrics::histogram!("moss_http_request_duration_seconds", "route" => route)

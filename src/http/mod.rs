@@ -81,6 +81,7 @@ impl AppState {
         let answers = crate::answer::Answers::new(crate::answer::Inner {
             live: Default::default(),
             pace: Default::default(),
+            tally: Default::default(),
             db: db.clone(),
             config: config.clone(),
             backend,

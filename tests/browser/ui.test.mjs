@@ -22,6 +22,7 @@ const env = {
   MOSS_ENGINE__MAX_TOKENS: "80",
   MOSS_ENGINE__SYSTEM_PROMPT: "You are moss.",
   MOSS_CHAT__MAX_MESSAGE_CHARS: "400",
+  MOSS_DASHBOARD__WRITE_SECS: "1",
   RUST_LOG: "warn",
   // one browser clicking through everything in seconds: widen the general bucket (its own tests cover it)
   MOSS_LIMITS__API__PER_MINUTE: "6000",
@@ -446,6 +447,19 @@ test("the admin admits a waitlist entry", async () => {
   await page.waitForSelector("#admit-form .result:has-text('waiting@example.com')");
   await page.waitForSelector("#waitlist-table tr:has-text('waiting@example.com') td:has-text('invited')");
   await shot("06-admin");
+  // The dashboard draws what this test's own traffic did (answers, a refused send, tokens).
+  await page.waitForFunction(async () => {
+    const r = await fetch("/api/admin/dashboard?range=hour");
+    const d = await r.json();
+    return d.charts.find((c) => c.id === "requests").summary > 0 && d.charts.find((c) => c.id === "tokens").summary > 0;
+  }, null, { timeout: 15000 });
+  await page.reload();
+  await page.waitForSelector("#charts [data-chart=requests] polyline[data-series=answered]");
+  const drawn = await page.getAttribute("#charts [data-chart=requests] polyline[data-series=answered]", "points");
+  assert.ok(drawn.split(" ").some((p) => Number(p.split(",")[1]) < 130), "the answered line rises above zero");
+  await page.click("[data-range=day]");
+  await page.waitForSelector("[data-range=day].chosen");
+  await page.locator("#dashboard").screenshot({ path: join(shots, "16-dashboard.png") });
   await accessible("admin");
 });
 
