@@ -158,6 +158,7 @@ pub async fn serve(
     use hyper_util::rt::{TokioIo, TokioTimer};
     let admission = state.answers.admission.clone();
     tokio::spawn(housekeeping(state.db.clone(), state.session_idle_ms()));
+    crate::autoadmit::spawn(state.db.clone(), state.config.clone());
     let d = &state.config.dashboard;
     crate::dashboard::spawn_writer(
         state.db.clone(),

@@ -147,6 +147,19 @@ pub struct InvitesConfig {
 pub struct WaitlistConfig {
     pub resend_confirmation_minutes: i64,
     pub confirm_link_hours: i64,
+    pub auto: AutoAdmitConfig,
+}
+
+/// Admission at the pace the service shows it can take (off by default).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoAdmitConfig {
+    pub enabled: bool,
+    pub every_secs: u64,
+    pub per_interval: i64,
+    pub lookback_minutes: i64,
+    pub max_shed_percent: f64,
+    pub max_wait_secs: f64,
 }
 
 #[derive(Clone, Deserialize)]
@@ -367,6 +380,11 @@ impl Config {
         anyhow::ensure!(
             self.database.max_connections >= 1,
             "database.max_connections must be at least 1"
+        );
+        let auto = &self.waitlist.auto;
+        anyhow::ensure!(
+            auto.every_secs >= 1 && auto.per_interval >= 1 && auto.lookback_minutes >= 1,
+            "waitlist.auto.every_secs, per_interval and lookback_minutes must be at least 1"
         );
         anyhow::ensure!(
             self.dashboard.write_secs >= 1 && self.dashboard.keep_days >= 1,

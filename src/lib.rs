@@ -4,6 +4,7 @@ pub mod admin;
 pub mod admission;
 pub mod answer;
 pub mod app;
+pub mod autoadmit;
 pub mod cli;
 pub mod config;
 pub mod dashboard;

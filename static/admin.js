@@ -150,6 +150,15 @@
     M.send("GET", "/api/admin/dashboard?range=" + range).then(function (r) {
       var box = $("charts");
       if (!r.ok) return;
+      var log = $("auto-log");
+      log.textContent = "";
+      var auto = r.body.auto_admission;
+      if (!auto.enabled) {
+        log.appendChild(Object.assign(document.createElement("li"), { textContent: zh() ? "未开启（waitlist.auto.enabled）。" : "Off (waitlist.auto.enabled)." }));
+      }
+      auto.log.forEach(function (d) {
+        log.appendChild(Object.assign(document.createElement("li"), { textContent: when(d.at) + " — " + d.reason }));
+      });
       box.textContent = "";
       r.body.charts.forEach(function (c) {
         var fig = document.createElement("figure");

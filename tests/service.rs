@@ -1191,3 +1191,78 @@ async fn own_account_and_operator_rows(app: TestApp) {
     );
 }
 both_backends!(own_account_and_operator_rows);
+
+/// Automatic admission stops while the service sheds and resumes once it has recovered; each
+/// interval is decided once, and every decision is in its log.
+async fn automatic_admission_pauses_while_the_service_sheds(app: TestApp) {
+    use moss::autoadmit::{tick, Decision};
+    use moss::db::rollups::{add, Write};
+    let anyone = app.client();
+    for i in 0..12 {
+        let body = json!({ "email": format!("q{i}@example.com") });
+        let (status, _) = app
+            .send_json(&anyone, reqwest::Method::POST, "/api/waitlist", body)
+            .await;
+        assert_eq!(status, 202);
+    }
+    let waiting = || async { moss::db::waitlist::waiting_count(&app.db).await.unwrap() };
+    assert_eq!(waiting().await, 12);
+    let mut config = (*app.config).clone();
+    config.waitlist.auto.per_interval = 5;
+    let minute = moss::db::now_ms() / 60_000;
+    let counted = |metric: &'static str, value: f64| Write {
+        metric,
+        value,
+        peak: false,
+    };
+    // A third of the requests turned away: paused.
+    add(
+        &app.db,
+        minute,
+        "other-replica",
+        &[counted("overloaded", 20.0), counted("answered", 40.0)],
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        tick(&app.db, &config, 1).await.unwrap(),
+        Some(Decision::Pause(_))
+    ));
+    assert_eq!(waiting().await, 12, "nobody admitted while it sheds");
+    assert_eq!(
+        tick(&app.db, &config, 1).await.unwrap(),
+        None,
+        "an interval is decided once"
+    );
+    // Recovered: the shedding hour is past, the last hour answered everyone.
+    sqlx::query("UPDATE rollups SET minute = minute - 120")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    add(
+        &app.db,
+        minute,
+        "other-replica",
+        &[counted("answered", 100.0)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        tick(&app.db, &config, 2).await.unwrap(),
+        Some(Decision::Admit(5))
+    );
+    assert_eq!(waiting().await, 7);
+    assert_eq!(
+        tick(&app.db, &config, 3).await.unwrap(),
+        Some(Decision::Admit(5))
+    );
+    assert_eq!(waiting().await, 2);
+    let log = moss::autoadmit::log(&app.db, config.waitlist.auto.every_secs, 10)
+        .await
+        .unwrap();
+    let reasons: Vec<&str> = log.iter().map(|(_, _, r)| r.as_str()).collect();
+    assert_eq!(reasons.len(), 3);
+    assert_eq!(&reasons[..2], ["admitted 5", "admitted 5"]);
+    assert!(reasons[2].starts_with("paused: 33.3 %"), "{reasons:?}");
+}
+both_backends!(automatic_admission_pauses_while_the_service_sheds);

@@ -56,7 +56,14 @@ async fn dashboard(
         }
     };
     let charts = crate::dashboard::charts(&state.db, range).await?;
-    Ok(Json(json!({ "charts": charts })))
+    let auto = &state.config.waitlist.auto;
+    let log: Vec<Value> = crate::autoadmit::log(&state.db, auto.every_secs, 10)
+        .await?
+        .into_iter()
+        .map(|(at, admitted, reason)| json!({"at": at, "admitted": admitted, "reason": reason}))
+        .collect();
+    Ok(Json(json!({ "charts": charts,
+                    "auto_admission": {"enabled": auto.enabled, "log": log} })))
 }
 
 /// Admits one entry; its code is in the answer when no e-mail is configured.
