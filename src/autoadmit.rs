@@ -100,6 +100,34 @@ pub async fn tick(db: &Db, config: &Config, slot: i64) -> DbResult<Option<Decisi
     Ok(Some(decision))
 }
 
+/// With automatic admission on, about how long until the entry at `position` is admitted at
+/// the configured pace (when the service keeps up; a pause makes it longer).
+pub fn eta_secs(cfg: &AutoAdmitConfig, position: i64) -> Option<u64> {
+    if !cfg.enabled || position < 1 {
+        return None;
+    }
+    let intervals = (position as u64).div_ceil(cfg.per_interval.max(1) as u64);
+    Some(intervals * cfg.every_secs)
+}
+
+/// "about 3 hours", in English and Chinese.
+pub fn in_words(secs: u64) -> (String, String) {
+    match secs {
+        s if s < 3600 => {
+            let m = s.div_ceil(60);
+            (format!("about {m} minutes"), format!("约 {m} 分钟"))
+        }
+        s if s < 2 * 86_400 => {
+            let h = s.div_ceil(3600);
+            (format!("about {h} hours"), format!("约 {h} 小时"))
+        }
+        s => {
+            let d = s.div_ceil(86_400);
+            (format!("about {d} days"), format!("约 {d} 天"))
+        }
+    }
+}
+
 /// The latest decisions, newest first: (slot start in ms, admitted, reason).
 pub async fn log(db: &Db, every_secs: u64, limit: i64) -> DbResult<Vec<(i64, i64, String)>> {
     let rows: Vec<(i64, i64, String)> = sqlx::query_as(
@@ -122,7 +150,8 @@ pub fn spawn(db: Db, config: std::sync::Arc<Config>) {
     }
     tokio::spawn(async move {
         let every = Duration::from_secs(cfg.every_secs);
-        let mut tick_at = tokio::time::interval(every);
+        // The first decision one interval after start: a starting replica has no recent past.
+        let mut tick_at = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             tick_at.tick().await;
             let slot = now_ms() / 1000 / cfg.every_secs as i64;
@@ -146,6 +175,20 @@ mod tests {
             max_shed_percent: 5.0,
             max_wait_secs: 10.0,
         }
+    }
+
+    #[test]
+    fn the_estimate_follows_the_pace() {
+        let mut c = cfg();
+        assert_eq!(
+            eta_secs(&c, 12),
+            Some(3 * 60),
+            "5 per minute: the 12th in the third"
+        );
+        c.enabled = false;
+        assert_eq!(eta_secs(&c, 12), None);
+        assert_eq!(in_words(3 * 3600).0, "about 3 hours");
+        assert_eq!(in_words(90).1, "约 2 分钟");
     }
 
     #[test]

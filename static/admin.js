@@ -197,10 +197,28 @@
   $("invite-form").addEventListener("submit", function (ev) {
     ev.preventDefault();
     var f = ev.target.elements;
-    M.send("POST", "/api/admin/invites", { count: Number(f.count.value), uses: Number(f.uses.value), note: f.note.value }).then(function (r) {
-      var pre = $("new-codes");
-      pre.hidden = false;
-      pre.textContent = r.ok ? r.body.codes.join("\n") : M.errorText(r.body);
+    var body = { count: Number(f.count.value), uses: Number(f.uses.value), note: f.note.value };
+    if (f.expires_in_days.value) body.expires_in_days = Number(f.expires_in_days.value);
+    M.send("POST", "/api/admin/invites", body).then(function (r) {
+      var box = $("new-codes");
+      box.hidden = false;
+      box.textContent = "";
+      if (!r.ok) { box.textContent = M.errorText(r.body); return; }
+      // Shown once (only a hash is kept): each code as the invitation link to hand out.
+      r.body.codes.forEach(function (code) {
+        var link = location.origin + "/register?code=" + encodeURIComponent(code);
+        var line = document.createElement("div");
+        var field = document.createElement("input");
+        field.readOnly = true;
+        field.value = link;
+        field.className = "link-field invite-link";
+        field.setAttribute("aria-label", zh() ? "邀请链接" : "Invitation link");
+        line.appendChild(field);
+        line.appendChild(button("Copy", "复制", "copy-link", function () {
+          if (navigator.clipboard) navigator.clipboard.writeText(link);
+        }));
+        box.appendChild(line);
+      });
       loadInvites();
     });
   });

@@ -208,14 +208,50 @@ async fn status_page(State(state): State<AppState>, Query(q): Query<TokenQuery>)
     match waitlist::status(&state.db, &token).await {
         Ok(Some(s)) => {
             let (text, text_zh) = match s.state {
-                WaitState::Unconfirmed => ("Please confirm your address with the link in our e-mail.".to_string(), "请用邮件中的链接确认你的邮箱。".to_string()),
-                WaitState::Waiting => (
-                    format!("You are number {} in line; {} people are ahead of you. We will e-mail your invite code.", s.position.unwrap_or(0), s.ahead.unwrap_or(0)),
-                    format!("你排在第 {} 位，前面还有 {} 人。轮到你时我们会把邀请码发到你的邮箱。", s.position.unwrap_or(0), s.ahead.unwrap_or(0)),
+                WaitState::Unconfirmed => (
+                    "Please confirm your address with the link in our e-mail.".to_string(),
+                    "请用邮件中的链接确认你的邮箱。".to_string(),
                 ),
-                WaitState::Invited if state.mail_enabled() => ("You are invited! Your code is in your inbox.".to_string(), "你已获得邀请！邀请码已发送到你的邮箱。".to_string()),
-                WaitState::Invited => ("You are invited! The operator will hand you your invitation link.".to_string(), "你已获得邀请！管理员会把邀请链接交给你。".to_string()),
-                WaitState::Registered => ("You have registered. Welcome!".to_string(), "你已完成注册，欢迎！".to_string()),
+                WaitState::Waiting => {
+                    let position = s.position.unwrap_or(0);
+                    let (eta, eta_zh) =
+                        match crate::autoadmit::eta_secs(&state.config.waitlist.auto, position) {
+                            Some(secs) => {
+                                let (en, zh) = crate::autoadmit::in_words(secs);
+                                (
+                                    format!(" At the current pace your turn may come in {en}."),
+                                    format!("按目前的节奏，大约{zh}后轮到你。"),
+                                )
+                            }
+                            None => (String::new(), String::new()),
+                        };
+                    let (then, then_zh) = match state.mail_enabled() {
+                        true => (
+                            " We will e-mail your invite code.",
+                            "轮到你时我们会把邀请码发到你的邮箱。",
+                        ),
+                        false => (
+                            " The operator will hand you your invitation link.",
+                            "轮到你时管理员会把邀请链接交给你。",
+                        ),
+                    };
+                    (
+                        format!("You are number {position} in line; {} people are ahead of you.{eta}{then}", s.ahead.unwrap_or(0)),
+                        format!("你排在第 {position} 位，前面还有 {} 人。{eta_zh}{then_zh}", s.ahead.unwrap_or(0)),
+                    )
+                }
+                WaitState::Invited if state.mail_enabled() => (
+                    "You are invited! Your code is in your inbox.".to_string(),
+                    "你已获得邀请！邀请码已发送到你的邮箱。".to_string(),
+                ),
+                WaitState::Invited => (
+                    "You are invited! The operator will hand you your invitation link.".to_string(),
+                    "你已获得邀请！管理员会把邀请链接交给你。".to_string(),
+                ),
+                WaitState::Registered => (
+                    "You have registered. Welcome!".to_string(),
+                    "你已完成注册，欢迎！".to_string(),
+                ),
             };
             message(
                 StatusCode::OK,

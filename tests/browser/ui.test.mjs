@@ -529,6 +529,13 @@ test("the operator admits one entry, promotes a user and hands a reset link to s
   await theirs.click("[data-form=register] button[type=submit]");
   await theirs.waitForSelector("#composer");
   await page.goto(`${base}/admin`);
+  // Codes made on the page come as invitation links, with an expiry.
+  await page.fill("#invite-form [name=expires_in_days]", "7");
+  await page.fill("#invite-form [name=note]", "from the page");
+  await page.click("#invite-form button[type=submit]");
+  await page.waitForSelector("#new-codes .invite-link");
+  assert.match(await page.inputValue("#new-codes .invite-link"), /\/register\?code=/);
+  await page.waitForSelector("#invites-table td:has-text('from the page')");
   await page.click("#waitlist-table tr:has-text('row@example.com') .admit-one");
   await page.waitForSelector("#row-result .link-field");
   assert.match(await page.inputValue("#row-result .link-field"), /\/register\?code=/);
