@@ -11,6 +11,8 @@ pub mod live;
 pub mod pace;
 pub mod params;
 mod relay;
+mod sink;
+mod store;
 
 use std::sync::Arc;
 

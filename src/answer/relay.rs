@@ -5,66 +5,21 @@
 //! (partially, as `cancelled`) when it is to be stored.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use super::backend::AnswerRequest;
-use super::live::LiveAnswer;
+use super::sink::Sink;
+use super::store::{store_with_retry, Storage};
 use super::{history, AnswerError, Answers, Failure, Finish, Params, Source, StreamEvent};
 use crate::admission::Permit;
 use crate::db::branches;
 use crate::db::chats::{self, Message, NewMessage, Place};
-use crate::db::Db;
 use crate::engine::{ChatMessage, Event, EventStream, Role, SamplingParams, Usage};
-
-/// How long an API client may leave the stream unread before its answer is cut off (and kept).
-const CLIENT_STALL: Duration = Duration::from_secs(30);
 
 /// How often a followed answer is rendered while it streams.
 const RENDER_EVERY: Duration = Duration::from_millis(300);
-
-/// Where an answer's events go.
-enum Sink {
-    /// Straight to the one client that asked (the API): when it leaves, the answer ends.
-    Direct(mpsc::Sender<StreamEvent>),
-    /// To the conversation's followers, however many (none included).
-    Live {
-        live: Arc<LiveAnswer>,
-        conversation: i64,
-    },
-}
-
-impl Sink {
-    /// Passes `event` on; false when the client has left or stopped reading.
-    async fn send(&self, event: StreamEvent) -> bool {
-        match self {
-            Sink::Direct(tx) => matches!(
-                tokio::time::timeout(CLIENT_STALL, tx.send(event)).await,
-                Ok(Ok(()))
-            ),
-            Sink::Live { live, .. } => {
-                live.push(event);
-                true
-            }
-        }
-    }
-
-    /// Returns when the answer is no longer wanted: its client left (direct) or someone
-    /// pressed Stop (live).
-    async fn unwanted(&self) {
-        match self {
-            Sink::Direct(tx) => tx.closed().await,
-            Sink::Live { live, .. } => live.stopped().await,
-        }
-    }
-
-    /// Followers get the answer rendered as it grows; API clients do not need it.
-    fn renders(&self) -> bool {
-        matches!(self, Sink::Live { .. })
-    }
-}
 
 /// One answer under way.
 struct Turn {
@@ -442,44 +397,4 @@ async fn record_usage(answers: &Answers, user_id: i64, usage: Usage) {
     if let Err(e) = crate::db::usage::add(&answers.db, user_id, &day, spent).await {
         tracing::warn!("recording usage failed: {e}");
     }
-}
-
-/// Where an answer ended up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Storage {
-    /// Stored as this message.
-    Kept(i64),
-    /// Not to be stored (an API call without `store`).
-    NotKept,
-    /// Its conversation was deleted while the answer was made: nothing to store it in.
-    Gone,
-    /// The database refused or stayed away through every retry.
-    Failed,
-}
-
-/// Stores an answer, retrying for a while if the database is briefly away: an answer is never
-/// silently dropped.
-async fn store_with_retry(
-    db: &Db,
-    user_id: i64,
-    conversation_id: i64,
-    m: &NewMessage<'_>,
-) -> Storage {
-    for attempt in 0..10u32 {
-        match chats::add_message(db, user_id, conversation_id, m).await {
-            Ok(Some(msg)) => return Storage::Kept(msg.id),
-            Ok(None) => return Storage::Gone,
-            Err(e @ (crate::db::DbError::Other(_) | crate::db::DbError::Conflict)) => {
-                // Not the database being away: trying again would fail the same way.
-                tracing::error!("storing an answer failed: {e}");
-                return Storage::Failed;
-            }
-            Err(e) => {
-                tracing::warn!(attempt, "storing an answer failed: {e}");
-                tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt.min(5)))).await;
-            }
-        }
-    }
-    tracing::error!("an answer could not be stored after retries");
-    Storage::Failed
 }
