@@ -746,7 +746,7 @@ async fn edits_make_branches_and_the_model_reads_the_one_shown(app: TestApp) {
         .await
         .unwrap();
     assert!(r.status().is_success());
-    let exported = moss::db::chats::export_feedback(&app.db).await.unwrap();
+    let exported = moss::db::feedback::export_feedback(&app.db).await.unwrap();
     let record = exported
         .iter()
         .find(|r| r.message_id == a1b)

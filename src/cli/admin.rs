@@ -7,7 +7,7 @@ use clap::Subcommand;
 use crate::config::Config;
 use crate::db::accounts::AccountRole;
 use crate::db::invites::{self, InviteSpec};
-use crate::db::{accounts, chats, waitlist};
+use crate::db::{accounts, feedback, waitlist};
 
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
@@ -231,7 +231,7 @@ pub fn run(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
                 );
             }
             AdminCommand::Feedback(FeedbackCommand::Export { out: path }) => {
-                let records = chats::export_feedback(&db).await?;
+                let records = feedback::export_feedback(&db).await?;
                 let mut text = String::new();
                 for r in &records {
                     text.push_str(&serde_json::to_string(r)?);

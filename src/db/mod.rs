@@ -6,6 +6,7 @@ pub mod accounts;
 pub mod branches;
 pub mod chats;
 pub mod consent;
+pub mod feedback;
 pub mod invites;
 pub mod keys;
 pub mod outbox;

@@ -13,7 +13,7 @@ use super::{bounded_text, AppError, AppResult, AppState, Field, JsonBody};
 use crate::db::accounts::AccountRole;
 use crate::db::invites::{self, InviteSpec};
 use crate::db::waitlist::Pick;
-use crate::db::{accounts, chats, waitlist};
+use crate::db::{accounts, feedback, waitlist};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -160,7 +160,7 @@ async fn delete_user(
 }
 
 async fn stats(State(state): State<AppState>, _: AdminUser) -> AppResult<Json<Value>> {
-    let (up, down) = chats::rating_counts(&state.db).await?;
+    let (up, down) = feedback::rating_counts(&state.db).await?;
     Ok(Json(json!({
         "users": accounts::count_users(&state.db).await?,
         "waiting": waitlist::waiting_count(&state.db).await?,

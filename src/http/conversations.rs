@@ -205,7 +205,7 @@ async fn feedback(
     let comment =
         super::bounded_multiline(Field::Comment, b.comment.as_deref().unwrap_or(""), 2000)?;
     let consented = consent::is_granted(&state.db, &user.pseudonym).await?;
-    if !chats::rate(&state.db, user.id, id, b.rating, &comment, consented).await? {
+    if !crate::db::feedback::rate(&state.db, user.id, id, b.rating, &comment, consented).await? {
         return Err(AppError::NotFound);
     }
     Ok(Json(
