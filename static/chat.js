@@ -470,18 +470,19 @@
     this.rendered = null;
     this.upto = 0;
   }
-  Bubble.prototype.draw = function () {
+  // A new rendering replaces the body; a new piece only changes the text after it.
+  Bubble.prototype.draw = function (rendering) {
     var body = this.node.querySelector(".body");
     if (this.rendered === null) { body.textContent = this.text; return; }
-    body.innerHTML = this.rendered; // sanitised by the server
-    var tail = this.text.slice(this.upto);
-    if (tail) {
+    if (rendering || !this.tail) {
+      body.innerHTML = this.rendered; // sanitised by the server
       // After the last paragraph's or code block's text; after a table or list, below it.
       var last = body.lastElementChild;
       if (!last || /^(TABLE|UL|OL|HR|BLOCKQUOTE)$/.test(last.tagName)) last = body;
       else if (last.tagName === "PRE") last = last.querySelector("code") || last;
-      last.appendChild(el("span", "tail", tail));
+      this.tail = last.appendChild(el("span", "tail"));
     }
+    this.tail.textContent = this.text.slice(this.upto);
   };
   // Reads a response's server-sent events; resolves when the stream ends.
   function consume(r, conv) {
@@ -502,7 +503,7 @@
       } else if (name === "html") {
         bubble.rendered = data.html;
         bubble.upto = data.text_len;
-        bubble.draw();
+        bubble.draw(true);
         keepUp();
       } else if (name === "done") {
         bubble.node.remove();

@@ -6,3 +6,6 @@ ALTER TABLE messages ADD COLUMN search_text TEXT;
 ALTER TABLE messages ADD COLUMN search_tsv tsvector
     GENERATED ALWAYS AS (to_tsvector('simple', coalesce(search_text, ''))) STORED;
 CREATE INDEX messages_search ON messages USING GIN (search_tsv);
+-- Messages the program has not indexed yet (those written before this migration), found at start
+-- without reading the whole table.
+CREATE INDEX messages_unindexed ON messages(id) WHERE search_text IS NULL;

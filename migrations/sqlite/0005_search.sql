@@ -14,3 +14,6 @@ CREATE TRIGGER messages_fts_update AFTER UPDATE OF search_text ON messages BEGIN
     INSERT INTO messages_fts(messages_fts, rowid, search_text) VALUES ('delete', old.id, old.search_text);
     INSERT INTO messages_fts(rowid, search_text) VALUES (new.id, new.search_text);
 END;
+-- Messages the program has not indexed yet (those written before this migration), found at start
+-- without reading the whole table.
+CREATE INDEX messages_unindexed ON messages(id) WHERE search_text IS NULL;

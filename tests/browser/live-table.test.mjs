@@ -4,15 +4,12 @@
 // still coming.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { createServer } from "node:http";
 import { mkdtempSync, mkdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
-import { chromium } from "playwright-core";
+import { join } from "node:path";
+import { root, serve, launch } from "./moss.mjs";
 
-const root = resolve(import.meta.dirname, "..", "..");
-const bin = process.env.MOSS_BIN || join(root, "target", "debug", "moss");
 const shots = join(root, "target", "ui-screenshots");
 const dir = mkdtempSync(join(tmpdir(), "moss-live-"));
 const TABLE = "Here they are:\n\n| Planet | Distance |\n|---|---|\n| Mercury | 0.39 AU |\n| Venus | 0.72 AU |\n| Earth | 1 AU |\n\n";
@@ -52,21 +49,8 @@ before(async () => {
     MOSS_ENGINE__UPSTREAM__MODEL: "table-model",
     RUST_LOG: "warn",
   };
-  server = spawn(bin, ["serve", "--addr", "127.0.0.1:0"], { env, stdio: ["ignore", "pipe", "inherit"] });
-  const lines = await new Promise((ok, fail) => {
-    let out = "";
-    server.stdout.on("data", (d) => {
-      out += d;
-      if (out.includes("/register?code=")) ok(out);
-    });
-    server.on("exit", (c) => fail(new Error(`moss serve exited ${c}: ${out}`)));
-  });
-  base = lines.match(/listening on (\S+)/)[1];
-  invite = lines.match(/(http:\/\/\S+\/register\?code=\S+)/)[1];
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
+  ({ server, base, invite } = await serve([], env));
+  browser = await launch();
   page = await (await browser.newContext({ locale: "en-US", viewport: { width: 1200, height: 800 } })).newPage();
   page.on("pageerror", (e) => console.error("page error:", e.message));
 });

@@ -1,17 +1,15 @@
 // The whole journey in a real browser (Debian's chromium, driven by playwright-core) against the
 // real moss binary with a tiny model: waitlist, invite registration, streaming, stop, regenerate,
 // rendering, XSS, feedback, consent, admin, Chinese, phone screen. Screenshots go to
-// target/ui-screenshots/ (not committed).
+// target/ui-screenshots/ (a chosen few are copied into docs/screenshots/).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, execFileSync } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { mkdtempSync, mkdirSync, rmSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
-import { chromium } from "playwright-core";
+import { join } from "node:path";
+import { root, bin, serve, launch } from "./moss.mjs";
 
-const root = resolve(import.meta.dirname, "..", "..");
-const bin = process.env.MOSS_BIN || join(root, "target", "debug", "moss");
 const shots = join(root, "target", "ui-screenshots");
 const dir = mkdtempSync(join(tmpdir(), "moss-ui-"));
 const env = {
@@ -54,21 +52,10 @@ before(async () => {
   mkdirSync(shots, { recursive: true });
   const model = join(dir, "tiny.gguf");
   moss("debug", "tiny-model", model);
-  server = spawn(bin, ["serve", "--model", model, "--addr", "127.0.0.1:0"], { env, stdio: ["ignore", "pipe", "inherit"] });
-  const lines = await new Promise((ok, fail) => {
-    let out = "";
-    server.stdout.on("data", (d) => {
-      out += d;
-      if (out.includes("/register?code=")) ok(out);
-    });
-    server.on("exit", (c) => fail(new Error(`moss serve exited ${c}: ${out}`)));
-  });
-  base = lines.match(/listening on (\S+)/)[1];
-  adminInvite = lines.match(/(http:\/\/\S+\/register\?code=\S+)/)[1];
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
+  let invite;
+  ({ server, base, invite } = await serve(["--model", model], env));
+  adminInvite = invite;
+  browser = await launch();
   const context = await browser.newContext({ locale: "en-US", viewport: { width: 1200, height: 800 } });
   await context.grantPermissions(["clipboard-read", "clipboard-write"], { origin: base });
   page = await context.newPage();
