@@ -14,6 +14,7 @@ const SLOW: Options = Options {
     tight_limits: false,
     configure: None,
     db_proxy: false,
+    long_context: false,
     upstream: None,
 };
 

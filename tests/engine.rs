@@ -439,7 +439,7 @@ fn eight_prompts_together(spec: moss::engine::tiny::TinySpec) {
                         break;
                     }
                     Event::Error(e) => panic!("{e}"),
-                    Event::Started => {}
+                    Event::Started | Event::Logprob(_) | Event::ToolCall(_) => {}
                 }
             }
             pieces

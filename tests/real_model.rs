@@ -91,7 +91,9 @@ fn moss_and_candle_agree_and_batching_changes_nothing() {
                     moss::engine::Event::Text(t) => text.push_str(&t),
                     moss::engine::Event::Done { .. } => break,
                     moss::engine::Event::Error(e) => panic!("{e}"),
-                    moss::engine::Event::Started => {}
+                    moss::engine::Event::Started
+                    | moss::engine::Event::Logprob(_)
+                    | moss::engine::Event::ToolCall(_) => {}
                 }
             }
             text
@@ -294,6 +296,7 @@ fn the_default_system_prompt_lets_the_model_answer_harmless_requests() {
                 max_tokens,
                 stop: vec![],
                 ignore_eos: false,
+                ..Default::default()
             };
             engine.generate(req).unwrap()
         })
@@ -306,7 +309,9 @@ fn the_default_system_prompt_lets_the_model_answer_harmless_requests() {
                 moss::engine::Event::Text(t) => answer.push_str(&t),
                 moss::engine::Event::Done { .. } => break,
                 moss::engine::Event::Error(e) => panic!("{q}: {e}"),
-                moss::engine::Event::Started => {}
+                moss::engine::Event::Started
+                | moss::engine::Event::Logprob(_)
+                | moss::engine::Event::ToolCall(_) => {}
             }
         }
         if declines(&answer) {

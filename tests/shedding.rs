@@ -18,6 +18,7 @@ fn opts(configure: fn(&mut Config)) -> Options {
         tight_limits: false,
         configure: Some(configure),
         db_proxy: false,
+        long_context: false,
         upstream: None,
     }
 }

@@ -13,6 +13,7 @@ const WITH_MAIL: Options = Options {
     tight_limits: false,
     configure: None,
     db_proxy: false,
+    long_context: false,
     upstream: None,
 };
 

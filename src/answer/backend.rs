@@ -5,10 +5,12 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::params::{Field, Format};
+use super::tools::ToolChoice;
 use super::AnswerError;
 use crate::engine::{
-    ChatMessage, EngineHandle, EngineStats, EventStream, GenerateRequest, SamplingParams,
-    SubmitError,
+    ChatMessage, EngineHandle, EngineStats, EventStream, GenerateRequest, Grammar, SamplingParams,
+    SubmitError, Tool,
 };
 use crate::upstream::{TargetHealth, Upstream, UpstreamError, UpstreamRequest};
 
@@ -31,6 +33,15 @@ pub struct AnswerRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Alternatives to report with each token's log-probability (`None`: no log-probabilities).
+    pub logprobs: Option<usize>,
+    /// What a local model must generate (a response format or a forced call).
+    pub grammar: Option<Grammar>,
+    /// The functions the model is shown.
+    pub tools: Vec<Tool>,
+    /// For an upstream, which passes them on as they were asked for.
+    pub format: Format,
+    pub tool_choice: ToolChoice,
 }
 
 /// What `/readyz` reports about inference.
@@ -79,19 +90,38 @@ impl Backend {
         match self {
             Backend::Local(engine) => {
                 let prompt = engine
-                    .prompt(req.system.as_deref(), &req.history, req.max_tokens)
+                    .prompt_with_tools(
+                        req.system.as_deref(),
+                        &req.history,
+                        &req.tools,
+                        req.max_tokens,
+                    )
                     .map_err(|e| match e {
                         crate::engine::PromptError::TooLong { .. } => {
                             AnswerError::PromptTooLong { max_chars: None }
                         }
+                        crate::engine::PromptError::NoTools => AnswerError::Invalid {
+                            field: Field::Tools,
+                            message: e.to_string(),
+                            message_zh: "该模型的对话模板不支持函数调用".into(),
+                        },
                         other => AnswerError::Internal(other.to_string()),
                     })?;
+                if let Some(grammar) = &req.grammar {
+                    let forced = matches!(
+                        req.tool_choice,
+                        ToolChoice::Required | ToolChoice::Function(_)
+                    );
+                    check_grammar(engine, grammar, forced).await?;
+                }
                 let request = GenerateRequest {
                     prompt: prompt.ids,
                     sampling: req.sampling,
                     max_tokens: req.max_tokens,
                     stop: req.stop,
                     ignore_eos: false,
+                    logprobs: req.logprobs,
+                    grammar: req.grammar,
                 };
                 engine.generate(request).map_err(|e| match e {
                     SubmitError::TooLong { .. } => AnswerError::PromptTooLong { max_chars: None },
@@ -110,6 +140,25 @@ impl Backend {
                     top_p: req.sampling.top_p,
                     seed: req.sampling.seed,
                     stop: req.stop,
+                    logprobs: req.logprobs,
+                    response_format: match req.format {
+                        Format::Text => None,
+                        Format::JsonObject => Some(serde_json::json!({"type": "json_object"})),
+                        Format::JsonSchema(schema) => Some(serde_json::json!({
+                            "type": "json_schema",
+                            "json_schema": {"name": "answer", "schema": schema, "strict": true},
+                        })),
+                    },
+                    tool_choice: match (&req.tool_choice, req.tools.is_empty()) {
+                        (_, true) => None,
+                        (ToolChoice::None, _) => Some(serde_json::json!("none")),
+                        (ToolChoice::Auto, _) => Some(serde_json::json!("auto")),
+                        (ToolChoice::Required, _) => Some(serde_json::json!("required")),
+                        (ToolChoice::Function(name), _) => Some(serde_json::json!(
+                            {"type": "function", "function": {"name": name}}
+                        )),
+                    },
+                    tools: req.tools,
                 };
                 up.generate(request).await.map_err(upstream_error)
             }
@@ -151,6 +200,31 @@ impl Backend {
             }
         }
     }
+}
+
+/// Compiles `grammar` for the model once before the answer is queued, off the async threads
+/// (a large schema takes a while), so that a grammar llguidance rejects is the caller's error.
+async fn check_grammar(
+    engine: &EngineHandle,
+    grammar: &Grammar,
+    forced_call: bool,
+) -> Result<(), AnswerError> {
+    let info = engine.info.clone();
+    let g = grammar.clone();
+    let checked = tokio::task::spawn_blocking(move || info.vocabulary.constraint(&g).map(|_| ()))
+        .await
+        .map_err(|e| AnswerError::Internal(e.to_string()))?;
+    checked.map_err(|e| {
+        let field = match forced_call {
+            true => Field::Tools,
+            false => Field::ResponseFormat,
+        };
+        AnswerError::Invalid {
+            field,
+            message: format!("the schema cannot be used: {e}"),
+            message_zh: "该 JSON schema 无法使用".into(),
+        }
+    })
 }
 
 fn upstream_error(e: UpstreamError) -> AnswerError {

@@ -93,6 +93,8 @@ impl LiveAnswer {
                     p.queued = None;
                     p.pieces.push(text);
                 }
+                // Asked for by API callers only, whose answers are not followed.
+                StreamEvent::Logprob(_) | StreamEvent::ToolCall(_) => {}
                 html @ StreamEvent::Html { .. } => {
                     let n = p.html.as_ref().map_or(1, |(n, _)| n + 1);
                     p.html = Some((n, html));

@@ -6,6 +6,7 @@
 //! to HTTP once per protocol, in `http`.
 
 pub mod backend;
+mod forward;
 pub mod gate;
 pub mod live;
 pub mod pace;
@@ -13,6 +14,7 @@ pub mod params;
 mod relay;
 mod sink;
 mod store;
+pub mod tools;
 
 use std::sync::Arc;
 
@@ -40,6 +42,8 @@ pub enum Finish {
     Error,
     /// The refusal rules answered; the model did not run.
     Refused,
+    /// The model called functions; the caller runs them and asks again.
+    ToolCalls,
 }
 
 impl Finish {
@@ -51,6 +55,7 @@ impl Finish {
             Finish::Cancelled => "cancelled",
             Finish::Error => "error",
             Finish::Refused => "refused",
+            Finish::ToolCalls => "tool_calls",
         }
     }
 }
@@ -98,6 +103,10 @@ pub enum StreamEvent {
     Token {
         text: String,
     },
+    /// The log-probability of a token of the answer (API requests that ask for them).
+    Logprob(crate::engine::TokenLogprob),
+    /// A function the model called (API requests with tools).
+    ToolCall(crate::engine::ToolCall),
     /// The answer so far, rendered and sanitised (a few times a second while it streams, for
     /// the browser; the API ignores it).
     Html {

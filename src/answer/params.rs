@@ -2,9 +2,10 @@
 //! `Params::from_browser` (send, regenerate) and `Params::from_openai` (the API), and the text
 //! itself (`message`, `messages`).
 
+use super::tools::{self, ToolChoice};
 use super::AnswerError;
 use crate::config::Config;
-use crate::engine::{ChatMessage, Role};
+use crate::engine::{ChatMessage, Grammar, Role, Tool};
 
 /// The field a parameter error is about (its name is the error's code, `invalid_<field>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +18,10 @@ pub enum Field {
     Stop,
     N,
     Message,
+    TopLogprobs,
+    ResponseFormat,
+    Tools,
+    ToolChoice,
 }
 
 impl Field {
@@ -30,12 +35,31 @@ impl Field {
             Field::Stop => "stop",
             Field::N => "n",
             Field::Message => "message",
+            Field::TopLogprobs => "top_logprobs",
+            Field::ResponseFormat => "response_format",
+            Field::Tools => "tools",
+            Field::ToolChoice => "tool_choice",
         }
     }
 }
 
 /// Stop strings a request may add (an upstream takes four in all).
 pub const MAX_STOP: usize = 4;
+
+/// Functions a request may offer.
+pub const MAX_TOOLS: usize = 128;
+
+/// What the answer must be.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Format {
+    /// Anything the model writes.
+    #[default]
+    Text,
+    /// One JSON object.
+    JsonObject,
+    /// JSON matching this schema.
+    JsonSchema(serde_json::Value),
+}
 
 /// How an answer is to be made.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +70,11 @@ pub struct Params {
     pub top_p: Option<f64>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// Report each token's log-probability with this many alternatives.
+    pub logprobs: Option<usize>,
+    pub format: Format,
+    pub tools: Vec<Tool>,
+    pub tool_choice: ToolChoice,
 }
 
 /// What an API request asks for.
@@ -57,6 +86,11 @@ pub struct Requested {
     pub seed: Option<u64>,
     pub stop: Vec<String>,
     pub n: Option<u32>,
+    pub logprobs: bool,
+    pub top_logprobs: Option<usize>,
+    pub format: Format,
+    pub tools: Vec<Tool>,
+    pub tool_choice: Option<ToolChoice>,
 }
 
 fn invalid(field: Field, message: String, message_zh: String) -> AnswerError {
@@ -126,14 +160,114 @@ impl Params {
             Some(n) => n,
             None => cfg.engine.max_tokens.min(limit),
         };
+        let logprobs = match (r.logprobs, r.top_logprobs) {
+            (_, Some(k)) if k > crate::engine::logprobs::MAX_TOP => {
+                let max = crate::engine::logprobs::MAX_TOP;
+                return Err(invalid(
+                    Field::TopLogprobs,
+                    format!("top_logprobs must be between 0 and {max}"),
+                    format!("top_logprobs 必须在 0 到 {max} 之间"),
+                ));
+            }
+            (false, Some(_)) => {
+                return Err(invalid(
+                    Field::TopLogprobs,
+                    "top_logprobs needs logprobs: true".into(),
+                    "使用 top_logprobs 时 logprobs 必须为 true".into(),
+                ))
+            }
+            (true, k) => Some(k.unwrap_or(0)),
+            (false, None) => None,
+        };
+        let tool_choice = check_tools(&r.tools, r.tool_choice)?;
+        let forced = matches!(tool_choice, ToolChoice::Required | ToolChoice::Function(_));
+        if forced && r.format != Format::Text {
+            return Err(invalid(
+                Field::ResponseFormat,
+                "response_format cannot be combined with a tool_choice that forces a call".into(),
+                "response_format 不能与强制调用函数的 tool_choice 同时使用".into(),
+            ));
+        }
         Ok(Params {
             max_tokens,
             temperature: r.temperature,
             top_p: r.top_p,
             seed: r.seed,
             stop: r.stop,
+            logprobs,
+            format: r.format,
+            tools: r.tools,
+            tool_choice,
         })
     }
+
+    /// The grammar the answer must follow: a forced call, else the response format.
+    pub fn grammar(&self) -> Option<Grammar> {
+        if let Some(g) = tools::grammar(&self.tools, &self.tool_choice) {
+            return Some(g);
+        }
+        match &self.format {
+            Format::Text => None,
+            Format::JsonObject => Some(Grammar::JsonSchema(serde_json::json!({"type": "object"}))),
+            Format::JsonSchema(schema) => Some(Grammar::JsonSchema(schema.clone())),
+        }
+    }
+
+    /// The functions the model is shown (none with `tool_choice: none`).
+    pub fn shown_tools(&self) -> &[Tool] {
+        match self.tool_choice {
+            ToolChoice::None => &[],
+            _ => &self.tools,
+        }
+    }
+}
+
+/// Checks the offered functions and the choice among them; returns the choice to use.
+fn check_tools(tools: &[Tool], choice: Option<ToolChoice>) -> Result<ToolChoice, AnswerError> {
+    let bad = |message: String, message_zh: String| invalid(Field::Tools, message, message_zh);
+    if tools.len() > MAX_TOOLS {
+        return Err(bad(
+            format!("at most {MAX_TOOLS} tools"),
+            format!("最多 {MAX_TOOLS} 个函数"),
+        ));
+    }
+    for (i, t) in tools.iter().enumerate() {
+        if !tools::valid_name(&t.name) {
+            return Err(bad(
+                format!("tools[{i}]: a function name is 1 to 64 letters, digits, _ or -"),
+                format!("tools[{i}]：函数名须为 1 到 64 个字母、数字、_ 或 -"),
+            ));
+        }
+        if tools[..i].iter().any(|o| o.name == t.name) {
+            return Err(bad(
+                format!("tools[{i}]: the name {} is used twice", t.name),
+                format!("tools[{i}]：函数名 {} 重复", t.name),
+            ));
+        }
+        if t.parameters.as_ref().is_some_and(|p| !p.is_object()) {
+            return Err(bad(
+                format!("tools[{i}]: parameters must be a JSON schema object"),
+                format!("tools[{i}]：parameters 必须是 JSON schema 对象"),
+            ));
+        }
+    }
+    let choice = choice.unwrap_or(match tools.is_empty() {
+        true => ToolChoice::None,
+        false => ToolChoice::Auto,
+    });
+    let unknown = match &choice {
+        ToolChoice::Function(name) => !tools.iter().any(|t| &t.name == name),
+        ToolChoice::Required => tools.is_empty(),
+        ToolChoice::None | ToolChoice::Auto => false,
+    };
+    if unknown {
+        return Err(invalid(
+            Field::ToolChoice,
+            "tool_choice asks for a function that is not in tools".into(),
+            "tool_choice 要求的函数不在 tools 中".into(),
+        ));
+    }
+    Ok(choice)
 }
 
 /// A browser message, trimmed: not empty, at most `chat.max_message_chars` characters.

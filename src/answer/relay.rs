@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::backend::AnswerRequest;
+use super::forward::forward;
 use super::sink::Sink;
 use super::store::{store_with_retry, Storage};
 use super::{history, AnswerError, Answers, Failure, Finish, Params, Source, StreamEvent};
@@ -18,14 +19,13 @@ use crate::db::branches;
 use crate::db::chats::{self, Message, NewMessage, Place};
 use crate::engine::{ChatMessage, Event, EventStream, Role, SamplingParams, Usage};
 
-/// How often a followed answer is rendered while it streams.
-const RENDER_EVERY: Duration = Duration::from_millis(300);
-
 /// One answer under way.
 struct Turn {
     user_id: i64,
     source: Source,
     permit: Permit,
+    /// The model was shown functions: calls are read out of its text.
+    reads_calls: bool,
 }
 
 impl Turn {
@@ -59,11 +59,17 @@ pub async fn start(
     permit: Permit,
 ) -> Result<mpsc::Receiver<StreamEvent>, AnswerError> {
     let (system, history) = prompt(answers, user_id, &source).await?;
+    let reads_calls = !params.shown_tools().is_empty();
     let request = AnswerRequest {
         system: Some(system).filter(|s| !s.is_empty()),
         history,
         max_tokens: params.max_tokens,
         sampling: sampling(answers, &params),
+        logprobs: params.logprobs,
+        grammar: params.grammar(),
+        tools: params.shown_tools().to_vec(),
+        format: params.format.clone(),
+        tool_choice: params.tool_choice.clone(),
         // The caller's stop strings first: an upstream takes only four.
         stop: params
             .stop
@@ -78,6 +84,7 @@ pub async fn start(
         user_id,
         source,
         permit,
+        reads_calls,
     };
     let (sink, rx) = match turn.source {
         Source::Conversation { id, .. } => {
@@ -267,8 +274,9 @@ async fn relay(answers: &Answers, turn: Turn, mut events: EventStream, sink: &Si
     metrics::gauge!("moss_generations_running").increment(1.0);
     let running_since = Instant::now();
     answers.tally.waited(running_since - started);
-    let (text, finish, usage) = forward(answers, &mut events, sink, started).await;
-    if matches!(finish, Finish::Stop | Finish::Length) {
+    let (text, finish, usage) =
+        forward(answers, &mut events, sink, started, turn.reads_calls).await;
+    if matches!(finish, Finish::Stop | Finish::Length | Finish::ToolCalls) {
         answers.pace.record(running_since.elapsed());
     }
     answers.tally.outcome(crate::tally::Outcome::Answered);
@@ -323,65 +331,6 @@ async fn relay(answers: &Answers, turn: Turn, mut events: EventStream, sink: &Si
         },
     };
     sink.send(event).await;
-}
-
-/// Passes the answer's pieces on until it ends; returns its text, how it ended and its usage.
-async fn forward(
-    answers: &Answers,
-    events: &mut EventStream,
-    sink: &Sink,
-    started: Instant,
-) -> (String, Finish, Usage) {
-    let mut stopping = answers.stopping.clone();
-    let mut text = String::new();
-    let mut first_token = true;
-    // Renderings: the first at once, then at most one per RENDER_EVERY, and one after the last
-    // piece however long the next takes (a stalled answer is not left half raw).
-    let mut rendered: Option<tokio::time::Instant> = None;
-    let mut due: Option<tokio::time::Instant> = None;
-    loop {
-        let render_at = due.unwrap_or_else(tokio::time::Instant::now);
-        tokio::select! {
-            _ = tokio::time::sleep_until(render_at), if due.is_some() => {
-                due = None;
-                rendered = Some(tokio::time::Instant::now());
-                let html = crate::render::markdown(&text);
-                let text_len = text.encode_utf16().count();
-                sink.send(StreamEvent::Html { html, text_len }).await;
-            }
-            ev = events.recv() => match ev {
-                Some(Event::Text(piece)) => {
-                    if first_token {
-                        first_token = false;
-                        metrics::histogram!("moss_time_to_first_token_seconds").record(started.elapsed().as_secs_f64());
-                        answers.tally.first_token(started.elapsed());
-                    }
-                    text.push_str(&piece);
-                    // A client that stops reading must not hold the answer (and its slot) forever.
-                    let sent = tokio::select! {
-                        sent = sink.send(StreamEvent::Token { text: piece }) => sent,
-                        _ = stopping.changed() => false,
-                    };
-                    if !sent {
-                        return (text, Finish::Cancelled, Usage::default());
-                    }
-                    if sink.renders() && due.is_none() {
-                        let now = tokio::time::Instant::now();
-                        due = Some(rendered.map_or(now, |at| (at + RENDER_EVERY).max(now)));
-                    }
-                }
-                Some(Event::Done { finish_reason, usage, .. }) => return (text, finish_reason.into(), usage),
-                Some(Event::Started) => {}
-                Some(Event::Error(e)) => {
-                    tracing::error!("generation failed: {e}");
-                    return (text, Finish::Error, Usage::default());
-                }
-                None => return (text, Finish::Error, Usage::default()),
-            },
-            _ = sink.unwanted() => return (text, Finish::Cancelled, Usage::default()),
-            _ = stopping.changed() => return (text, Finish::Cancelled, Usage::default()),
-        }
-    }
 }
 
 /// Counts the tokens toward the account's and the service's daily budgets.

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{start_engine, ModelArgs};
 use crate::config::Config;
-use crate::engine::{EngineHandle, Event, GenerateRequest, SamplingParams};
+use crate::engine::{EngineHandle, Event, GenerateRequest, Grammar, SamplingParams};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -30,6 +30,29 @@ pub struct BenchArgs {
     /// (the prompt grows with the history; the prefix cache should keep the time flat).
     #[arg(long)]
     pub turns: Option<usize>,
+    /// Also measure with every stream held to a JSON schema (a list of records, the response
+    /// format's grammar), printed next to the same run without.
+    #[arg(long)]
+    pub schema: bool,
+}
+
+/// The schema `--schema` holds streams to: records with open strings, so the answer does not
+/// end before `--gen-tokens`.
+fn bench_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "kind": {"enum": ["fruit", "tool", "city"]},
+                "count": {"type": "integer"},
+                "tags": {"type": "array", "items": {"type": "string"}}
+            },
+            "required": ["name", "kind", "count", "tags"],
+            "additionalProperties": false
+        }
+    })
 }
 
 /// The figures `moss bench` reports.
@@ -67,6 +90,17 @@ pub fn measure(
     gen: usize,
     concurrency: usize,
 ) -> anyhow::Result<BenchReport> {
+    measure_with(engine, prompt, gen, concurrency, None)
+}
+
+/// `measure`, every stream held to `grammar` when one is given.
+pub fn measure_with(
+    engine: &EngineHandle,
+    prompt: usize,
+    gen: usize,
+    concurrency: usize,
+    grammar: Option<Grammar>,
+) -> anyhow::Result<BenchReport> {
     let ids = synthetic_prompt(engine, prompt)?;
     let request = GenerateRequest {
         prompt: ids,
@@ -74,6 +108,8 @@ pub fn measure(
         max_tokens: gen,
         stop: vec![],
         ignore_eos: true,
+        grammar,
+        ..Default::default()
     };
     let start = Instant::now();
     let streams = (0..concurrency.max(1))
@@ -173,6 +209,9 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         args.gen_tokens,
         args.concurrency,
     )?;
+    if args.schema {
+        return compare_schema(&engine, &args, report);
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -194,6 +233,69 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
             }
         );
     }
+    Ok(())
+}
+
+/// The same run with every stream held to `bench_schema`, alternating with runs without (the
+/// first one without is `plain`), and the ratio of the two.
+fn compare_schema(
+    engine: &EngineHandle,
+    args: &BenchArgs,
+    plain: BenchReport,
+) -> anyhow::Result<()> {
+    let grammar = Grammar::JsonSchema(bench_schema());
+    engine
+        .info
+        .vocabulary
+        .prepare()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let run = |g: Option<Grammar>| {
+        measure_with(
+            engine,
+            args.prompt_tokens,
+            args.gen_tokens,
+            args.concurrency,
+            g,
+        )
+    };
+    // (held to the schema, report)
+    let mut rows = vec![(false, plain), (true, run(Some(grammar.clone()))?)];
+    rows.push((false, run(None)?));
+    rows.push((true, run(Some(grammar))?));
+    let label = |schema: bool| if schema { "schema" } else { "without" };
+    if args.json {
+        let reports: Vec<_> = rows
+            .iter()
+            .map(|(k, r)| serde_json::json!({"run": label(*k), "report": r}))
+            .collect();
+        println!("{}", serde_json::to_string(&reports)?);
+        return Ok(());
+    }
+    println!(
+        "model {} on {}; prompt {} / gen {} tokens, {} stream(s)",
+        engine.info.name, engine.info.device, args.prompt_tokens, args.gen_tokens, args.concurrency
+    );
+    println!("run        decode tok/s   aggregate tok/s");
+    for (schema, r) in &rows {
+        let kind = label(*schema);
+        println!(
+            "{kind:<10} {:>12.1} {:>17.1}",
+            r.decode_tok_s, r.aggregate_tok_s
+        );
+    }
+    let mean = |schema: bool, f: fn(&BenchReport) -> f64| {
+        let v: Vec<f64> = rows
+            .iter()
+            .filter(|(s, _)| *s == schema)
+            .map(|(_, r)| f(r))
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    println!(
+        "schema / without: decode {:.2}x, aggregate {:.2}x",
+        mean(true, |r| r.decode_tok_s) / mean(false, |r| r.decode_tok_s),
+        mean(true, |r| r.aggregate_tok_s) / mean(false, |r| r.aggregate_tok_s)
+    );
     Ok(())
 }
 
@@ -235,6 +337,7 @@ fn conversation(
             max_tokens: gen,
             stop: vec![],
             ignore_eos: false,
+            ..Default::default()
         };
         let start = Instant::now();
         let mut rx = engine.generate(request)?;
@@ -247,7 +350,7 @@ fn conversation(
                 }
                 Event::Done { .. } => break,
                 Event::Error(e) => anyhow::bail!(e),
-                Event::Started => {}
+                Event::Started | Event::Logprob(_) | Event::ToolCall(_) => {}
             }
         }
         let ttft = ttft.unwrap_or(f64::NAN);

@@ -84,13 +84,14 @@ fn answer(
         max_tokens,
         stop: config.engine.stop.clone(),
         ignore_eos: false,
+        ..Default::default()
     };
     let mut events = engine.generate(request)?;
     let mut out = std::io::stdout().lock();
     let mut text = String::new();
     while let Some(event) = events.blocking_recv() {
         match event {
-            Event::Started => {}
+            Event::Started | Event::Logprob(_) | Event::ToolCall(_) => {}
             Event::Text(piece) => {
                 out.write_all(piece.as_bytes())?;
                 out.flush()?;

@@ -69,7 +69,21 @@ pub fn backend(config: &Config, model: &ModelArgs) -> anyhow::Result<Backend> {
         );
         return Ok(Backend::Upstream(Upstream::new(u)?));
     }
-    Ok(super::start_engine(config, model)?.into())
+    let engine = super::start_engine(config, model)?;
+    // The vocabulary as bytes (log-probabilities, response formats) is built in the background,
+    // so that the first request that needs it does not wait for it.
+    let info = engine.info.clone();
+    std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        match info.vocabulary.prepare() {
+            Ok(()) => tracing::debug!(
+                secs = started.elapsed().as_secs_f64(),
+                "grammar vocabulary ready"
+            ),
+            Err(e) => tracing::warn!("response formats and tool choices cannot be enforced: {e}"),
+        }
+    });
+    Ok(engine.into())
 }
 
 pub fn run(mut config: Config, args: ServeArgs) -> anyhow::Result<()> {

@@ -6,6 +6,8 @@ pub mod batch;
 pub mod decoder;
 pub mod detok;
 pub mod gguf;
+pub mod grammar;
+pub mod logprobs;
 pub use moss_kernels as kernels;
 pub mod model;
 pub mod prompt;
@@ -25,9 +27,11 @@ use candle_core::Device;
 use tokio::sync::mpsc;
 
 pub use gguf::{Arch, LoadError};
+pub use grammar::{Constraint, Grammar, Vocabulary};
+pub use logprobs::{TokenLogprob, TokenText};
 pub use prompt::{Prompt, PromptBuilder, PromptError};
 pub use sampler::SamplingParams;
-pub use template::{ChatMessage, Role};
+pub use template::{ChatMessage, Role, Tool, ToolCall};
 
 /// How to load the engine.
 #[derive(Debug, Clone)]
@@ -73,7 +77,7 @@ impl EngineOptions {
 }
 
 /// What a caller asks for.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerateRequest {
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
@@ -81,6 +85,11 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Keep going past end-of-turn tokens (benchmarks only).
     pub ignore_eos: bool,
+    /// Report each token's log-probability and this many most likely alternatives
+    /// (`Event::Logprob`); `None`: no log-probabilities.
+    pub logprobs: Option<usize>,
+    /// Generate only what this grammar allows.
+    pub grammar: Option<Grammar>,
 }
 
 /// Why generation ended.
@@ -122,6 +131,11 @@ pub enum Event {
     Started,
     /// The next piece of the answer (whole characters only).
     Text(String),
+    /// The log-probability of the token just generated (before its text), when asked for.
+    Logprob(TokenLogprob),
+    /// A function call, as an upstream server reports it (the local model writes calls as
+    /// text, read by the answer path).
+    ToolCall(ToolCall),
     /// The answer is complete.
     Done {
         finish_reason: FinishReason,
@@ -169,6 +183,8 @@ pub struct ModelInfo {
     pub device: String,
     /// Requests the engine advances together (1 without batching).
     pub batch: usize,
+    /// The tokens as bytes, for log-probabilities and grammars.
+    pub vocabulary: Vocabulary,
 }
 
 /// Counters the engine thread keeps, readable from anywhere.
@@ -272,11 +288,22 @@ impl EngineHandle {
         history: &[ChatMessage],
         max_tokens: usize,
     ) -> Result<Prompt, PromptError> {
+        self.prompt_with_tools(system, history, &[], max_tokens)
+    }
+
+    /// `prompt` with the functions the model may call.
+    pub fn prompt_with_tools(
+        &self,
+        system: Option<&str>,
+        history: &[ChatMessage],
+        tools: &[Tool],
+        max_tokens: usize,
+    ) -> Result<Prompt, PromptError> {
         let limit = self
             .info
             .context_length
             .saturating_sub(max_tokens.min(self.info.context_length / 2));
-        self.info.prompts.build(system, history, limit)
+        self.info.prompts.build_with(system, history, tools, limit)
     }
 
     pub fn tokens_generated(&self) -> u64 {

@@ -3,7 +3,7 @@
 
 use tokenizers::Tokenizer;
 
-use super::template::{ChatMessage, ChatTemplate, Role};
+use super::template::{ChatMessage, ChatTemplate, Role, Tool};
 
 /// Why a prompt could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +16,8 @@ pub enum PromptError {
     Template(String),
     #[error("tokenizer failed: {0}")]
     Tokenize(String),
+    #[error("this model's chat template does not describe tools to the model")]
+    NoTools,
 }
 
 /// A prompt ready for the engine.
@@ -60,15 +62,42 @@ impl PromptBuilder {
     /// Renders and tokenizes `messages` with no truncation. Text written by users and the model is
     /// tokenized as plain text, so `<|im_start|>` typed in a message cannot open a new turn.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, PromptError> {
+        self.encode_chat_with(messages, &[])
+    }
+
+    /// `encode_chat` with the functions the model may call. Contents are marked (an empty
+    /// content stays empty: templates test it); function names are checked by the caller and
+    /// JSON in the template is written so that it cannot hold a special token.
+    pub fn encode_chat_with(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Tool],
+    ) -> Result<Vec<u32>, PromptError> {
+        let contents: Vec<&str> = messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .filter(|c| !c.is_empty())
+            .collect();
+        let mut i = 0;
         let marked: Vec<ChatMessage> = messages
             .iter()
-            .enumerate()
-            .map(|(i, m)| ChatMessage::new(m.role, format!("{MARK_OPEN}{i}{MARK_CLOSE}")))
+            .map(|m| {
+                let mut copy = m.clone();
+                if !m.content.is_empty() {
+                    copy.content = format!("{MARK_OPEN}{i}{MARK_CLOSE}");
+                    i += 1;
+                }
+                copy
+            })
             .collect();
         let rendered = self
             .template
-            .render(&marked, true)
+            .render_with_tools(&marked, tools, true)
             .map_err(|e| PromptError::Template(e.to_string()))?;
+        if tools.iter().any(|t| !rendered.contains(t.name.as_str())) {
+            return Err(PromptError::NoTools);
+        }
+        let messages = contents;
         let mut ids: Vec<u32> = self.bos.into_iter().collect();
         let mut rest = rendered.as_str();
         let mut next = 0usize;
@@ -86,7 +115,7 @@ impl PromptBuilder {
                     "the template reorders or repeats messages".into(),
                 ));
             }
-            ids.extend(encode(&self.plain, &messages[index].content)?);
+            ids.extend(encode(&self.plain, messages[index])?);
             next += 1;
             rest = &after[close + MARK_CLOSE.len_utf8()..];
         }
@@ -113,6 +142,17 @@ impl PromptBuilder {
         history: &[ChatMessage],
         limit: usize,
     ) -> Result<Prompt, PromptError> {
+        self.build_with(system, history, &[], limit)
+    }
+
+    /// `build` with the functions the model may call.
+    pub fn build_with(
+        &self,
+        system: Option<&str>,
+        history: &[ChatMessage],
+        tools: &[Tool],
+        limit: usize,
+    ) -> Result<Prompt, PromptError> {
         if history.is_empty() {
             return Err(PromptError::Empty);
         }
@@ -122,7 +162,7 @@ impl PromptBuilder {
                 msgs.push(ChatMessage::new(Role::System, s));
             }
             msgs.extend_from_slice(&history[start..]);
-            self.encode_chat(&msgs)
+            self.encode_chat_with(&msgs, tools)
         };
         let full = with(0)?;
         if full.len() <= limit {

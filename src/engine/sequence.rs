@@ -5,10 +5,12 @@
 
 use std::sync::atomic::Ordering;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use tokio::sync::mpsc;
 
 use super::detok::{Detokenizer, StopMatcher, StopOutcome};
+use super::grammar::Constraint;
+use super::logprobs::Distribution;
 use super::sampler::Sampler;
 use super::{EngineStats, Event, FinishReason, GenerateRequest, ModelInfo, Usage};
 
@@ -34,6 +36,10 @@ pub(super) struct Sequence<'a> {
     stops: StopMatcher,
     /// A stop string ended the answer: what was held back is dropped, not released.
     stopped: bool,
+    /// Alternatives to report with each token's log-probability (`None`: none reported).
+    logprobs: Option<usize>,
+    /// The grammar the answer must follow (an error: it could not be set up).
+    constraint: Result<Option<Constraint>, String>,
 }
 
 impl<'a> Sequence<'a> {
@@ -48,7 +54,50 @@ impl<'a> Sequence<'a> {
             detok: Detokenizer::new(&info.prompts.tokenizer),
             stops: StopMatcher::new(&req.stop),
             stopped: false,
+            logprobs: req.logprobs,
+            constraint: req
+                .grammar
+                .as_ref()
+                .map(|g| info.vocabulary.constraint(g))
+                .transpose(),
         }
+    }
+
+    /// Samples the next token: straight from the model's logits, or — with a grammar or
+    /// log-probabilities asked for — from a copy on the host, masked by the grammar.
+    fn sample(
+        &mut self,
+        logits: &Tensor,
+        info: &ModelInfo,
+        events: &mpsc::UnboundedSender<Event>,
+    ) -> candle_core::Result<u32> {
+        let constraint = match &mut self.constraint {
+            Ok(c) => c,
+            Err(e) => return Err(candle_core::Error::Msg(format!("grammar: {e}"))),
+        };
+        if constraint.is_none() && self.logprobs.is_none() {
+            return self.sampler.sample(logits, &self.tokens);
+        }
+        let raw: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+        let mut masked = raw.clone();
+        if let Some(c) = constraint.as_mut() {
+            c.mask(&mut masked).map_err(candle_core::Error::Msg)?;
+        }
+        let n = masked.len();
+        let next = self.sampler.sample(
+            &Tensor::from_vec(masked, n, &candle_core::Device::Cpu)?,
+            &self.tokens,
+        )?;
+        if let Some(c) = constraint.as_mut() {
+            c.accept(next).map_err(candle_core::Error::Msg)?;
+        }
+        if let Some(k) = self.logprobs {
+            if !info.end_of_turn.contains(&next) || self.ignore_eos {
+                let entry = Distribution::new(&raw).entry(&info.vocabulary, next, k);
+                let _ = events.send(Event::Logprob(entry));
+            }
+        }
+        Ok(next)
     }
 
     /// No more tokens may be generated: `max_tokens` reached or the context window full.
@@ -71,7 +120,7 @@ impl<'a> Sequence<'a> {
         if self.spent(info) {
             return Ok(Step::Finished(FinishReason::Length));
         }
-        let next = self.sampler.sample(logits, &self.tokens)?;
+        let next = self.sample(logits, info, events)?;
         self.tokens.push(next);
         self.completion += 1;
         stats.tokens_generated.fetch_add(1, Ordering::Relaxed);

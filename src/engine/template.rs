@@ -30,6 +30,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A function's result, given back to the model.
+    Tool,
 }
 
 /// One message of a conversation.
@@ -37,6 +39,12 @@ pub enum Role {
 pub struct ChatMessage {
     pub role: Role,
     pub content: String,
+    /// The functions an assistant turn called.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a tool turn answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -44,8 +52,95 @@ impl ChatMessage {
         Self {
             role,
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
+}
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Tool {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON schema of its arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Value>,
+}
+
+/// A call the model made: which function, with which arguments (JSON text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A message as chat templates expect it (OpenAI's shape, a call's arguments as an object).
+fn template_message(m: &ChatMessage) -> serde_json::Value {
+    let mut v = serde_json::json!({"role": m.role, "content": m.content});
+    if !m.tool_calls.is_empty() {
+        let calls: Vec<serde_json::Value> = m
+            .tool_calls
+            .iter()
+            .map(|c| {
+                let args = serde_json::from_str::<serde_json::Value>(&c.arguments)
+                    .unwrap_or_else(|_| serde_json::Value::String(c.arguments.clone()));
+                serde_json::json!({"id": c.id, "type": "function",
+                                   "function": {"name": c.name, "arguments": args}})
+            })
+            .collect();
+        v["tool_calls"] = calls.into();
+    }
+    if let Some(id) = &m.tool_call_id {
+        v["tool_call_id"] = id.clone().into();
+    }
+    v
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False)` (the separators chat templates were trained
+/// on), except that `<` is written `\u003c` so that no text in a schema or an argument can be
+/// read as a special token such as `<|im_start|>` (the same JSON value).
+fn tojson(value: minijinja::Value, _kwargs: minijinja::value::Kwargs) -> Result<String, Error> {
+    struct Python;
+    impl serde_json::ser::Formatter for Python {
+        fn begin_array_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                w.write_all(b", ")
+            }
+        }
+        fn begin_object_key<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                w.write_all(b", ")
+            }
+        }
+        fn begin_object_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+        ) -> std::io::Result<()> {
+            w.write_all(b": ")
+        }
+    }
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, Python);
+    serde::Serialize::serialize(&value, &mut ser)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let text = String::from_utf8(out)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    Ok(text.replace('<', "\\u003c"))
 }
 
 /// A compiled chat template.
@@ -74,6 +169,7 @@ fn environment(source: String) -> Result<Environment<'static>, Error> {
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", raise_exception);
+    env.add_filter("tojson", tojson);
     env.add_template_owned("chat", source)?;
     Ok(env)
 }
@@ -108,9 +204,28 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, Error> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// Renders `messages` with the functions the model may call (in OpenAI's `tools` shape, as
+    /// templates expect; none: the template's plain form).
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[Tool],
+        add_generation_prompt: bool,
+    ) -> Result<String, Error> {
         let tmpl = self.env.get_template("chat")?;
+        let messages: Vec<serde_json::Value> = messages.iter().map(template_message).collect();
+        let tools: Option<Vec<serde_json::Value>> = (!tools.is_empty()).then(|| {
+            tools
+                .iter()
+                .map(|t| serde_json::json!({"type": "function", "function": t}))
+                .collect()
+        });
         tmpl.render(minijinja::context! {
-            messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+            messages => minijinja::Value::from(minijinja::value::Serde(&messages)),
+            tools => minijinja::Value::from(minijinja::value::Serde(&tools)),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,

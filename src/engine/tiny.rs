@@ -161,6 +161,10 @@ fn byte_level_vocab() -> TinyVocab {
     for special in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
         v.push(special.to_string(), 3);
     }
+    // User-defined tokens, as Qwen2.5 has for function calls.
+    for tag in ["<tool_call>", "</tool_call>"] {
+        v.push(tag.to_string(), 4);
+    }
     v
 }
 
@@ -194,7 +198,9 @@ fn sentencepiece_vocab() -> TinyVocab {
 }
 
 /// A Qwen-style ChatML template with a default system prompt, as real chat GGUFs carry.
-const TINY_TEMPLATE: &str = "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are a tiny test model.<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if message.role != 'system' %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+/// Qwen2.5's turn format in brief, functions included (shown in the system turn, calls written as
+/// `<tool_call>` blocks, results given back as `<tool_response>` in a user turn).
+const TINY_TEMPLATE: &str = r#"{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}{%- else %}{%- set system = 'You are a tiny test model.' %}{%- endif %}{{- '<|im_start|>system\n' + system }}{%- if tools %}{{- '\n\n# Tools\n<tools>' }}{%- for tool in tools %}{{- '\n' }}{{- tool | tojson }}{%- endfor %}{{- '\n</tools>' }}{%- endif %}{{- '<|im_end|>\n' }}{%- for message in messages %}{%- if message.role == 'assistant' and message.tool_calls %}{{- '<|im_start|>assistant' }}{%- if message.content %}{{- '\n' + message.content }}{%- endif %}{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}{{- '\n<tool_call>\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}{{- tool_call.arguments | tojson }}{{- '}\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\n' }}{%- elif message.role == 'tool' %}{{- '<|im_start|>user\n<tool_response>\n' + message.content + '\n</tool_response><|im_end|>\n' }}{%- elif message.role != 'system' %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"#;
 
 /// Writes a tiny model of `spec` to `path`.
 pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> anyhow::Result<()> {
@@ -384,7 +390,8 @@ fn output_weights(rng: &mut Rng, vocab: &TinyVocab, h: usize) -> candle_core::Re
     for ty in &vocab.types {
         for _ in 0..h {
             let x = rng.next_f32();
-            data.push(if *ty == 3 { 0.0 } else { x });
+            // Control and user-defined tokens: only written when a grammar asks for them.
+            data.push(if *ty == 3 || *ty == 4 { 0.0 } else { x });
         }
     }
     QTensor::quantize(

@@ -178,7 +178,14 @@ fn byte_level_bpe(md: &HashMap<String, Value>, vocab: &Vocab) -> Result<Tokenize
     ]);
     tok.with_pre_tokenizer(Some(pre));
     tok.with_decoder(Some(ByteLevelDecoder::new(false, false, false)));
-    add_special(&mut tok, vocab, &[TYPE_CONTROL, TYPE_USER_DEFINED])?;
+    // User-defined tokens (Qwen's `<tool_call>`, `<|fim_prefix|>`) are text the model writes
+    // and reads like any other: kept when decoding, as in the model's own tokenizer; only
+    // control tokens (turn markers) are special.
+    let user: Vec<AddedToken> = added_of_type(vocab, TYPE_USER_DEFINED)
+        .map(|t| AddedToken::from(t, false))
+        .collect();
+    tok.add_tokens(user).map_err(build_err)?;
+    add_special(&mut tok, vocab, &[TYPE_CONTROL])?;
     Ok(tok)
 }
 

@@ -172,6 +172,13 @@ pub(super) fn load(options: &EngineOptions) -> Result<(Model, ModelInfo), LoadEr
         })
         .unwrap_or_else(|| "model".into());
     let (path, arch) = (file.path.clone(), file.arch);
+    // How many logits a step gives: the embedding's rows (the output projection has as many).
+    let vocab_size = file
+        .content
+        .tensor_infos
+        .get("token_embd.weight")
+        .map(|t| t.shape.dims()[0])
+        .unwrap_or_else(|| tokenizer.get_vocab_size(true));
     let model = Model::load(file, &device, options.implementation)?;
     let batch = if model.batched().is_some() {
         options.max_batch.max(1)
@@ -182,7 +189,10 @@ pub(super) fn load(options: &EngineOptions) -> Result<(Model, ModelInfo), LoadEr
         .min(options.max_context)
         .min(model.max_positions)
         .max(2);
+    let end = end_of_turn.first().copied().unwrap_or(0);
+    let vocabulary = crate::engine::Vocabulary::new(tokenizer.clone(), vocab_size, end);
     let info = ModelInfo {
+        vocabulary,
         path,
         name,
         arch,

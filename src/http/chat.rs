@@ -229,6 +229,8 @@ fn sse_event(ev: StreamEvent) -> Event {
             json!({ "position": position, "wait_secs": wait_secs }),
         ),
         StreamEvent::Token { text } => ("token", json!({ "text": text })),
+        StreamEvent::Logprob(lp) => ("logprob", json!(lp)),
+        StreamEvent::ToolCall(call) => ("tool_call", json!(call)),
         StreamEvent::Html { html, text_len } => {
             ("html", json!({ "html": html, "text_len": text_len }))
         }

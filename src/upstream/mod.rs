@@ -12,13 +12,17 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::config::UpstreamConfig;
 use crate::engine::{ChatMessage, EngineStats, Event, EventStream, Role};
 
+mod request;
 mod stream;
+
+use request::request_body;
+pub use request::UpstreamRequest;
 
 /// One upstream server and how it has been doing.
 struct Target {
@@ -53,16 +57,6 @@ struct Inner {
     next: AtomicUsize,
     cfg: UpstreamConfig,
     stats: Arc<EngineStats>,
-}
-
-/// What one answer needs from the upstream.
-pub struct UpstreamRequest {
-    pub messages: Vec<ChatMessage>,
-    pub max_tokens: usize,
-    pub temperature: f64,
-    pub top_p: Option<f64>,
-    pub seed: Option<u64>,
-    pub stop: Vec<String>,
 }
 
 /// Why no upstream stream could be had.
@@ -326,40 +320,6 @@ impl Upstream {
     }
 }
 
-fn request_body(model: &str, req: &UpstreamRequest) -> Value {
-    let messages: Vec<Value> = req
-        .messages
-        .iter()
-        .map(|m| {
-            let role = match m.role {
-                Role::System => "system",
-                Role::User => "user",
-                Role::Assistant => "assistant",
-            };
-            json!({"role": role, "content": m.content})
-        })
-        .collect();
-    let mut body = json!({
-        "model": model,
-        "messages": messages,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-        "max_tokens": req.max_tokens,
-        "temperature": req.temperature,
-    });
-    if let Some(p) = req.top_p {
-        body["top_p"] = json!(p);
-    }
-    if let Some(s) = req.seed {
-        body["seed"] = json!(s);
-    }
-    if !req.stop.is_empty() {
-        // OpenAI's API takes at most four.
-        body["stop"] = json!(req.stop.iter().take(4).collect::<Vec<_>>());
-    }
-    body
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,6 +371,10 @@ mod tests {
             top_p: None,
             seed: None,
             stop: vec![],
+            logprobs: None,
+            response_format: None,
+            tools: vec![],
+            tool_choice: None,
         };
         assert!(matches!(
             up.generate(req()).await,

@@ -10,7 +10,9 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::Upstream;
-use crate::engine::{EngineStats, Event, FinishReason, Timings, Usage};
+use crate::engine::{
+    EngineStats, Event, FinishReason, Timings, TokenLogprob, TokenText, ToolCall, Usage,
+};
 
 /// Counts a request in `in_flight` until dropped, whatever way the stream ends.
 struct InFlight(Arc<EngineStats>);
@@ -51,9 +53,12 @@ pub(super) async fn pump(
             Ok(None) => {
                 // A last event without its closing blank line still counts.
                 for data in parser.finish() {
-                    if let Ok(Some(text)) = state.apply(&data) {
-                        let _ = tx.send(Event::Text(text));
+                    for ev in state.apply(&data).unwrap_or_default() {
+                        let _ = tx.send(ev);
                     }
+                }
+                for call in state.take_calls() {
+                    let _ = tx.send(Event::ToolCall(call));
                 }
                 if state.finish.is_some() || state.done {
                     break Ok(());
@@ -66,11 +71,14 @@ pub(super) async fn pump(
         let mut failed = None;
         for data in parser.push(&bytes) {
             match state.apply(&data) {
-                Ok(Some(text)) => {
-                    stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
-                    let _ = tx.send(Event::Text(text));
+                Ok(events) => {
+                    for ev in events {
+                        if matches!(ev, Event::Text(_)) {
+                            stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = tx.send(ev);
+                    }
                 }
-                Ok(None) => {}
                 Err(e) => {
                     failed = Some(e);
                     break;
@@ -81,6 +89,9 @@ pub(super) async fn pump(
             break Err(e);
         }
         if state.done {
+            for call in state.take_calls() {
+                let _ = tx.send(Event::ToolCall(call));
+            }
             break Ok(());
         }
     };
@@ -147,14 +158,16 @@ struct StreamState {
     usage: Option<Usage>,
     pieces: usize,
     done: bool,
+    /// Function calls as their pieces come: (id, name, arguments so far), by index.
+    calls: Vec<(String, String, String)>,
 }
 
 impl StreamState {
-    /// Applies one chunk; returns the text it adds, if any.
-    fn apply(&mut self, data: &str) -> Result<Option<String>, String> {
+    /// Applies one chunk; returns the events it adds (log-probabilities, text).
+    fn apply(&mut self, data: &str) -> Result<Vec<Event>, String> {
         if data.trim() == "[DONE]" {
             self.done = true;
-            return Ok(None);
+            return Ok(vec![]);
         }
         let v: Value = serde_json::from_str(data)
             .map_err(|e| format!("the upstream sent a chunk that is not JSON: {e}"))?;
@@ -172,7 +185,24 @@ impl StreamState {
                 completion_tokens: n("completion_tokens"),
             });
         }
+        let mut events = Vec::new();
         let choice = v.get("choices").and_then(|c| c.get(0));
+        let entries = choice
+            .and_then(|c| c.get("logprobs"))
+            .and_then(|l| l.get("content"))
+            .and_then(Value::as_array);
+        for entry in entries.into_iter().flatten() {
+            if let Some(lp) = logprob(entry) {
+                events.push(Event::Logprob(lp));
+            }
+        }
+        let delta = choice.and_then(|c| c.get("delta"));
+        let calls = delta
+            .and_then(|d| d.get("tool_calls"))
+            .and_then(Value::as_array);
+        for part in calls.into_iter().flatten() {
+            self.call_part(part);
+        }
         if let Some(reason) = choice
             .and_then(|c| c.get("finish_reason"))
             .and_then(Value::as_str)
@@ -182,17 +212,88 @@ impl StreamState {
                 _ => FinishReason::Stop,
             });
         }
-        let text = choice
-            .and_then(|c| c.get("delta"))
+        let text = delta
             .and_then(|d| d.get("content"))
             .and_then(Value::as_str)
             .map(|t| t.replace('\0', ""))
             .filter(|t| !t.is_empty());
-        if text.is_some() {
+        if let Some(text) = text {
             self.pieces += 1;
+            events.push(Event::Text(text));
         }
-        Ok(text)
+        Ok(events)
     }
+
+    /// Adds a piece of a streamed function call (OpenAI sends the id and name first, then the
+    /// arguments in pieces, all under the call's index).
+    fn call_part(&mut self, part: &Value) {
+        let index = part.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+        if index > 127 {
+            return;
+        }
+        if self.calls.len() <= index {
+            self.calls.resize(index + 1, Default::default());
+        }
+        let call = &mut self.calls[index];
+        if let Some(id) = part.get("id").and_then(Value::as_str) {
+            call.0 = id.to_string();
+        }
+        let function = part.get("function");
+        if let Some(name) = function.and_then(|f| f.get("name")).and_then(Value::as_str) {
+            call.1.push_str(name);
+        }
+        if let Some(args) = function
+            .and_then(|f| f.get("arguments"))
+            .and_then(Value::as_str)
+        {
+            call.2.push_str(args);
+        }
+    }
+
+    /// The function calls the upstream made, complete (once).
+    fn take_calls(&mut self) -> Vec<ToolCall> {
+        std::mem::take(&mut self.calls)
+            .into_iter()
+            .filter(|c| !c.1.is_empty())
+            .map(|(id, name, arguments)| ToolCall {
+                id: match id.is_empty() {
+                    true => format!("call_{}", &crate::secrets::token()[..24]),
+                    false => id,
+                },
+                name,
+                arguments,
+            })
+            .collect()
+    }
+}
+
+/// One token's log-probabilities as OpenAI writes them.
+fn logprob(entry: &Value) -> Option<TokenLogprob> {
+    let text = |e: &Value| -> Option<TokenText> {
+        let token = e.get("token")?.as_str()?.to_string();
+        let bytes = match e.get("bytes").and_then(Value::as_array) {
+            Some(b) => b
+                .iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u8))
+                .collect(),
+            None => token.as_bytes().to_vec(),
+        };
+        let logprob = e.get("logprob")?.as_f64()? as f32;
+        Some(TokenText {
+            token,
+            bytes,
+            logprob,
+        })
+    };
+    let top = entry
+        .get("top_logprobs")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(text).collect())
+        .unwrap_or_default();
+    Some(TokenLogprob {
+        chosen: text(entry)?,
+        top_logprobs: top,
+    })
 }
 
 #[cfg(test)]
@@ -214,11 +315,11 @@ mod tests {
     fn chunks_give_text_finish_and_usage() {
         let mut s = StreamState::default();
         let role = r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#;
-        assert_eq!(s.apply(role).unwrap(), None);
+        assert_eq!(s.apply(role).unwrap(), vec![]);
         let piece = r#"{"choices":[{"index":0,"delta":{"content":"你好"},"finish_reason":null}]}"#;
-        assert_eq!(s.apply(piece).unwrap().as_deref(), Some("你好"));
+        assert_eq!(s.apply(piece).unwrap(), vec![Event::Text("你好".into())]);
         let end = r#"{"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}"#;
-        assert_eq!(s.apply(end).unwrap(), None);
+        assert_eq!(s.apply(end).unwrap(), vec![]);
         let usage = r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}"#;
         s.apply(usage).unwrap();
         s.apply("[DONE]").unwrap();
@@ -236,5 +337,35 @@ mod tests {
             .unwrap_err()
             .contains("boom"));
         assert!(s.apply("not json").is_err());
+    }
+
+    #[test]
+    fn logprobs_and_calls_in_pieces_are_read() {
+        let mut s = StreamState::default();
+        let lp = r#"{"choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":{"content":[{"token":"Hi","logprob":-0.5,"bytes":[72,105],"top_logprobs":[{"token":"Hi","logprob":-0.5,"bytes":[72,105]},{"token":"Hello","logprob":-1.5,"bytes":null}]}]}}]}"#;
+        let events = s.apply(lp).unwrap();
+        let Event::Logprob(entry) = &events[0] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(entry.chosen.bytes, b"Hi");
+        assert_eq!(entry.top_logprobs[1].bytes, b"Hello");
+        assert_eq!(events[1], Event::Text("Hi".into()));
+        let first = r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get_weather","arguments":""}}]}}]}"#;
+        let more = r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\": "}}]}}]}"#;
+        let last = r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"Paris\"}"}}]},"finish_reason":"tool_calls"}]}"#;
+        for c in [first, more, last] {
+            assert!(s.apply(c).unwrap().is_empty());
+        }
+        let calls = s.take_calls();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(
+            (
+                calls[0].id.as_str(),
+                calls[0].name.as_str(),
+                calls[0].arguments.as_str()
+            ),
+            ("call_1", "get_weather", "{\"city\": \"Paris\"}")
+        );
+        assert!(s.take_calls().is_empty());
     }
 }

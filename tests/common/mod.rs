@@ -12,8 +12,17 @@ use moss::engine::{
 
 /// Writes a tiny model of `arch` into `dir` and returns its path.
 pub fn tiny_model(dir: &Path, arch: Arch) -> PathBuf {
+    tiny_model_with(dir, arch, TinySpec::new(arch).context)
+}
+
+/// `tiny_model` with a context window of `context` tokens.
+pub fn tiny_model_with(dir: &Path, arch: Arch, context: usize) -> PathBuf {
     let path = dir.join(format!("tiny-{}.gguf", arch.name()));
-    write_tiny_model(&path, &TinySpec::new(arch)).expect("write tiny model");
+    let spec = TinySpec {
+        context,
+        ..TinySpec::new(arch)
+    };
+    write_tiny_model(&path, &spec).expect("write tiny model");
     path
 }
 
@@ -31,6 +40,7 @@ pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
         max_tokens,
         stop: vec![],
         ignore_eos: false,
+        ..Default::default()
     }
 }
 
@@ -47,7 +57,7 @@ pub fn collect(engine: &EngineHandle, req: GenerateRequest) -> (Vec<String>, Fin
                 ..
             } => return (pieces, finish_reason, usage),
             Event::Error(e) => panic!("generation failed: {e}"),
-            Event::Started => {}
+            Event::Started | Event::Logprob(_) | Event::ToolCall(_) => {}
         }
     }
     panic!("stream ended without Done");

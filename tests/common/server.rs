@@ -178,6 +178,9 @@ pub struct Options {
     pub db_proxy: bool,
     /// Answer through upstream OpenAI-compatible servers instead of a local tiny model.
     pub upstream: Option<UpstreamOptions>,
+    /// A tiny model with a 2,048-token context (prompts that describe functions are long in
+    /// its byte-sized vocabulary).
+    pub long_context: bool,
 }
 
 /// `engine.backend = "openai"` for a test server.
@@ -319,7 +322,11 @@ impl TestApp {
                 moss::upstream::Upstream::new(&config.engine.upstream).unwrap(),
             )
         } else {
-            let model = super::tiny_model(dir.path(), Arch::Qwen2);
+            let context = match opts.long_context {
+                true => 2048,
+                false => moss::engine::tiny::TinySpec::new(Arch::Qwen2).context,
+            };
+            let model = super::tiny_model_with(dir.path(), Arch::Qwen2, context);
             let mut e = moss::engine::EngineOptions::new(&model);
             e.device = "cpu".into();
             e.token_delay = Duration::from_millis(opts.token_delay_ms);

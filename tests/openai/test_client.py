@@ -162,6 +162,87 @@ def _():
     assert "抱歉" in r.choices[0].message.content and r.choices[0].finish_reason == "content_filter"
 
 
+def fresh_client(email):
+    """A client of a new account (its own daily quota)."""
+    code = call(admin, "POST", "/api/admin/invites", {"count": 1})["codes"][0]
+    _, key = account(email, code)
+    return openai.OpenAI(base_url=base + "/v1", api_key=key["key"], max_retries=0)
+
+
+@check("log-probabilities, plain and streamed, whose tokens join to the text")
+def _():
+    c = fresh_client("logprobs@example.com")
+    r = c.chat.completions.create(model="tiny", messages=chat, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].message.content
+    entries = r.choices[0].logprobs.content
+    # (random weights also write bytes that are not UTF-8: the text shows U+FFFD for them)
+    assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace") == content, (entries, content)
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.top_logprobs[-1].logprob for e in entries)
+    assert all(e.logprob <= 0 for e in entries)
+    streamed, pieces = [], []
+    for chunk in c.chat.completions.create(model="tiny", messages=chat, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
+            streamed.extend(chunk.choices[0].logprobs.content)
+    assert "".join(pieces) == content
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert b"".join(bytes(e.bytes) for e in streamed).decode("utf-8", "replace") == content
+
+
+@check("a JSON schema response parses into the caller's type")
+def _():
+    from enum import Enum
+    from typing import List
+
+    from pydantic import BaseModel, Field
+
+    class Size(str, Enum):
+        small = "small"
+        large = "large"
+
+    class Box(BaseModel):
+        size: Size
+        fragile: bool
+
+    class Shipment(BaseModel):
+        boxes: List[Box] = Field(max_length=3)
+        priority: int = Field(ge=1, le=5)
+
+    c = fresh_client("schema@example.com")
+    parse = getattr(c.chat.completions, "parse", None) or c.beta.chat.completions.parse
+    r = parse(model="tiny", messages=chat, max_tokens=120, temperature=0, response_format=Shipment)
+    shipment = r.choices[0].message.parsed
+    assert isinstance(shipment, Shipment) and 1 <= shipment.priority <= 5, r
+
+
+@check("a forced function call, its result, and the answer after it")
+def _():
+    c = fresh_client("tools@example.com")
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Beijing", "Paris"]}},
+                       "required": ["city"], "additionalProperties": False}}}]
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    r = c.chat.completions.create(model="tiny", messages=question, tools=tools, tool_choice=forced, max_tokens=40, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, r
+    call_ = choice.message.tool_calls[0]
+    assert call_.function.name == "get_weather" and json.loads(call_.function.arguments)["city"] in ("Beijing", "Paris"), call_
+    streamed = {}
+    for chunk in c.chat.completions.create(model="tiny", messages=question, tools=tools, tool_choice=forced, max_tokens=40, temperature=0, stream=True):
+        for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            entry = streamed.setdefault(d.index, {"name": "", "arguments": ""})
+            entry["name"] += d.function.name or ""
+            entry["arguments"] += d.function.arguments or ""
+    assert streamed == {0: {"name": "get_weather", "arguments": call_.function.arguments}}, streamed
+    follow = question + [choice.message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call_.id, "content": json.dumps({"temperature": 18})}]
+    r = c.chat.completions.create(model="tiny", messages=follow, tools=tools, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content and not r.choices[0].message.tool_calls, r
+
+
 server.terminate()
 server.wait(timeout=20)
 failed = sum(1 for _, e in results if e)
