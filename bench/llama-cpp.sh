@@ -3,8 +3,8 @@
 #   bench/llama-cpp.sh [--skip-build]
 #
 # llama.cpp comes from the source release of llama-cpp-python on PyPI (it vendors llama.cpp; PyPI is
-# the only registry this machine reaches), built once into ~/.cache/moss/llama.cpp with CMake from
-# PyPI, CPU only, -DGGML_NATIVE=ON. Both programs use 2 threads. Peak RSS is /usr/bin/time's %M.
+# the only registry this machine reaches), fetched with `pip download` and built once into
+# ~/.cache/moss/llama.cpp with CMake from PyPI, CPU only, for this CPU (without AMX where it has it). Both programs use 2 threads. Peak RSS is /usr/bin/time's %M.
 # Nothing here runs in the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,15 +18,27 @@ if [ ! -x "$bin/llama-bench" ] || [ ! -x "$bin/llama-batched-bench" ] || [ ! -x 
   command -v cmake >/dev/null || python3 -m pip install -q --disable-pip-version-check cmake
   mkdir -p "$home"
   if [ ! -d "$src" ]; then
-    # The source release's address from PyPI's simple index (its JSON API is not always reachable).
-    url=$(curl -fsS "https://pypi.org/simple/llama-cpp-python/" \
-      | grep -o "href=\"[^\"]*llama_cpp_python-$version.tar.gz[^\"]*\"" | head -1 | cut -d'"' -f2 | cut -d'#' -f1)
-    [ -n "$url" ] || { log "llama-cpp-python $version's source release not found on PyPI"; exit 1; }
-    log "downloading $url"
-    curl -fsSL "$url" | tar xz -C "$home"
+    # The source release through whatever index pip is configured with (build tools as wheels).
+    log "downloading llama-cpp-python $version's source release"
+    python3 -m pip download -q --disable-pip-version-check --no-deps \
+      --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$home/dl"
+    tar xzf "$home/dl/llama_cpp_python-$version.tar.gz" -C "$home"
   fi
-  log "building llama.cpp (CPU, native) — several minutes on 2 cores"
-  cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
+  # -march=native on a CPU with AMX builds llama.cpp's AMX path, which crashes at start on the
+  # AMX-capable Xeons seen here: there, the instruction sets are named one by one without AMX.
+  flags=$(grep -m1 '^flags' /proc/cpuinfo)
+  has() { [[ " $flags " == *" $1 "* ]] && echo ON || echo OFF; }
+  if [[ " $flags " == *" amx_tile "* ]]; then
+    isa="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=$(has avx2) -DGGML_FMA=$(has fma) -DGGML_F16C=$(has f16c)"
+    isa="$isa -DGGML_AVX512=$(has avx512f) -DGGML_AVX512_VBMI=$(has avx512_vbmi)"
+    isa="$isa -DGGML_AVX512_VNNI=$(has avx512_vnni) -DGGML_AVX512_BF16=$(has avx512_bf16) -DGGML_AVX_VNNI=$(has avx_vnni)"
+    isa="$isa -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+  else
+    isa="-DGGML_NATIVE=ON"
+  fi
+  log "building llama.cpp (CPU: $isa) — several minutes on 2 cores"
+  # shellcheck disable=SC2086
+  cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF $isa \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >/dev/null
   cmake --build "$src/build" -j2 --target llama-bench llama-batched-bench llama-completion >/dev/null
 fi

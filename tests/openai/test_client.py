@@ -18,7 +18,7 @@ env = dict(os.environ,
            MOSS_DATABASE__DATA_DIR=os.path.join(tmp, "data"),
            MOSS_ENGINE__DEVICE="cpu",
            MOSS_ENGINE__SYSTEM_PROMPT="You are moss.",
-           MOSS_LIMITS__DAILY_USER_TOKENS="600",
+           MOSS_LIMITS__DAILY_USER_TOKENS="2000",
            # one client runs everything back to back: widen its generate bucket (tested elsewhere)
            MOSS_LIMITS__GENERATE__PER_MINUTE="6000",
            MOSS_LIMITS__GENERATE__BURST="1000",
@@ -225,13 +225,13 @@ def _():
                        "required": ["city"], "additionalProperties": False}}}]
     question = [{"role": "user", "content": "What is the weather in Paris?"}]
     forced = {"type": "function", "function": {"name": "get_weather"}}
-    r = c.chat.completions.create(model="tiny", messages=question, tools=tools, tool_choice=forced, max_tokens=40, temperature=0)
+    r = c.chat.completions.create(model="tiny", messages=question, tools=tools, tool_choice=forced, max_tokens=120, temperature=0)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None, r
     call_ = choice.message.tool_calls[0]
     assert call_.function.name == "get_weather" and json.loads(call_.function.arguments)["city"] in ("Beijing", "Paris"), call_
     streamed = {}
-    for chunk in c.chat.completions.create(model="tiny", messages=question, tools=tools, tool_choice=forced, max_tokens=40, temperature=0, stream=True):
+    for chunk in c.chat.completions.create(model="tiny", messages=question, tools=tools, tool_choice=forced, max_tokens=120, temperature=0, stream=True):
         for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
             entry = streamed.setdefault(d.index, {"name": "", "arguments": ""})
             entry["name"] += d.function.name or ""
