@@ -379,10 +379,22 @@ async fn cross_site_writes_are_refused_on_every_route() {
 
 /// (method, path) of every POST, PUT, PATCH and DELETE route declared in `src/http/`.
 fn declared_writes() -> Vec<(String, String)> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/http");
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src/http"));
+    // Every .rs file under src/http, modules in folders too.
+    let mut files = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(folder).unwrap() {
+            let path = entry.unwrap().path();
+            match path.is_dir() {
+                true => folders.push(path),
+                false => files.push(path),
+            }
+        }
+    }
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+    for file in files {
+        let text = std::fs::read_to_string(file).unwrap();
         for (at, _) in text.match_indices(".route(") {
             // The call's text, up to its closing parenthesis.
             let rest = &text[at + ".route(".len()..];
