@@ -226,8 +226,10 @@ fn gemma_computes_what_llama_cpp_computes() {
             }
         }
         let ppl = (nll / count as f64).exp();
+        // The final estimate within 1 % (as Qwen2's in tests/fidelity.rs), the first loosely.
+        let bound = if c + 1 == llama_cpp.len() { 0.01 } else { 0.02 };
         assert!(
-            (ppl / want - 1.0).abs() < 0.03,
+            (ppl / want - 1.0).abs() < bound,
             "after chunk {}: perplexity {ppl:.4}, llama.cpp {want}",
             c + 1
         );
