@@ -132,7 +132,7 @@ fn a_schema_holds_for_every_sequence_of_a_batch_and_batching_changes_nothing() {
         req
     };
     let numbers = json!({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 2, "maxItems": 4});
-    let requests = vec![
+    let requests = [
         ask("order lunch", Some(Grammar::JsonSchema(order_schema()))),
         ask("give numbers", Some(Grammar::JsonSchema(numbers))),
         ask("just talk", None),
