@@ -63,19 +63,9 @@ fn qwen_perplexity_is_within_one_percent_of_llama_cpp() {
     for (c, want) in values.iter().enumerate() {
         let want = want.as_f64().unwrap();
         let chunk = &ids[c * n_ctx..(c + 1) * n_ctx];
-        for j in 0..n_ctx - 1 {
-            let l: Vec<f32> = model
-                .forward(&chunk[j..j + 1], j)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            if j >= n_ctx / 2 {
-                let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-                let lse = l.iter().map(|v| (*v as f64 - max).exp()).sum::<f64>().ln() + max;
-                nll += lse - l[chunk[j + 1] as usize] as f64;
-                count += 1;
-            }
-        }
+        let scored = chunk_nll(&mut model, chunk);
+        nll += scored.iter().sum::<f64>();
+        count += scored.len();
         let got = (nll / count as f64).exp();
         eprintln!(
             "after chunk {}: perplexity {got:.4}, llama.cpp {want}",

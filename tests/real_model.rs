@@ -212,19 +212,9 @@ fn gemma_computes_what_llama_cpp_computes() {
     for (c, want) in llama_cpp.iter().enumerate() {
         let mut chunk = ids[c * n_ctx..(c + 1) * n_ctx].to_vec();
         chunk[0] = bos;
-        for j in 0..n_ctx - 1 {
-            let l: Vec<f32> = model
-                .forward(&chunk[j..j + 1], j)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            if j >= n_ctx / 2 {
-                let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-                let lse = l.iter().map(|v| (*v as f64 - max).exp()).sum::<f64>().ln() + max;
-                nll += lse - l[chunk[j + 1] as usize] as f64;
-                count += 1;
-            }
-        }
+        let scored = chunk_nll(&mut model, &chunk);
+        nll += scored.iter().sum::<f64>();
+        count += scored.len();
         let ppl = (nll / count as f64).exp();
         eprintln!(
             "after chunk {}: perplexity {ppl:.4}, llama.cpp {want}",

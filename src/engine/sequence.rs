@@ -79,15 +79,17 @@ impl<'a> Sequence<'a> {
             return self.sampler.sample(logits, &self.tokens);
         }
         let raw: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
-        let mut masked = raw.clone();
-        if let Some(c) = constraint.as_mut() {
-            c.mask(&mut masked).map_err(candle_core::Error::Msg)?;
-        }
-        let n = masked.len();
-        let next = self.sampler.sample(
-            &Tensor::from_vec(masked, n, &candle_core::Device::Cpu)?,
-            &self.tokens,
-        )?;
+        // Only a grammar needs a masked copy; log-probabilities alone sample the logits as they are.
+        let next = match constraint.as_mut() {
+            None => self.sampler.sample(logits, &self.tokens)?,
+            Some(c) => {
+                let mut masked = raw.clone();
+                c.mask(&mut masked).map_err(candle_core::Error::Msg)?;
+                let n = masked.len();
+                let masked = Tensor::from_vec(masked, n, &candle_core::Device::Cpu)?;
+                self.sampler.sample(&masked, &self.tokens)?
+            }
+        };
         if let Some(c) = constraint.as_mut() {
             c.accept(next).map_err(candle_core::Error::Msg)?;
         }

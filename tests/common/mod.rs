@@ -106,3 +106,23 @@ pub const QWEN_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 pub const GEMMA_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
 pub mod proxy;
 pub mod server;
+
+/// The negative log-likelihood of each of `chunk`'s second half, given what comes before, fed
+/// one token at a time from position 0 — as `llama-perplexity` scores a chunk.
+pub fn chunk_nll(model: &mut moss::engine::model::Model, chunk: &[u32]) -> Vec<f64> {
+    let n = chunk.len();
+    let mut out = Vec::with_capacity(n / 2);
+    for j in 0..n - 1 {
+        let l: Vec<f32> = model
+            .forward(&chunk[j..j + 1], j)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        if j >= n / 2 {
+            let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = l.iter().map(|v| (*v as f64 - max).exp()).sum::<f64>().ln() + max;
+            out.push(lse - l[chunk[j + 1] as usize] as f64);
+        }
+    }
+    out
+}
