@@ -68,3 +68,20 @@ for n in 1 4 8; do
   MOSS_LIMITS__MAX_RUNNING=8 "$moss" bench --prompt-tokens 16 --gen-tokens 64 --concurrency "$n" |
     grep -E "aggregate|per-stream|decode"
 done
+echo "== long context: prefill of 2,048 / 6,144-token prompts; decode of 32 tokens after 2,048 / 6,144"
+"$bin/llama-bench" -m "$model" -t 2 -p 2048,6144 -n 0 -r 1 -o md 2>/dev/null | grep -E "^\|"
+"$bin/llama-bench" -m "$model" -t 2 -p 0 -n 32 -d 2048,6144 -r 1 -o md 2>/dev/null | grep -E "^\|"
+for n in 2048 6144; do
+  echo "-- moss, $n-token prompt"
+  "$moss" bench --prompt-tokens "$n" --gen-tokens 2 | grep -E "prefill"
+done
+for d in 2048 6144; do
+  echo "-- moss, decode after $d tokens"
+  "$moss" bench --depth "$d" --prompt-tokens 1 --gen-tokens 32 | grep -E "decode"
+done
+echo "== memory bandwidth and the decode ceiling (moss bench)"
+"$moss" bench --prompt-tokens 16 --gen-tokens 32 | grep -E "bandwidth|decode"
+echo "== prompt-lookup drafting (moss): copy-heavy and plain chat answers, with and without, 1 / 4 / 8 streams"
+for n in 1 4 8; do
+  MOSS_LIMITS__MAX_RUNNING=8 "$moss" bench --lookup --gen-tokens 256 --concurrency "$n" | grep -E "^(copy|chat|answers)"
+done

@@ -79,10 +79,10 @@ fn main() -> anyhow::Result<()> {
 
     // Alternate the two so that neither gets a cooler or warmer machine.
     let mut rows = Vec::new();
-    moss::cli::bench::measure(&engine, 8, 4, 1)?;
+    moss::cli::bench::measure_simple(&engine, 8, 4, 1)?;
     for _ in 0..2 {
         let reference = raw_candle(&model, &prompt, gen)?;
-        let ours = moss::cli::bench::measure(&engine, prompt_tokens, gen, 1)?;
+        let ours = moss::cli::bench::measure_simple(&engine, prompt_tokens, gen, 1)?;
         rows.push((reference, ours));
     }
     let best_ref_decode = rows.iter().map(|r| r.0.decode_tok_s).fold(0.0, f64::max);

@@ -243,6 +243,8 @@ pub struct EngineConfig {
     pub implementation: ImplementationKind,
     pub max_batch: usize,
     pub kv_cache_mb: usize,
+    pub lookup_max_batch: usize,
+    pub lookup_max_draft: usize,
     pub nice: i32,
     pub device: String,
     pub max_context: usize,
@@ -344,6 +346,10 @@ impl Config {
         anyhow::ensure!(
             e.kv_cache_mb >= 16,
             "engine.kv_cache_mb must be at least 16"
+        );
+        anyhow::ensure!(
+            (1..=64).contains(&e.lookup_max_draft),
+            "engine.lookup_max_draft must be in 1..=64"
         );
         match e.backend {
             BackendKind::Local => {}

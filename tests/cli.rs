@@ -95,6 +95,55 @@ fn bench_json_reports_every_figure() {
     }
     assert_eq!(r["concurrency"], 2);
     assert_eq!(r["prompt_tokens"], 32);
+    // The memory ceiling: a measured bandwidth, the bytes a step reads, and decode's share.
+    let c = &r["ceiling"];
+    for key in ["read_gb_s", "step_mb", "decode_limit_tok_s", "decode_share"] {
+        let v = c[key].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "ceiling.{key} = {v}");
+    }
+    let share = c["decode_share"].as_f64().unwrap();
+    let limit = c["decode_limit_tok_s"].as_f64().unwrap();
+    let decode = r["decode_tok_s"].as_f64().unwrap();
+    assert!((share * limit / decode - 1.0).abs() < 1e-6, "{c}");
+}
+
+/// `--depth`: the context before the prompt is computed once and comes from the prefix cache
+/// (the bench fails when it does not), and a depth past the context is refused clearly.
+#[test]
+fn bench_measures_after_a_depth_of_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path(), Arch::Qwen2);
+    let bench = |depth: &str| {
+        moss()
+            .args([
+                "bench",
+                "--json",
+                "--prompt-tokens",
+                "16",
+                "--gen-tokens",
+                "4",
+            ])
+            .args(["--depth", depth, "--model"])
+            .arg(&model)
+            .output()
+            .unwrap()
+    };
+    let out = bench("96");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["depth"], 96);
+    assert_eq!(r["prompt_tokens"], 16);
+    let prefill = r["prefill_tok_s"].as_f64().unwrap_or(f64::NAN);
+    assert!(prefill.is_finite() && prefill > 0.0, "{r}");
+
+    let out = bench("1000000");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exceed the context"), "{err}");
 }
 
 #[test]

@@ -267,7 +267,7 @@ fn moss_decoder_matches_candle_transformers() {
         // greedy answers through the engine
         let engine = |imp| {
             let mut opts = moss::engine::EngineOptions::new(&path);
-            opts.device = "cpu".into();
+            opts.device = common::test_device();
             opts.implementation = imp;
             moss::engine::EngineHandle::start(opts).unwrap()
         };
@@ -369,7 +369,7 @@ fn q5_engine_of(
         moss::engine::tiny::write_tiny_model(&path, &spec).unwrap();
     }
     let mut opts = moss::engine::EngineOptions::new(&path);
-    opts.device = "cpu".into();
+    opts.device = common::test_device();
     opts.max_batch = max_batch;
     moss::engine::EngineHandle::start(opts).unwrap()
 }
@@ -638,7 +638,7 @@ fn the_next_turn_reuses_the_conversation_prefix() {
 fn the_engine_thread_runs_nicer() {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = moss::engine::EngineOptions::new(tiny_model(dir.path(), Arch::Qwen2));
-    opts.device = "cpu".into();
+    opts.device = common::test_device();
     opts.nice = 7;
     let _engine = moss::engine::EngineHandle::start(opts).unwrap();
     let mut found = false;

@@ -96,6 +96,8 @@ async fn counters_count_what_this_process_did() {
         "moss_engine_queue_depth",
         "moss_generations_running",
         "moss_time_to_first_token_seconds_bucket",
+        "moss_draft_tokens_total",
+        "moss_draft_accepted_tokens_total",
     ] {
         assert!(text.contains(name), "{name} missing from /metrics");
     }

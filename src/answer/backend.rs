@@ -122,6 +122,7 @@ impl Backend {
                     ignore_eos: false,
                     logprobs: req.logprobs,
                     grammar: req.grammar,
+                    no_lookup: false,
                 };
                 engine.generate(request).map_err(|e| match e {
                     SubmitError::TooLong { .. } => AnswerError::PromptTooLong { max_chars: None },

@@ -150,6 +150,10 @@ pub fn engine_options(config: &Config, args: &ModelArgs) -> anyhow::Result<Engin
         max_batch: e.max_batch.min(config.limits.max_running).max(1),
         kv_cache_bytes: e.kv_cache_mb << 20,
         nice: e.nice,
+        lookup: crate::engine::lookup::LookupOptions {
+            max_batch: e.lookup_max_batch,
+            max_draft: e.lookup_max_draft,
+        },
         implementation: match e.implementation {
             ImplementationKind::Candle => crate::engine::model::Implementation::Candle,
             ImplementationKind::Moss => crate::engine::model::Implementation::Moss,

@@ -16,6 +16,7 @@ use candle_core::Tensor;
 use tokio::sync::mpsc;
 
 use super::decoder::{Decoder, KvPool, SeqCache};
+use super::lookup::{self, DraftLength};
 use super::sequence::{Sequence, Step};
 use super::{EngineOptions, EngineStats, Event, FinishReason, Job, ModelInfo, Timings};
 
@@ -33,8 +34,12 @@ struct Seq<'a> {
     cache: SeqCache,
     /// The decoding state: prompt and generated tokens, sampler, text, stop strings.
     seq: Sequence<'a>,
-    /// Logits for the next token, when the sequence is ready to sample.
+    /// Logits for the next token, when the sequence is ready to sample: (rows, vocab), one row
+    /// more than `draft` holds.
     logits: Option<Tensor>,
+    /// Tokens drafted by prompt lookup and fed in the last step after the sequence's next token.
+    draft: Vec<u32>,
+    draft_length: DraftLength,
     /// A failure was reported on the stream already: nothing more is sent.
     failed: bool,
     queued: Duration,
@@ -182,7 +187,16 @@ pub(super) fn run(
             }
             let job = waiting.pop_front().expect("front exists");
             reserved += need;
-            running.push(start(job, info, pool, &mut prefixes, need, stats));
+            let max_draft = options.lookup.max_draft;
+            running.push(start(
+                job,
+                info,
+                pool,
+                &mut prefixes,
+                need,
+                max_draft,
+                stats,
+            ));
         }
 
         let decoding = running.iter().any(|s| s.logits.is_some());
@@ -202,7 +216,7 @@ pub(super) fn run(
                     Ok(logits) if end == seq.job.request.prompt.len() => {
                         seq.prefill = Some(seq.started.elapsed());
                         seq.decode_start = Instant::now();
-                        seq.logits = logits.squeeze(0).ok();
+                        seq.logits = Some(logits);
                     }
                     Ok(_) => {}
                     Err(e) => seq.logits = fail(seq, e),
@@ -227,7 +241,7 @@ pub(super) fn run(
                 }
                 continue;
             };
-            match seq.seq.advance(&logits, info, &seq.job.events, stats) {
+            match take_rows(seq, &logits, info, stats, options.lookup.max_draft) {
                 Ok(Step::Continue(next)) => feed.push((i, next)),
                 Ok(Step::Finished(reason)) => ended.push((i, reason)),
                 Err(e) => {
@@ -240,24 +254,49 @@ pub(super) fn run(
             if !options.token_delay.is_zero() {
                 std::thread::sleep(options.token_delay);
             }
-            let tokens: Vec<u32> = feed.iter().map(|(_, t)| *t).collect();
-            stats.batch_peak.fetch_max(tokens.len(), Ordering::Relaxed);
+            stats.batch_peak.fetch_max(feed.len(), Ordering::Relaxed);
+            // While few sequences decode, each may guess what follows its next token.
+            let drafting = feed.len() <= options.lookup.max_batch;
+            for &(i, _) in &feed {
+                let seq = &mut running[i];
+                // (the sequence's tokens end with `next`)
+                seq.draft = if drafting && !seq.job.request.no_lookup {
+                    let room = draft_room(seq, info).min(seq.draft_length.get());
+                    lookup::draft(&seq.seq.tokens, room)
+                } else {
+                    Vec::new()
+                };
+            }
             let result = {
                 let mut caches: Vec<&mut SeqCache> = Vec::with_capacity(feed.len());
-                let mut want = feed.iter().map(|(i, _)| *i).peekable();
+                let mut feeds: Vec<Vec<u32>> = Vec::with_capacity(feed.len());
+                let mut want = feed.iter().peekable();
                 for (i, seq) in running.iter_mut().enumerate() {
-                    if want.peek() == Some(&i) {
+                    if let Some(&&(_, next)) = want.peek().filter(|(w, _)| *w == i) {
                         want.next();
+                        let mut tokens = vec![next];
+                        tokens.extend_from_slice(&seq.draft);
+                        feeds.push(tokens);
                         caches.push(&mut seq.cache);
                     }
                 }
-                prefixes.make_room(pool, KvPool::blocks_needed(&caches, 1));
-                model.forward_batch(pool, &mut caches, &tokens)
+                let need: usize = caches
+                    .iter()
+                    .zip(&feeds)
+                    .map(|(c, f)| c.blocks_short(f.len()))
+                    .sum();
+                prefixes.make_room(pool, need);
+                let feeds: Vec<&[u32]> = feeds.iter().map(Vec::as_slice).collect();
+                model.forward_decode(pool, &mut caches, &feeds)
             };
             match result {
                 Ok(logits) => {
-                    for (row, (i, _)) in feed.iter().enumerate() {
-                        running[*i].logits = logits.get(row).ok();
+                    let mut row = 0;
+                    for (i, _) in &feed {
+                        let seq = &mut running[*i];
+                        let rows = seq.draft.len() + 1;
+                        seq.logits = logits.narrow(0, row, rows).ok();
+                        row += rows;
                     }
                 }
                 Err(e) => {
@@ -279,6 +318,54 @@ pub(super) fn run(
         // swap_remove moved the last sequence into a freed place: keep arrival order for prefill.
         running.sort_by_key(|s| s.started);
     }
+}
+
+/// Samples the sequence's rows of logits in order: the first gives the token after the one it was
+/// fed; each further row, computed with a drafted token, counts only while every sample so far
+/// equals the draft (the sequence would have taken that token anyway). Positions computed for
+/// drafted tokens not taken are forgotten.
+fn take_rows(
+    seq: &mut Seq,
+    logits: &Tensor,
+    info: &ModelInfo,
+    stats: &EngineStats,
+    max_draft: usize,
+) -> candle_core::Result<Step> {
+    let draft = std::mem::take(&mut seq.draft);
+    let rows = draft.len() + 1;
+    let mut taken = 0;
+    let step = loop {
+        let step = seq
+            .seq
+            .advance(&logits.get(taken)?, info, &seq.job.events, stats)?;
+        match step {
+            Step::Continue(next) if taken < draft.len() && next == draft[taken] => taken += 1,
+            _ => break step,
+        }
+    };
+    // Rows after the one that decided were computed from tokens not taken.
+    seq.cache.truncate(seq.cache.len() - (rows - 1 - taken));
+    if !draft.is_empty() {
+        stats
+            .draft_tokens
+            .fetch_add(draft.len() as u64, Ordering::Relaxed);
+        stats
+            .draft_accepted
+            .fetch_add(taken as u64, Ordering::Relaxed);
+        seq.draft_length.update(draft.len(), taken, max_draft);
+    }
+    Ok(step)
+}
+
+/// Tokens a sequence may draft after its next one: each drafted token yields one more sample, so
+/// no more than its answer has left, and none past its context.
+fn draft_room(seq: &Seq, info: &ModelInfo) -> usize {
+    let request = &seq.job.request;
+    // (`generated` counts the next token, not yet fed)
+    let generated = seq.seq.tokens.len() - request.prompt.len();
+    let answer_left = request.max_tokens.saturating_sub(generated + 1);
+    let context_left = info.context_length.saturating_sub(seq.cache.len() + 1);
+    answer_left.min(context_left)
 }
 
 /// KV-cache bytes a request reserves: room for its prompt and its longest answer, within the
@@ -305,6 +392,7 @@ fn start<'a>(
     pool: &KvPool,
     prefixes: &mut Prefixes,
     reserved: usize,
+    max_draft: usize,
     stats: &EngineStats,
 ) -> Seq<'a> {
     stats.requests_started.fetch_add(1, Ordering::Relaxed);
@@ -322,6 +410,8 @@ fn start<'a>(
         job,
         cache,
         logits: None,
+        draft: Vec::new(),
+        draft_length: DraftLength::new(max_draft),
         failed: false,
         started: Instant::now(),
         prefill: None,

@@ -8,6 +8,7 @@ pub mod detok;
 pub mod gguf;
 pub mod grammar;
 pub mod logprobs;
+pub mod lookup;
 pub use moss_kernels as kernels;
 pub mod model;
 pub mod prompt;
@@ -58,6 +59,8 @@ pub struct EngineOptions {
     /// contention the web server's threads run first, so shedding stays fast while answers
     /// are generated. 0 leaves the priority alone.
     pub nice: i32,
+    /// Prompt-lookup drafting while the engine is quiet.
+    pub lookup: lookup::LookupOptions,
 }
 
 impl EngineOptions {
@@ -72,6 +75,7 @@ impl EngineOptions {
             max_batch: 8,
             kv_cache_bytes: 1 << 30,
             nice: 0,
+            lookup: Default::default(),
         }
     }
 }
@@ -90,6 +94,9 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// Generate only what this grammar allows.
     pub grammar: Option<Grammar>,
+    /// Never draft this request's tokens by prompt lookup (to compare with and without: the
+    /// answer is the same either way).
+    pub no_lookup: bool,
 }
 
 /// Why generation ended.
@@ -185,6 +192,8 @@ pub struct ModelInfo {
     pub batch: usize,
     /// The tokens as bytes, for log-probabilities and grammars.
     pub vocabulary: Vocabulary,
+    /// Weight bytes a decoding step reads (moss's decoder; unknown for the others).
+    pub step_bytes: Option<usize>,
 }
 
 /// Counters the engine thread keeps, readable from anywhere.
@@ -199,6 +208,9 @@ pub struct EngineStats {
     pub requests_cancelled: AtomicU64,
     /// Prompt tokens whose keys and values came from the prefix cache instead of the model.
     pub prefix_tokens_reused: AtomicU64,
+    /// Tokens drafted by prompt lookup, and those of them that the model's own choice confirmed.
+    pub draft_tokens: AtomicU64,
+    pub draft_accepted: AtomicU64,
     /// Most sequences ever advanced in one step.
     pub batch_peak: std::sync::atomic::AtomicUsize,
 }

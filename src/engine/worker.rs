@@ -192,6 +192,7 @@ pub(super) fn load(options: &EngineOptions) -> Result<(Model, ModelInfo), LoadEr
     let end = end_of_turn.first().copied().unwrap_or(0);
     let vocabulary = crate::engine::Vocabulary::new(tokenizer.clone(), vocab_size, end);
     let info = ModelInfo {
+        step_bytes: model.batched().map(|d| d.step_bytes()),
         vocabulary,
         path,
         name,

@@ -75,6 +75,10 @@ async fn probe(state: &AppState) -> (bool, Value) {
 async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResponse {
     metrics::gauge!("moss_engine_queue_depth").set(state.answers.backend.load() as f64);
     metrics::gauge!("moss_admitted_answers").set(state.answers.admission.in_use() as f64);
+    let stats = state.answers.backend.stats();
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    metrics::counter!("moss_draft_tokens_total").absolute(count(&stats.draft_tokens));
+    metrics::counter!("moss_draft_accepted_tokens_total").absolute(count(&stats.draft_accepted));
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -26,9 +26,15 @@ pub fn tiny_model_with(dir: &Path, arch: Arch, context: usize) -> PathBuf {
     path
 }
 
+/// The device engine tests run on: `MOSS_TEST_DEVICE` (`cuda:0` in scripts/gpu-check), else the
+/// CPU.
+pub fn test_device() -> String {
+    std::env::var("MOSS_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
+
 pub fn start(model: &Path, token_delay: Duration) -> EngineHandle {
     let mut opts = EngineOptions::new(model);
-    opts.device = "cpu".into();
+    opts.device = test_device();
     opts.token_delay = token_delay;
     EngineHandle::start(opts).expect("engine starts")
 }

@@ -37,6 +37,17 @@ impl Rope {
         })
     }
 
+    /// The rows for the given positions, one token each: (positions, 1, d/2).
+    pub(super) fn at_positions(&self, positions: &[usize]) -> Result<(Tensor, Tensor)> {
+        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        let shape = (pos.len(), 1, self.cos.dim(1)?);
+        let pos = Tensor::new(pos.as_slice(), self.cos.device())?;
+        Ok((
+            self.cos.index_select(&pos, 0)?.reshape(shape)?,
+            self.sin.index_select(&pos, 0)?.reshape(shape)?,
+        ))
+    }
+
     /// The rows for `t` new positions of each sequence: (t, d/2) for one, (b, t, d/2) for several.
     pub(super) fn at(&self, caches: &[&mut SeqCache], t: usize) -> Result<(Tensor, Tensor)> {
         if let [c] = caches {

@@ -45,14 +45,7 @@ impl KvPool {
 
     /// Blocks the caches still need to take `t` more positions each.
     pub fn blocks_needed(caches: &[&mut SeqCache], t: usize) -> usize {
-        caches
-            .iter()
-            .map(|c| {
-                (c.len + t)
-                    .div_ceil(KV_BLOCK)
-                    .saturating_sub(c.blocks.len())
-            })
-            .sum()
+        caches.iter().map(|c| c.blocks_short(t)).sum()
     }
 
     pub(super) fn grow(&self, cache: &mut SeqCache, positions: usize) -> Result<()> {
@@ -125,9 +118,22 @@ impl SeqCache {
         self.len == 0
     }
 
+    /// Forgets the positions from `len` on (tokens drafted and not taken): the next step writes
+    /// there again. The blocks stay held.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Blocks held (some may be shared with other caches).
     pub fn blocks(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// Blocks this cache still needs to take `t` more positions.
+    pub fn blocks_short(&self, t: usize) -> usize {
+        (self.len + t)
+            .div_ceil(KV_BLOCK)
+            .saturating_sub(self.blocks.len())
     }
 
     /// Where position `i` lives in the store.
@@ -202,7 +208,66 @@ impl Decoder {
         })
     }
 
-    /// Where this step's keys and values go and come from (the caches already hold the blocks).
+    /// Where a decoding step's keys and values go and come from: each row is one token, of
+    /// sequence `rows[r].0` at position `rows[r].1`, and sees that sequence's positions up to its
+    /// own (the caches already hold the blocks).
+    pub(super) fn plan_rows(
+        &self,
+        caches: &[&mut SeqCache],
+        rows: &[(usize, usize)],
+    ) -> Result<StepPlan> {
+        let n = rows.len();
+        let write: Vec<u32> = rows.iter().map(|&(s, p)| caches[s].slot(p)).collect();
+        let write = Tensor::new(write.as_slice(), &self.device)?
+            .reshape((1, n, 1))?
+            .broadcast_as((self.n_kv_head, n, self.head_dim))?
+            .contiguous()?;
+        if self.device.is_cpu() {
+            let slots = rows
+                .iter()
+                .map(|&(s, p)| (0..=p).map(|q| caches[s].slot(q)).collect())
+                .collect();
+            return Ok(StepPlan {
+                write,
+                read: Read::InPlace(slots),
+            });
+        }
+        let width = rows.iter().map(|r| r.1 + 1).max().unwrap_or(1);
+        let index: Vec<u32> = rows
+            .iter()
+            .flat_map(|&(s, p)| (0..width).map(move |q| if q <= p { caches[s].slot(q) } else { 0 }))
+            .collect();
+        let index = Tensor::new(index.as_slice(), &self.device)?;
+        let mask = |window: usize| -> Result<Tensor> {
+            let m: Vec<f32> = rows
+                .iter()
+                .flat_map(|&(_, p)| {
+                    (0..width).map(move |q| {
+                        if q <= p && p - q < window {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            Tensor::from_vec(m, (1, n, 1, 1, width), &self.device)
+        };
+        let hidden = rows.iter().any(|r| r.1 + 1 < width);
+        let local = self.local_rope.is_some() && width > self.window;
+        Ok(StepPlan {
+            write,
+            read: Read::Gather {
+                index,
+                width,
+                mask: hidden.then(|| mask(usize::MAX)).transpose()?,
+                local_mask: local.then(|| mask(self.window)).transpose()?,
+            },
+        })
+    }
+
+    /// Where a step of `t` new tokens per sequence writes and reads (the caches already hold the
+    /// blocks).
     pub(super) fn plan(&self, caches: &[&mut SeqCache], t: usize) -> Result<StepPlan> {
         let b = caches.len();
         let write: Vec<u32> = caches
@@ -213,16 +278,6 @@ impl Decoder {
             .reshape((1, b * t, 1))?
             .broadcast_as((self.n_kv_head, b * t, self.head_dim))?
             .contiguous()?;
-        if t == 1 && self.device.is_cpu() {
-            let slots = caches
-                .iter()
-                .map(|c| (0..=c.len).map(|p| c.slot(p)).collect())
-                .collect();
-            return Ok(StepPlan {
-                write,
-                read: Read::InPlace(slots),
-            });
-        }
         let width = caches.iter().map(|c| c.len + t).max().unwrap_or(t);
         let index: Vec<u32> = caches
             .iter()

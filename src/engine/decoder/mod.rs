@@ -73,6 +73,13 @@ impl Decoder {
         self.layers.len() * 2 * self.n_kv_head * self.head_dim * 4
     }
 
+    /// Weight bytes one decoding step reads: every layer's matrices and the output projection
+    /// (the embedding contributes one row per token). Memory bandwidth over this is the fastest a
+    /// single stream can decode.
+    pub fn step_bytes(&self) -> usize {
+        self.layers.iter().map(Layer::step_bytes).sum::<usize>() + self.output.bytes()
+    }
+
     fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
         let x = self
             .embedding
@@ -127,33 +134,104 @@ impl Decoder {
             candle_core::bail!("{} tokens for {b} sequences", tokens.len());
         }
         let t = tokens.len() / b;
-        for c in caches.iter() {
-            if c.len + t > self.context_length {
-                candle_core::bail!("position {} is past the context", c.len + t);
-            }
+        if t == 1 {
+            let feeds: Vec<&[u32]> = tokens.chunks(1).collect();
+            return self.forward_decode(pool, caches, &feeds);
         }
-        if pool.layers.len() != self.layers.len() {
-            candle_core::bail!("a key/value store made for another model");
-        }
-        for c in caches.iter_mut() {
-            pool.grow(c, c.len + t)?;
-        }
+        self.make_room(pool, caches, &vec![t; b])?;
         let plan = self.plan(caches, t)?;
         let global = self.rope.at(caches, t)?;
         let local = match &self.local_rope {
             Some(r) => Some(r.at(caches, t)?),
             None => None,
         };
-        // Each sequence's next token: rows that must come out as they would alone.
-        let decoding = t == 1;
-        let mut x = self.embed(tokens)?.reshape((b, t, self.hidden))?;
+        let x = self.embed(tokens)?.reshape((b, t, self.hidden))?;
+        let x = self.layers_forward(pool, &plan, (&global, local.as_ref()), x, false)?;
+        for c in caches.iter_mut() {
+            c.len += t;
+        }
+        // Only each sequence's last position is needed.
+        self.head(&x.i((.., t - 1, ..))?.contiguous()?, false)
+    }
+
+    /// A decoding step in which sequence `i` takes the tokens `feeds[i]`: its next token, and
+    /// possibly tokens drafted to follow it. Every token is a row computed exactly as a one-token
+    /// step would compute it (the same bits: rows do not mix, and row `j` of a sequence sees its
+    /// positions up to its own), so a drafted token's row gives the logits the sequence would have
+    /// had if it had taken that token alone. Returns every row's logits, shape (rows, vocab), the
+    /// sequences' rows in order; each cache grows by its feed.
+    pub fn forward_decode(
+        &self,
+        pool: &KvPool,
+        caches: &mut [&mut SeqCache],
+        feeds: &[&[u32]],
+    ) -> Result<Tensor> {
+        if caches.is_empty() || caches.len() != feeds.len() || feeds.iter().any(|f| f.is_empty()) {
+            candle_core::bail!("{} feeds for {} sequences", feeds.len(), caches.len());
+        }
+        let counts: Vec<usize> = feeds.iter().map(|f| f.len()).collect();
+        self.make_room(pool, caches, &counts)?;
+        // Row by row: (sequence, position).
+        let rows: Vec<(usize, usize)> = caches
+            .iter()
+            .zip(&counts)
+            .enumerate()
+            .flat_map(|(i, (c, n))| (c.len..c.len + n).map(move |p| (i, p)))
+            .collect();
+        let positions: Vec<usize> = rows.iter().map(|r| r.1).collect();
+        let plan = self.plan_rows(caches, &rows)?;
+        let global = self.rope.at_positions(&positions)?;
+        let local = match &self.local_rope {
+            Some(r) => Some(r.at_positions(&positions)?),
+            None => None,
+        };
+        let tokens: Vec<u32> = feeds.concat();
+        let x = self.embed(&tokens)?.reshape((rows.len(), 1, self.hidden))?;
+        let x = self.layers_forward(pool, &plan, (&global, local.as_ref()), x, true)?;
+        for (c, n) in caches.iter_mut().zip(&counts) {
+            c.len += n;
+        }
+        self.head(&x.squeeze(1)?, true)
+    }
+
+    /// Checks that the caches can take `counts` more positions each and gives them the blocks.
+    fn make_room(
+        &self,
+        pool: &KvPool,
+        caches: &mut [&mut SeqCache],
+        counts: &[usize],
+    ) -> Result<()> {
+        for (c, n) in caches.iter().zip(counts) {
+            if c.len + n > self.context_length {
+                candle_core::bail!("position {} is past the context", c.len + n);
+            }
+        }
+        if pool.layers.len() != self.layers.len() {
+            candle_core::bail!("a key/value store made for another model");
+        }
+        for (c, n) in caches.iter_mut().zip(counts) {
+            pool.grow(c, c.len + n)?;
+        }
+        Ok(())
+    }
+
+    /// Every layer on `x` (batch, t, hidden). `decoding`: the rows are tokens that must come out
+    /// as each would alone.
+    fn layers_forward(
+        &self,
+        pool: &KvPool,
+        plan: &kv::StepPlan,
+        (global, local): (&(Tensor, Tensor), Option<&(Tensor, Tensor)>),
+        mut x: Tensor,
+        decoding: bool,
+    ) -> Result<Tensor> {
         for (layer, store) in self.layers.iter().zip(&pool.layers) {
-            let rope = match (&local, layer.sliding) {
+            let rope = match (local, layer.sliding) {
                 (Some(local), true) => local,
-                _ => &global,
+                _ => global,
             };
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.eps)?;
-            let mut a = self.attention(layer, store, &plan, &h, rope)?;
+            let mut a = self.attention(layer, store, plan, &h, rope)?;
             if let Some((after, _)) = &layer.post_norm {
                 a = candle_nn::ops::rms_norm(&a, after, self.eps)?;
             }
@@ -172,13 +250,13 @@ impl Decoder {
             }
             x = (x1 + m)?;
         }
-        for c in caches.iter_mut() {
-            c.len += t;
-        }
-        // Only each sequence's last position is needed.
-        let x = x.i((.., t - 1, ..))?.contiguous()?;
+        Ok(x)
+    }
+
+    /// Logits of the rows of `x` (rows, hidden).
+    fn head(&self, x: &Tensor, decoding: bool) -> Result<Tensor> {
         let logits = self.output.forward(
-            &candle_nn::ops::rms_norm(&x, &self.norm, self.eps)?,
+            &candle_nn::ops::rms_norm(x, &self.norm, self.eps)?,
             decoding,
         )?;
         match self.softcap {

@@ -144,3 +144,46 @@ pub(super) fn matmul(t: QTensor) -> Result<Weight> {
         row_by_row,
     })
 }
+
+impl Weight {
+    /// Bytes of the matrix as held (what one pass over it reads).
+    pub(super) fn bytes(&self) -> usize {
+        match &self.mm {
+            QMatMul::QTensor(t) => t.storage_size_in_bytes(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+        }
+    }
+}
+
+impl Fused {
+    pub(super) fn bytes(&self) -> usize {
+        self.parts.iter().map(|(w, _)| w.bytes()).sum()
+    }
+}
+
+impl Mlp {
+    pub(super) fn bytes(&self) -> usize {
+        self.gate_up.bytes() + self.down.bytes()
+    }
+}
+
+impl Layer {
+    /// Weight bytes one decoding step reads in this layer (a mixture: the router and, on average,
+    /// the share of the experts a token uses).
+    pub(super) fn step_bytes(&self) -> usize {
+        let ffn = match &self.ffn {
+            Ffn::Dense(mlp) => mlp.bytes(),
+            Ffn::Experts {
+                router,
+                experts,
+                used,
+            } => {
+                let all: usize = experts.iter().map(Mlp::bytes).sum();
+                router.len() * 4 + all * used / experts.len().max(1)
+            }
+        };
+        self.qkv.bytes() + self.wo.bytes() + ffn
+    }
+}
