@@ -329,9 +329,17 @@ fn embedding_rows_are_the_dequantized_rows() {
 /// answers equal to single ones).
 #[test]
 fn paged_decode_attention_matches_the_reference_and_ignores_the_batch() {
+    // The default model's shape, Gemma 3's (one kv head for four query heads, which the kernel
+    // splits between threads), and an odd one.
+    for (kv_heads, heads, d) in [(2, 14, 64), (1, 4, 256), (2, 6, 72)] {
+        decode_attention_case(kv_heads, heads, d);
+    }
+}
+
+fn decode_attention_case(kv_heads: usize, heads: usize, d: usize) {
     use moss_kernels::attention::{paged_decode_attention, Store};
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let (kv_heads, heads, d, positions) = (2usize, 6usize, 72usize, 300usize);
+    let positions = 300usize;
     let size = kv_heads * positions * d;
     let keys: Vec<f32> = (0..size).map(|_| rng.random_range(-1.0..1.0)).collect();
     let values: Vec<f32> = (0..size).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -411,4 +419,81 @@ fn paged_decode_attention_matches_the_reference_and_ignores_the_batch() {
         paged_decode_attention(&q[..heads * d], store, heads, scale, &[&outside], &mut one)
             .is_err()
     );
+}
+
+/// The prompt-chunk softmax: each row sees one range of columns (its causal window); inside it
+/// equals a plain f64 softmax, outside it is 0; sizes that do not fit are an error.
+#[test]
+fn range_softmax_matches_a_masked_softmax() {
+    use candle_core::{Device, Tensor};
+    use moss_kernels::softmax::RangeSoftmax;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let (kv, seqs, heads, positions, width) = (2usize, 2usize, 3usize, 4usize, 11usize);
+    let n = kv * seqs * heads * positions * width;
+    let scores: Vec<f32> = (0..n).map(|_| rng.random_range(-30.0..30.0)).collect();
+    // sequence 0: causal from 5 cached positions; sequence 1: a window of 3 after 2 cached.
+    let ranges: Vec<(usize, usize)> = (0..positions)
+        .map(|p| (0, 5 + p + 1))
+        .chain((0..positions).map(|p| ((2 + p + 1).saturating_sub(3), 2 + p + 1)))
+        .collect();
+    let op = RangeSoftmax {
+        ranges: ranges.clone(),
+        seqs,
+        positions,
+        heads,
+    };
+    let t = Tensor::from_vec(
+        scores.clone(),
+        (kv, seqs, heads * positions, width),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let got: Vec<f32> = t
+        .apply_op1_no_bwd(&op)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (row, (src, out)) in scores.chunks(width).zip(got.chunks(width)).enumerate() {
+        let s = (row / (heads * positions)) % seqs;
+        let (lo, hi) = ranges[s * positions + row % positions];
+        let max = src[lo..hi]
+            .iter()
+            .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let sum: f64 = src[lo..hi].iter().map(|&v| (v as f64 - max).exp()).sum();
+        for (c, (&x, &y)) in src.iter().zip(out).enumerate() {
+            let want = if (lo..hi).contains(&c) {
+                (x as f64 - max).exp() / sum
+            } else {
+                0.0
+            };
+            assert!(
+                (y as f64 - want).abs() < 1e-6,
+                "row {row} col {c}: {y} vs {want}"
+            );
+        }
+    }
+    let bad = RangeSoftmax {
+        ranges: vec![(0, width + 1); seqs * positions],
+        seqs,
+        positions,
+        heads,
+    };
+    assert!(t.apply_op1_no_bwd(&bad).is_err());
+}
+
+/// The softmax's exponential: within 3e-7 of libm's over the range it serves.
+#[test]
+fn fast_exp_is_close_to_libm() {
+    let mut x = -87.0f32;
+    while x < 88.0 {
+        let (got, want) = (moss_kernels::softmax::exp(x), x.exp());
+        assert!(
+            ((got - want) / want).abs() < 3e-7,
+            "exp({x}) = {got}, libm {want}"
+        );
+        x += 0.0137;
+    }
+    assert_eq!(moss_kernels::softmax::exp(0.0), 1.0);
 }

@@ -21,6 +21,7 @@ mod cpu;
 pub mod q5_0;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+pub mod softmax;
 mod tiles;
 
 pub use blocks::{quantize_q8_0, Block, BlockQ5_0, BlockQ8_0, QK};

@@ -120,18 +120,23 @@ impl Decoder {
             .contiguous()?;
         ks.scatter_set(&plan.write, &k, 1)?;
         vs.scatter_set(&plan.write, &v, 1)?;
-        let (index, w, mask) = match &plan.read {
+        let (index, w, mask, softmax) = match &plan.read {
             Read::Gather {
                 index,
                 width,
                 mask,
                 local_mask,
+                softmax,
             } => {
                 let mask = match l.sliding {
                     true => local_mask.as_ref().or(mask.as_ref()),
                     false => mask.as_ref(),
                 };
-                (index, *width, mask)
+                let softmax = softmax.as_ref().map(|(global, local)| match l.sliding {
+                    true => local.as_ref().unwrap_or(global),
+                    false => global,
+                });
+                (index, *width, mask, softmax)
             }
             Read::InPlace(slots) => {
                 // Decoding on the CPU: moss's kernel reads each sequence's positions in place.
@@ -153,14 +158,16 @@ impl Decoder {
             .contiguous()?
             * self.attn_scale)?;
         let att = q.matmul(&keys.t()?)?;
-        let att = match mask {
-            None => att,
-            Some(m) => att
-                .reshape((n_kv_head, b, rep, t, w))?
-                .broadcast_add(m)?
-                .reshape((n_kv_head, b, rep * t, w))?,
+        let att = match (softmax, mask) {
+            // On the CPU: each row's visible columns are one range, applied by the softmax.
+            (Some(op), _) => att.apply_op1_no_bwd(op)?,
+            (None, None) => candle_nn::ops::softmax_last_dim(&att)?,
+            (None, Some(m)) => candle_nn::ops::softmax_last_dim(
+                &att.reshape((n_kv_head, b, rep, t, w))?
+                    .broadcast_add(m)?
+                    .reshape((n_kv_head, b, rep * t, w))?,
+            )?,
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&values)?; // (kv heads, b, rep·t, d)
         let y = y
             .transpose(0, 1)?

@@ -4,6 +4,7 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::Decoder;
+use crate::engine::kernels::softmax::RangeSoftmax;
 
 /// Positions per block of the paged key/value store.
 pub const KV_BLOCK: usize = 16;
@@ -179,6 +180,9 @@ pub(super) enum Read {
         mask: Option<Tensor>,
         /// The same for sliding-window layers, when the window hides something more.
         local_mask: Option<Tensor>,
+        /// On the CPU, the same as column ranges (a row sees one contiguous range): softmax
+        /// applies them itself, and the masks above are not made.
+        softmax: Option<(RangeSoftmax, Option<RangeSoftmax>)>,
     },
 }
 
@@ -262,6 +266,7 @@ impl Decoder {
                 width,
                 mask: hidden.then(|| mask(usize::MAX)).transpose()?,
                 local_mask: local.then(|| mask(self.window)).transpose()?,
+                softmax: None,
             },
         })
     }
@@ -306,6 +311,32 @@ impl Decoder {
         };
         let hidden = caches.iter().any(|c| c.len + t < width) || t > 1;
         let local = self.local_rope.is_some() && width > self.window;
+        if self.device.is_cpu() {
+            let softmax = |window: usize| RangeSoftmax {
+                ranges: caches
+                    .iter()
+                    .flat_map(|c| {
+                        (0..t).map(move |i| {
+                            let end = c.len + i + 1;
+                            (end.saturating_sub(window), end)
+                        })
+                    })
+                    .collect(),
+                seqs: b,
+                positions: t,
+                heads: self.n_head / self.n_kv_head,
+            };
+            return Ok(StepPlan {
+                write,
+                read: Read::Gather {
+                    index,
+                    width,
+                    mask: None,
+                    local_mask: None,
+                    softmax: Some((softmax(usize::MAX), local.then(|| softmax(self.window)))),
+                },
+            });
+        }
         Ok(StepPlan {
             write,
             read: Read::Gather {
@@ -313,6 +344,7 @@ impl Decoder {
                 width,
                 mask: hidden.then(|| mask(usize::MAX)).transpose()?,
                 local_mask: local.then(|| mask(self.window)).transpose()?,
+                softmax: None,
             },
         })
     }
