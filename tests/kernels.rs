@@ -421,66 +421,74 @@ fn decode_attention_case(kv_heads: usize, heads: usize, d: usize) {
     );
 }
 
-/// The prompt-chunk softmax: each row sees one range of columns (its causal window); inside it
-/// equals a plain f64 softmax, outside it is 0; sizes that do not fit are an error.
+/// A prompt chunk's fused attention: each (sequence, position) row sees one range of columns (its
+/// causal window, in one sequence a sliding window); every query head of a group equals a plain
+/// f64 softmax(q·kᵀ)·v over exactly those columns; sizes that do not fit are an error.
 #[test]
-fn range_softmax_matches_a_masked_softmax() {
-    use candle_core::{Device, Tensor};
-    use moss_kernels::softmax::RangeSoftmax;
+fn chunk_attention_matches_a_masked_reference() {
+    use moss_kernels::prefill::{chunk_attention, ChunkDims};
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    let (kv, seqs, heads, positions, width) = (2usize, 2usize, 3usize, 4usize, 11usize);
-    let n = kv * seqs * heads * positions * width;
-    let scores: Vec<f32> = (0..n).map(|_| rng.random_range(-30.0..30.0)).collect();
-    // sequence 0: causal from 5 cached positions; sequence 1: a window of 3 after 2 cached.
-    let ranges: Vec<(usize, usize)> = (0..positions)
-        .map(|p| (0, 5 + p + 1))
-        .chain((0..positions).map(|p| ((2 + p + 1).saturating_sub(3), 2 + p + 1)))
-        .collect();
-    let op = RangeSoftmax {
-        ranges: ranges.clone(),
-        seqs,
-        positions,
-        heads,
+    let dims = ChunkDims {
+        kv_heads: 2,
+        seqs: 2,
+        positions: 21,
+        group: 3,
+        width: 40,
+        head_dim: 24,
     };
-    let t = Tensor::from_vec(
-        scores.clone(),
-        (kv, seqs, heads * positions, width),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let got: Vec<f32> = t
-        .apply_op1_no_bwd(&op)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    for (row, (src, out)) in scores.chunks(width).zip(got.chunks(width)).enumerate() {
-        let s = (row / (heads * positions)) % seqs;
-        let (lo, hi) = ranges[s * positions + row % positions];
-        let max = src[lo..hi]
-            .iter()
-            .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-        let sum: f64 = src[lo..hi].iter().map(|&v| (v as f64 - max).exp()).sum();
-        for (c, (&x, &y)) in src.iter().zip(out).enumerate() {
-            let want = if (lo..hi).contains(&c) {
-                (x as f64 - max).exp() / sum
-            } else {
-                0.0
-            };
-            assert!(
-                (y as f64 - want).abs() < 1e-6,
-                "row {row} col {c}: {y} vs {want}"
-            );
+    let d = dims.head_dim;
+    let mut values =
+        |n: usize, r: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-r..r)).collect() };
+    let q = values(
+        dims.kv_heads * dims.seqs * dims.positions * dims.group * d,
+        1.5,
+    );
+    let keys = values(dims.kv_heads * dims.seqs * dims.width * d, 1.0);
+    let vals = values(keys.len(), 1.0);
+    // sequence 0: causal after 19 cached positions; sequence 1: a window of 5 after 3.
+    let ranges: Vec<(usize, usize)> = (0..dims.positions)
+        .map(|p| (0, 19 + p + 1))
+        .chain((0..dims.positions).map(|p| ((3 + p + 1).saturating_sub(5), 3 + p + 1)))
+        .collect();
+    let mut out = vec![0f32; q.len()];
+    chunk_attention(&q, &keys, &vals, dims, &ranges, &mut out).unwrap();
+    for kv in 0..dims.kv_heads {
+        for s in 0..dims.seqs {
+            let base = (kv * dims.seqs + s) * dims.width * d;
+            for p in 0..dims.positions {
+                let (lo, hi) = ranges[s * dims.positions + p];
+                for g in 0..dims.group {
+                    let row = (((kv * dims.seqs + s) * dims.positions + p) * dims.group + g) * d;
+                    let qv = &q[row..row + d];
+                    let sc: Vec<f64> = (lo..hi)
+                        .map(|j| {
+                            (0..d)
+                                .map(|c| qv[c] as f64 * keys[base + j * d + c] as f64)
+                                .sum()
+                        })
+                        .collect();
+                    let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|x| (x - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for c in 0..d {
+                        let want: f64 = (lo..hi)
+                            .zip(&e)
+                            .map(|(j, w)| w / sum * vals[base + j * d + c] as f64)
+                            .sum();
+                        let got = out[row + c] as f64;
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "kv {kv} seq {s} pos {p} head {g} dim {c}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
         }
     }
-    let bad = RangeSoftmax {
-        ranges: vec![(0, width + 1); seqs * positions],
-        seqs,
-        positions,
-        heads,
-    };
-    assert!(t.apply_op1_no_bwd(&bad).is_err());
+    let mut bad = ranges.clone();
+    bad[0] = (0, dims.width + 1);
+    assert!(chunk_attention(&q, &keys, &vals, dims, &bad, &mut out).is_err());
+    assert!(chunk_attention(&q[1..], &keys, &vals, dims, &ranges, &mut out).is_err());
 }
 
 /// The softmax's exponential: within 3e-7 of libm's over the range it serves.

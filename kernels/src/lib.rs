@@ -18,6 +18,7 @@ pub mod attention;
 mod blocks;
 mod candle;
 mod cpu;
+pub mod prefill;
 pub mod q5_0;
 #[cfg(target_arch = "x86_64")]
 mod simd;

@@ -72,6 +72,11 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     let mut config = config.clone();
     config.limits.max_running = config.limits.max_running.max(args.concurrency);
     let config = &config;
+    // Measured first, while nothing else runs (the engine's compute threads wait spinning for a
+    // while after each step).
+    let plain = args.turns.is_none() && !args.schema && !args.lookup;
+    let threads = candle_core::utils::get_num_threads();
+    let read = plain.then(|| bandwidth::read_bandwidth(threads));
     let engine = start_engine(config, &args.model)?;
     measure_simple(&engine, 8, 4, 1)?; // warm-up: first-touch allocations, caches
     if let Some(turns) = args.turns {
@@ -92,9 +97,7 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     if args.schema {
         return schema::compare_schema(&engine, &args, &work, report);
     }
-    let threads = candle_core::utils::get_num_threads();
-    let ceiling = engine.info.step_bytes.map(|bytes| {
-        let read = bandwidth::read_bandwidth(threads);
+    let ceiling = engine.info.step_bytes.zip(read).map(|(bytes, read)| {
         let limit = read / bytes as f64;
         Ceiling {
             read_gb_s: read / 1e9,

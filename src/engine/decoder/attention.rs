@@ -120,23 +120,23 @@ impl Decoder {
             .contiguous()?;
         ks.scatter_set(&plan.write, &k, 1)?;
         vs.scatter_set(&plan.write, &v, 1)?;
-        let (index, w, mask, softmax) = match &plan.read {
+        let (index, w, mask, ranges) = match &plan.read {
             Read::Gather {
                 index,
                 width,
                 mask,
                 local_mask,
-                softmax,
+                ranges,
             } => {
                 let mask = match l.sliding {
                     true => local_mask.as_ref().or(mask.as_ref()),
                     false => mask.as_ref(),
                 };
-                let softmax = softmax.as_ref().map(|(global, local)| match l.sliding {
+                let ranges = ranges.as_ref().map(|(global, local)| match l.sliding {
                     true => local.as_ref().unwrap_or(global),
                     false => global,
                 });
-                (index, *width, mask, softmax)
+                (index, *width, mask, ranges)
             }
             Read::InPlace(slots) => {
                 // Decoding on the CPU: moss's kernel reads each sequence's positions in place.
@@ -151,6 +151,10 @@ impl Decoder {
         let values = vs
             .index_select(index, 1)?
             .reshape((n_kv_head, b, w, head_dim))?;
+        if let Some(ranges) = ranges {
+            let y = self.chunk_attention(&q, &keys, &values, w, ranges)?;
+            return l.wo.forward(&y, decoding);
+        }
         // Queries grouped by their key/value head: (kv heads, b, rep·t, d).
         let q = (q
             .reshape((b, n_kv_head, rep * t, head_dim))?
@@ -158,16 +162,14 @@ impl Decoder {
             .contiguous()?
             * self.attn_scale)?;
         let att = q.matmul(&keys.t()?)?;
-        let att = match (softmax, mask) {
-            // On the CPU: each row's visible columns are one range, applied by the softmax.
-            (Some(op), _) => att.apply_op1_no_bwd(op)?,
-            (None, None) => candle_nn::ops::softmax_last_dim(&att)?,
-            (None, Some(m)) => candle_nn::ops::softmax_last_dim(
-                &att.reshape((n_kv_head, b, rep, t, w))?
-                    .broadcast_add(m)?
-                    .reshape((n_kv_head, b, rep * t, w))?,
-            )?,
+        let att = match mask {
+            None => att,
+            Some(m) => att
+                .reshape((n_kv_head, b, rep, t, w))?
+                .broadcast_add(m)?
+                .reshape((n_kv_head, b, rep * t, w))?,
         };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&values)?; // (kv heads, b, rep·t, d)
         let y = y
             .transpose(0, 1)?
@@ -176,6 +178,44 @@ impl Decoder {
             .transpose(1, 2)?
             .reshape((b, t, n_head * head_dim))?;
         l.wo.forward(&y, decoding)
+    }
+
+    /// A prompt chunk's attention through moss's fused CPU kernel: `q` (b, heads, t, d), rotated;
+    /// `keys` and `values` (kv heads, b, width, d); `ranges` the columns each (sequence,
+    /// position) sees. Returns (b, t, heads · d).
+    fn chunk_attention(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        width: usize,
+        ranges: &[(usize, usize)],
+    ) -> Result<Tensor> {
+        let (b, n_head, t, d) = q.dims4()?;
+        let (kv, rep) = (self.n_kv_head, self.n_head / self.n_kv_head);
+        // Rows grouped by kv head, then sequence, position and query head: (kv, b, t, rep, d).
+        let q = (q
+            .reshape((b, kv, rep, t, d))?
+            .permute((1, 0, 3, 2, 4))?
+            .contiguous()?
+            * self.attn_scale)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let keys = keys.flatten_all()?.to_vec1::<f32>()?;
+        let values = values.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; q.len()];
+        let dims = kernels::prefill::ChunkDims {
+            kv_heads: kv,
+            seqs: b,
+            positions: t,
+            group: rep,
+            width,
+            head_dim: d,
+        };
+        kernels::prefill::chunk_attention(&q, &keys, &values, dims, ranges, &mut out)?;
+        Tensor::from_vec(out, (kv, b, t, rep, d), &self.device)?
+            .permute((1, 2, 0, 3, 4))?
+            .reshape((b, t, n_head * d))
     }
 
     /// Decode attention through moss's kernel, reading the store in place; `q` is

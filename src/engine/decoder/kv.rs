@@ -4,7 +4,10 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::Decoder;
-use crate::engine::kernels::softmax::RangeSoftmax;
+
+/// Visible key columns per (sequence, query position): every layer's, and the sliding-window
+/// layers' where the window hides more.
+pub(super) type ChunkRanges = (Vec<(usize, usize)>, Option<Vec<(usize, usize)>>);
 
 /// Positions per block of the paged key/value store.
 pub const KV_BLOCK: usize = 16;
@@ -180,9 +183,10 @@ pub(super) enum Read {
         mask: Option<Tensor>,
         /// The same for sliding-window layers, when the window hides something more.
         local_mask: Option<Tensor>,
-        /// On the CPU, the same as column ranges (a row sees one contiguous range): softmax
-        /// applies them itself, and the masks above are not made.
-        softmax: Option<(RangeSoftmax, Option<RangeSoftmax>)>,
+        /// On the CPU, the same as the columns each (sequence, query position) sees — one range
+        /// each, for all layers and for sliding-window ones — for moss's chunk attention, which
+        /// needs no mask tensor (the masks above are then not made).
+        ranges: Option<ChunkRanges>,
     },
 }
 
@@ -266,7 +270,7 @@ impl Decoder {
                 width,
                 mask: hidden.then(|| mask(usize::MAX)).transpose()?,
                 local_mask: local.then(|| mask(self.window)).transpose()?,
-                softmax: None,
+                ranges: None,
             },
         })
     }
@@ -312,8 +316,8 @@ impl Decoder {
         let hidden = caches.iter().any(|c| c.len + t < width) || t > 1;
         let local = self.local_rope.is_some() && width > self.window;
         if self.device.is_cpu() {
-            let softmax = |window: usize| RangeSoftmax {
-                ranges: caches
+            let ranges = |window: usize| -> Vec<(usize, usize)> {
+                caches
                     .iter()
                     .flat_map(|c| {
                         (0..t).map(move |i| {
@@ -321,10 +325,7 @@ impl Decoder {
                             (end.saturating_sub(window), end)
                         })
                     })
-                    .collect(),
-                seqs: b,
-                positions: t,
-                heads: self.n_head / self.n_kv_head,
+                    .collect()
             };
             return Ok(StepPlan {
                 write,
@@ -333,7 +334,7 @@ impl Decoder {
                     width,
                     mask: None,
                     local_mask: None,
-                    softmax: Some((softmax(usize::MAX), local.then(|| softmax(self.window)))),
+                    ranges: Some((ranges(usize::MAX), local.then(|| ranges(self.window)))),
                 },
             });
         }
@@ -344,7 +345,7 @@ impl Decoder {
                 width,
                 mask: hidden.then(|| mask(usize::MAX)).transpose()?,
                 local_mask: local.then(|| mask(self.window)).transpose()?,
-                softmax: None,
+                ranges: None,
             },
         })
     }
