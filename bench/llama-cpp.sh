@@ -60,7 +60,7 @@ done
 echo "== peak RSS (KiB): llama.cpp generating 64 tokens after a 128-token prompt, then moss bench"
 prompt="$(python3 -c "print(' '.join(['hello world'] * 64))")"
 echo "llama.cpp $(rss "$bin/llama-completion" -m "$model" -t 2 -n 64 -p "$prompt" -no-cnv --no-warmup)"
-echo "moss      $(rss "$moss" bench --prompt-tokens 128 --gen-tokens 64)"
+echo "moss      $(rss "$moss" bench --prompt-tokens 128 --gen-tokens 64 --no-bandwidth)"
 echo "== batched decode: 16-token prompts, 64 generated each, 1 / 4 / 8 sequences"
 "$bin/llama-batched-bench" -m "$model" -t 2 -c 4096 -npp 16 -ntg 64 -npl 1,4,8 2>/dev/null | grep -E "^\|"
 for n in 1 4 8; do

@@ -71,6 +71,14 @@ impl Backend {
         }
     }
 
+    /// The memory of the GPU a local model is on.
+    pub fn gpu_memory(&self) -> Option<crate::engine::device::Memory> {
+        match self {
+            Backend::Local(e) => e.gpu_memory(),
+            Backend::Upstream(_) => None,
+        }
+    }
+
     /// Requests waiting or running (for a local engine: how many are ahead of a new one).
     pub fn load(&self) -> usize {
         self.stats().in_flight.load(Ordering::Relaxed)

@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod decoder;
 pub mod detok;
+pub mod device;
 pub mod gguf;
 pub mod grammar;
 pub mod logprobs;
@@ -194,6 +195,8 @@ pub struct ModelInfo {
     pub vocabulary: Vocabulary,
     /// Weight bytes a decoding step reads (moss's decoder; unknown for the others).
     pub step_bytes: Option<usize>,
+    /// The GPU the model is on (none on the CPU), for its memory in `/metrics`.
+    pub gpu: Option<Device>,
 }
 
 /// Counters the engine thread keeps, readable from anywhere.
@@ -316,6 +319,11 @@ impl EngineHandle {
             .context_length
             .saturating_sub(max_tokens.min(self.info.context_length / 2));
         self.info.prompts.build_with(system, history, tools, limit)
+    }
+
+    /// The memory of the GPU the model is on.
+    pub fn gpu_memory(&self) -> Option<device::Memory> {
+        device::memory(self.info.gpu.as_ref()?)
     }
 
     pub fn tokens_generated(&self) -> u64 {

@@ -118,6 +118,9 @@ fn lower_priority(nice: i32) {
 pub(super) fn load(options: &EngineOptions) -> Result<(Model, ModelInfo), LoadError> {
     let device = select_device(&options.device)?;
     let file = ModelFile::open(&options.model)?;
+    // On a GPU: its memory logged, and a model that cannot fit refused before loading.
+    let weights = std::fs::metadata(&file.path).map_or(0, |m| m.len() as usize);
+    super::device::check_fits(&device, weights, options.kv_cache_bytes)?;
     let tokenizer = super::tokenizer::load(&file.path, &file.content).map_err(|source| {
         LoadError::Tokenizer {
             path: file.path.clone(),
@@ -193,6 +196,7 @@ pub(super) fn load(options: &EngineOptions) -> Result<(Model, ModelInfo), LoadEr
     let vocabulary = crate::engine::Vocabulary::new(tokenizer.clone(), vocab_size, end);
     let info = ModelInfo {
         step_bytes: model.batched().map(|d| d.step_bytes()),
+        gpu: (!device.is_cpu()).then(|| device.clone()),
         vocabulary,
         path,
         name,

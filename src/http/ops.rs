@@ -79,6 +79,10 @@ async fn metrics(State(state): State<AppState>) -> impl axum::response::IntoResp
     let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     metrics::counter!("moss_draft_tokens_total").absolute(count(&stats.draft_tokens));
     metrics::counter!("moss_draft_accepted_tokens_total").absolute(count(&stats.draft_accepted));
+    if let Some(m) = state.answers.backend.gpu_memory() {
+        metrics::gauge!("moss_gpu_memory_used_bytes").set((m.total - m.free) as f64);
+        metrics::gauge!("moss_gpu_memory_total_bytes").set(m.total as f64);
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

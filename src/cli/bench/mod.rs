@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// measured after them.
     #[arg(long, default_value_t = 0)]
     pub depth: usize,
+    /// Skip measuring the read bandwidth (it reads a 1 GiB buffer, which a peak-RSS measurement
+    /// of the bench would count).
+    #[arg(long)]
+    pub no_bandwidth: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -74,7 +78,7 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     let config = &config;
     // Measured first, while nothing else runs (the engine's compute threads wait spinning for a
     // while after each step).
-    let plain = args.turns.is_none() && !args.schema && !args.lookup;
+    let plain = args.turns.is_none() && !args.schema && !args.lookup && !args.no_bandwidth;
     let threads = candle_core::utils::get_num_threads();
     let read = plain.then(|| bandwidth::read_bandwidth(threads));
     let engine = start_engine(config, &args.model)?;
