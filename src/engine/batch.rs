@@ -216,7 +216,7 @@ pub(super) fn run(
                     Ok(logits) if end == seq.job.request.prompt.len() => {
                         seq.prefill = Some(seq.started.elapsed());
                         seq.decode_start = Instant::now();
-                        seq.logits = Some(logits);
+                        seq.logits = logits.to_device(&candle_core::Device::Cpu).ok();
                     }
                     Ok(_) => {}
                     Err(e) => seq.logits = fail(seq, e),
@@ -289,6 +289,9 @@ pub(super) fn run(
                 let feeds: Vec<&[u32]> = feeds.iter().map(Vec::as_slice).collect();
                 model.forward_decode(pool, &mut caches, &feeds)
             };
+            // Every row's logits to the host in one transfer (a no-op on the CPU): sampling is
+            // done there.
+            let result = result.and_then(|l| l.to_device(&candle_core::Device::Cpu));
             match result {
                 Ok(logits) => {
                     let mut row = 0;
