@@ -144,6 +144,11 @@ fn bench_measures_after_a_depth_of_context() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("exceed the context"), "{err}");
+    // A depth too short for the prefix cache to keep is refused, not measured wrong.
+    let out = bench("5");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least 8"), "{err}");
 }
 
 #[test]

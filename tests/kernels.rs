@@ -202,6 +202,8 @@ fn a_row_multiplies_the_same_alone_and_in_a_batch() {
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
+        GgmlDType::F16,
+        GgmlDType::F32,
     ] {
         // An odd shape, and the default model's feed-forward down projection (candle repacks
         // k-quant matrices of such sizes for its multi-row kernels).

@@ -122,6 +122,11 @@ fn answers_with_drafting_are_the_answers_without() {
         }
         let drafted = engine.stats.draft_tokens.load(Ordering::Relaxed);
         let accepted = engine.stats.draft_accepted.load(Ordering::Relaxed);
+        if engine.info.gpu.is_some() {
+            // A GPU's kernels depend on the number of rows: drafting stays off there.
+            assert_eq!(drafted, 0);
+            continue;
+        }
         assert!(
             accepted > 0 && drafted > accepted,
             "{:?} {:?}: {accepted} of {drafted} drafted tokens held: both outcomes must occur",
@@ -176,7 +181,11 @@ fn drafting_sequences_in_one_batch_match_each_alone() {
         .collect();
     assert_eq!(together, alone);
     assert_eq!(engine.stats.batch_peak.load(Ordering::Relaxed), 2);
-    assert!(engine.stats.draft_tokens.load(Ordering::Relaxed) > drafted_before);
+    // (on a GPU drafting stays off)
+    assert_eq!(
+        engine.stats.draft_tokens.load(Ordering::Relaxed) > drafted_before,
+        engine.info.gpu.is_none()
+    );
 
     // Limits reached inside a draft: the answer ends where it would have.
     for prompt in &prompts {
@@ -245,7 +254,11 @@ fn drafting_keeps_logprobs_and_grammars_exact() {
             assert_eq!(events(&engine, req(false)), events(&engine, req(true)));
         }
     }
-    assert!(engine.stats.draft_tokens.load(Ordering::Relaxed) > drafted_before);
+    // (on a GPU drafting stays off)
+    assert_eq!(
+        engine.stats.draft_tokens.load(Ordering::Relaxed) > drafted_before,
+        engine.info.gpu.is_none()
+    );
 }
 
 /// Off in the configuration (`max_batch` 0), or for one request: nothing is drafted.
@@ -275,5 +288,8 @@ fn drafting_stays_off_when_told() {
     for prompt in prompts(&on) {
         events(&on, request(&prompt, false, false));
     }
-    assert!(on.stats.draft_tokens.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        on.stats.draft_tokens.load(Ordering::Relaxed) > 0,
+        on.info.gpu.is_none()
+    );
 }

@@ -151,11 +151,17 @@ pub fn accelerate(t: QTensor) -> Result<QTensor> {
 }
 
 /// Whether candle's kernel for `dtype` sums one row differently from several rows multiplied at
-/// once, so that a sequence decoded in a batch would not get what it gets alone: on x86-64 candle
-/// 0.11 multiplies a lone Q6_K row with its compact GEMV and two or more with repacked tiles.
+/// once, so that a sequence decoded in a batch (or with drafted tokens) would not get what it gets
+/// alone: on x86-64 candle 0.11 multiplies a lone Q6_K row with its compact GEMV and two or more
+/// with repacked tiles; unquantized matrices (F32, F16, BF16) become plain products, which `gemm`
+/// computes for one row as a matrix-vector product and for several with its tiled kernel.
 /// `tests/kernels.rs` checks that every other type is indifferent.
 pub fn batch_sensitive(dtype: GgmlDType) -> bool {
-    cfg!(target_arch = "x86_64") && dtype == GgmlDType::Q6K
+    match dtype {
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => true,
+        GgmlDType::Q6K => cfg!(target_arch = "x86_64"),
+        _ => false,
+    }
 }
 
 /// `mm.forward(x)` one row of `x` at a time (rows: every dimension but the last): each row takes

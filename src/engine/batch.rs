@@ -255,8 +255,10 @@ pub(super) fn run(
                 std::thread::sleep(options.token_delay);
             }
             stats.batch_peak.fetch_max(feed.len(), Ordering::Relaxed);
-            // While few sequences decode, each may guess what follows its next token.
-            let drafting = feed.len() <= options.lookup.max_batch;
+            // While few sequences decode, each may guess what follows its next token — on the
+            // CPU, where every row is computed as it would be alone (a GPU's kernels depend on the
+            // number of rows, so a drafted answer could differ there).
+            let drafting = feed.len() <= options.lookup.max_batch && info.gpu.is_none();
             for &(i, _) in &feed {
                 let seq = &mut running[i];
                 // (the sequence's tokens end with `next`)

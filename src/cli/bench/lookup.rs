@@ -136,12 +136,20 @@ fn run(
     let before = (
         stats.draft_tokens.load(Ordering::Relaxed),
         stats.draft_accepted.load(Ordering::Relaxed),
+        stats.prefix_tokens_reused.load(Ordering::Relaxed),
     );
     let (streams, wall) = run_streams(engine, requests)?;
     let drafted = stats.draft_tokens.load(Ordering::Relaxed) - before.0;
     let accepted = stats.draft_accepted.load(Ordering::Relaxed) - before.1;
+    // Prompt tokens per stream that came from the prefix cache (each run after the first).
+    let reused = (stats.prefix_tokens_reused.load(Ordering::Relaxed) - before.2) as f64
+        / streams.len().max(1) as f64;
     let answers = streams.iter().map(|s| s.text.clone()).collect();
-    let report = summarise(engine, work, &streams, wall, 0.0);
+    let work = Workload {
+        prompt: prompts.iter().map(Vec::len).sum::<usize>() / prompts.len().max(1),
+        ..work.clone()
+    };
+    let report = summarise(engine, &work, &streams, wall, reused);
     Ok((report, drafted, accepted, answers))
 }
 

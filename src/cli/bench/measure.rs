@@ -90,6 +90,10 @@ pub fn measure_simple(
 
 /// Runs `work`: greedy generations, every stream on the same prompt.
 pub fn measure(engine: &EngineHandle, work: &Workload) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(
+        work.depth == 0 || work.depth >= 8,
+        "--depth must be 0 or at least 8 (shorter contexts are not kept by the prefix cache)"
+    );
     let run = RUNS.fetch_add(1, Ordering::Relaxed);
     let context = work.depth + work.prompt + work.gen;
     anyhow::ensure!(

@@ -101,6 +101,8 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     if args.schema {
         return schema::compare_schema(&engine, &args, &work, report);
     }
+    // The host's bandwidth says nothing about a GPU's.
+    let read = read.filter(|_| engine.info.gpu.is_none());
     let ceiling = engine.info.step_bytes.zip(read).map(|(bytes, read)| {
         let limit = read / bytes as f64;
         Ceiling {
