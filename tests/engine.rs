@@ -289,6 +289,60 @@ fn moss_decoder_matches_candle_transformers() {
     }
 }
 
+/// The path a GPU takes through attention (candle's batched products with additive masks for
+/// causality, padding and Gemma's window; gathered keys and values for decoding rows too)
+/// computes what moss's CPU kernels compute, checked here on the CPU: a prompt chunk longer
+/// than Gemma's window, decoding steps, a step in which one sequence feeds several rows (drafted
+/// tokens) next to another sequence at a different length.
+#[test]
+fn the_gpu_attention_path_computes_what_the_cpu_kernels_compute() {
+    use moss::engine::decoder::SeqCache;
+    use moss::engine::model::{Implementation, Model};
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [Arch::Qwen2, Arch::Llama, Arch::Gemma3] {
+        let path = dir.path().join(format!("tiny-{}.gguf", arch.name()));
+        let mut spec = moss::engine::tiny::TinySpec::new(arch);
+        spec.matrices = candle_core::quantized::GgmlDType::Q5_0;
+        moss::engine::tiny::write_tiny_model(&path, &spec).unwrap();
+        let file = moss::engine::gguf::ModelFile::open(&path).unwrap();
+        let mut model = Model::load(file, &candle_core::Device::Cpu, Implementation::Moss).unwrap();
+        let prompt: Vec<u32> = (3..103).collect(); // longer than the tiny Gemma's window of 64
+        let mut run = |portable: bool| -> Vec<Vec<f32>> {
+            let d = model.batched_mut().unwrap();
+            d.set_portable_attention(portable);
+            let pool = d.kv_pool(1 << 22).unwrap();
+            let (mut a, mut b) = (SeqCache::default(), SeqCache::default());
+            let mut out = vec![d.forward_batch(&pool, &mut [&mut a], &prompt).unwrap()];
+            out.push(
+                d.forward_batch(&pool, &mut [&mut b], &prompt[..37])
+                    .unwrap(),
+            );
+            out.push(
+                d.forward_batch(&pool, &mut [&mut a, &mut b], &[7, 9])
+                    .unwrap(),
+            );
+            let feeds: [&[u32]; 2] = [&[11, 12, 13], &[5]];
+            out.push(
+                d.forward_decode(&pool, &mut [&mut a, &mut b], &feeds)
+                    .unwrap(),
+            );
+            out.into_iter()
+                .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+                .collect()
+        };
+        let (kernels, portable) = (run(false), run(true));
+        for (step, (x, y)) in kernels.iter().zip(&portable).enumerate() {
+            assert_eq!(x.len(), y.len());
+            let (worst, scale) = max_diff(x, y);
+            assert!(scale > 0.0);
+            assert!(
+                worst <= 1e-3 * scale,
+                "{arch:?} step {step}: logits differ by {worst} (scale {scale})"
+            );
+        }
+    }
+}
+
 /// The largest difference between `got` and `want`, and the largest magnitude in `want`.
 fn max_diff(got: &[f32], want: &[f32]) -> (f32, f32) {
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));

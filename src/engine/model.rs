@@ -83,6 +83,14 @@ impl Model {
         }
     }
 
+    /// moss's decoder, to change how it runs (see `Decoder::set_portable_attention`).
+    pub fn batched_mut(&mut self) -> Option<&mut super::decoder::Decoder> {
+        match &mut self.weights {
+            Weights::Moss(m) => Some(m),
+            _ => None,
+        }
+    }
+
     /// Forgets the current sequence (empties the KV cache).
     pub fn reset(&mut self) {
         match &mut self.weights {

@@ -230,7 +230,7 @@ impl Decoder {
             .reshape((1, n, 1))?
             .broadcast_as((self.n_kv_head, n, self.head_dim))?
             .contiguous()?;
-        if self.device.is_cpu() {
+        if self.cpu_attention() {
             let slots = rows
                 .iter()
                 .map(|&(s, p)| (0..=p).map(|q| caches[s].slot(q)).collect())
@@ -315,7 +315,7 @@ impl Decoder {
         };
         let hidden = caches.iter().any(|c| c.len + t < width) || t > 1;
         let local = self.local_rope.is_some() && width > self.window;
-        if self.device.is_cpu() {
+        if self.cpu_attention() {
             let ranges = |window: usize| -> Vec<(usize, usize)> {
                 caches
                     .iter()

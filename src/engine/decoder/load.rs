@@ -237,6 +237,7 @@ impl Decoder {
             eps,
             interleaved: arch == "llama",
             device: device.clone(),
+            portable_attention: false,
             context_length,
             own: SeqCache::default(),
             own_pool: None,

@@ -57,6 +57,9 @@ pub struct Decoder {
     /// GGUF Llama rotates interleaved pairs (`rope_i`); Qwen2 rotates halves (`rope`).
     interleaved: bool,
     device: Device,
+    /// Attention through candle's batched products and masks even on the CPU — the path a GPU
+    /// takes — instead of moss's CPU kernels (tests compare the two).
+    portable_attention: bool,
     pub context_length: usize,
     /// The sequence of the one-at-a-time interface (`forward`), and its store (made on first use).
     own: SeqCache,
@@ -66,6 +69,18 @@ pub struct Decoder {
 impl Decoder {
     pub fn clear_kv_cache(&mut self) {
         self.own = SeqCache::default();
+    }
+
+    /// Runs attention the way it runs on a GPU (candle's batched products with additive masks),
+    /// here on the CPU too: what a GPU computes with candle's kernels, checkable without one.
+    pub fn set_portable_attention(&mut self, on: bool) {
+        self.portable_attention = on;
+    }
+
+    /// Whether attention runs through moss's CPU kernels (in place for decoding rows, fused for
+    /// prompt chunks).
+    fn cpu_attention(&self) -> bool {
+        self.device.is_cpu() && !self.portable_attention
     }
 
     /// Bytes of key/value cache one position takes.
