@@ -1,12 +1,14 @@
-//! Continuous batching for models that support it (moss's decoder: Qwen2, Llama): the engine thread keeps a set
+//! Continuous batching for models that support it (moss's decoder): the engine thread keeps a set
 //! of running sequences, each with its own KV cache and position, and advances all of those that
 //! are decoding in one batched forward pass per step. New requests join between steps; their
 //! prompt is prefilled in chunks (short ones while others are decoding, so a long prompt does not
 //! stall everyone); finished or cancelled sequences leave at once. A finished sequence's KV cache
-//! is kept in a small prefix cache: a later prompt that starts with the same tokens (the system
-//! prompt, or the same conversation one turn later) continues from it instead of recomputing.
-//! Keys and values live in one paged store (`KvPool`): a shared prefix's whole blocks are shared,
-//! not copied, and the prefix cache gives blocks back whenever a running sequence needs them.
+//! is kept in a small prefix cache (`prefixes`): a later prompt that starts with the same tokens
+//! (the system prompt, or the same conversation one turn later) continues from it instead of
+//! recomputing. Keys and values live in one paged store (`KvPool`): a shared prefix's whole blocks
+//! are shared, not copied, and the prefix cache gives blocks back whenever a running sequence
+//! needs them. While few sequences decode, each may feed tokens drafted by prompt lookup
+//! (`lookup`) after its next one, kept only as far as its own samples confirm them.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -17,6 +19,7 @@ use tokio::sync::mpsc;
 
 use super::decoder::{Decoder, KvPool, SeqCache};
 use super::lookup::{self, DraftLength};
+use super::prefixes::Prefixes;
 use super::sequence::{Sequence, Step};
 use super::{EngineOptions, EngineStats, Event, FinishReason, Job, ModelInfo, Timings};
 
@@ -24,10 +27,6 @@ use super::{EngineOptions, EngineStats, Event, FinishReason, Job, ModelInfo, Tim
 const PREFILL_ALONE: usize = 512;
 /// … and while other sequences are decoding (each step costs them a token's delay).
 const PREFILL_SHARED: usize = 64;
-/// A shared prefix shorter than this is not worth looking up.
-const MIN_PREFIX: usize = 8;
-/// Finished sequences kept for their prefix.
-const PREFIX_ENTRIES: usize = 16;
 
 struct Seq<'a> {
     job: Job,
@@ -50,83 +49,6 @@ struct Seq<'a> {
     reserved: usize,
     /// Prompt tokens that came from the prefix cache.
     reused: usize,
-}
-
-/// Finished sequences' caches, looked up by their tokens.
-struct Prefixes {
-    entries: Vec<(Vec<u32>, SeqCache, u64)>,
-    clock: u64,
-    max_bytes: usize,
-    block_bytes: usize,
-}
-
-impl Prefixes {
-    /// The longest cached prefix of `prompt` (leaving at least its last token to run).
-    fn lookup(&mut self, pool: &KvPool, prompt: &[u32]) -> Option<SeqCache> {
-        let limit = prompt.len().saturating_sub(1);
-        let (i, n) = self
-            .entries
-            .iter()
-            .enumerate()
-            .map(|(i, (t, _, _))| {
-                let common = t.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-                (i, common.min(limit))
-            })
-            .max_by_key(|(_, n)| *n)?;
-        if n < MIN_PREFIX {
-            return None;
-        }
-        self.clock += 1;
-        self.entries[i].2 = self.clock;
-        // No free block for a partial last block: start from nothing rather than fail.
-        pool.share(&self.entries[i].1, n).ok()
-    }
-
-    fn insert(&mut self, tokens: Vec<u32>, cache: SeqCache) {
-        if tokens.len() < MIN_PREFIX || cache.len() != tokens.len() {
-            return;
-        }
-        // An entry that is a prefix of the new one adds nothing.
-        self.entries
-            .retain(|(t, _, _)| !(t.len() <= tokens.len() && tokens[..t.len()] == t[..]));
-        self.clock += 1;
-        self.entries.push((tokens, cache, self.clock));
-        while self.entries.len() > PREFIX_ENTRIES || self.bytes() > self.max_bytes {
-            if !self.evict_oldest() {
-                break;
-            }
-        }
-    }
-
-    /// Drops the least recently used entry (its blocks go back to the store unless a running
-    /// sequence shares them); false when there is none.
-    fn evict_oldest(&mut self) -> bool {
-        let oldest = self
-            .entries
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, e)| e.2)
-            .map(|(i, _)| i);
-        match oldest {
-            Some(i) => {
-                self.entries.swap_remove(i);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Frees blocks held only by the prefix cache until `need` blocks are free (or it is empty).
-    fn make_room(&mut self, pool: &KvPool, need: usize) {
-        while pool.free_blocks() < need && self.evict_oldest() {}
-    }
-
-    fn bytes(&self) -> usize {
-        self.entries
-            .iter()
-            .map(|e| e.1.blocks() * self.block_bytes)
-            .sum()
-    }
 }
 
 /// The store `run` needs: the KV budget admission counts against, plus a block per batch slot for
@@ -153,12 +75,7 @@ pub(super) fn run(
     let per_token = model.kv_bytes_per_token();
     let budget = options.kv_cache_bytes;
     let max_batch = info.batch;
-    let mut prefixes = Prefixes {
-        entries: Vec::new(),
-        clock: 0,
-        max_bytes: budget / 2,
-        block_bytes: pool.block_bytes(),
-    };
+    let mut prefixes = Prefixes::new(budget / 2, pool.block_bytes());
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut running: Vec<Seq> = Vec::new();
     let mut reserved = 0usize;

@@ -12,6 +12,7 @@ pub mod logprobs;
 pub mod lookup;
 pub use moss_kernels as kernels;
 pub mod model;
+mod prefixes;
 pub mod prompt;
 pub mod sampler;
 mod sequence;
