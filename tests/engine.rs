@@ -297,15 +297,9 @@ fn moss_decoder_matches_candle_transformers() {
 #[test]
 fn the_gpu_attention_path_computes_what_the_cpu_kernels_compute() {
     use moss::engine::decoder::SeqCache;
-    use moss::engine::model::{Implementation, Model};
     let dir = tempfile::tempdir().unwrap();
     for arch in [Arch::Qwen2, Arch::Llama, Arch::Gemma3] {
-        let path = dir.path().join(format!("tiny-{}.gguf", arch.name()));
-        let mut spec = moss::engine::tiny::TinySpec::new(arch);
-        spec.matrices = candle_core::quantized::GgmlDType::Q5_0;
-        moss::engine::tiny::write_tiny_model(&path, &spec).unwrap();
-        let file = moss::engine::gguf::ModelFile::open(&path).unwrap();
-        let mut model = Model::load(file, &candle_core::Device::Cpu, Implementation::Moss).unwrap();
+        let mut model = q5_model(dir.path(), arch);
         let prompt: Vec<u32> = (3..103).collect(); // longer than the tiny Gemma's window of 64
         let mut run = |portable: bool| -> Vec<Vec<f32>> {
             let d = model.batched_mut().unwrap();
@@ -341,6 +335,17 @@ fn the_gpu_attention_path_computes_what_the_cpu_kernels_compute() {
             );
         }
     }
+}
+
+/// moss's decoder for a tiny model of `arch` with Q5_0 matrices, on the CPU.
+fn q5_model(dir: &std::path::Path, arch: Arch) -> moss::engine::model::Model {
+    use moss::engine::model::{Implementation, Model};
+    let path = dir.join(format!("tiny-{}.gguf", arch.name()));
+    let mut spec = moss::engine::tiny::TinySpec::new(arch);
+    spec.matrices = candle_core::quantized::GgmlDType::Q5_0;
+    moss::engine::tiny::write_tiny_model(&path, &spec).unwrap();
+    let file = moss::engine::gguf::ModelFile::open(&path).unwrap();
+    Model::load(file, &candle_core::Device::Cpu, Implementation::Moss).unwrap()
 }
 
 /// The largest difference between `got` and `want`, and the largest magnitude in `want`.
@@ -516,15 +521,9 @@ fn eight_prompts_together(spec: moss::engine::tiny::TinySpec) {
 #[test]
 fn the_paged_store_shares_prefixes_and_gives_every_block_back() {
     use moss::engine::decoder::{KvPool, SeqCache, KV_BLOCK};
-    use moss::engine::model::{Implementation, Model};
     let dir = tempfile::tempdir().unwrap();
     for arch in [Arch::Qwen2, Arch::Llama, Arch::Gemma3] {
-        let path = dir.path().join(format!("tiny-{}.gguf", arch.name()));
-        let mut spec = moss::engine::tiny::TinySpec::new(arch);
-        spec.matrices = candle_core::quantized::GgmlDType::Q5_0;
-        moss::engine::tiny::write_tiny_model(&path, &spec).unwrap();
-        let file = moss::engine::gguf::ModelFile::open(&path).unwrap();
-        let model = Model::load(file, &candle_core::Device::Cpu, Implementation::Moss).unwrap();
+        let model = q5_model(dir.path(), arch);
         let d = model.batched().expect("moss's decoder batches");
         let pool: KvPool = d.kv_pool(8 * KV_BLOCK * d.kv_bytes_per_token()).unwrap();
         assert_eq!(pool.free_blocks(), 8);

@@ -32,9 +32,33 @@ fn engine(dir: &std::path::Path, spec: &TinySpec, lookup: LookupOptions) -> Engi
     EngineHandle::start(opts).unwrap()
 }
 
+/// A tiny model with Q5_0 matrices (moss's kernels, as the default model), drafting while at
+/// most `max_batch` sequences decode, `max_draft` tokens at a time.
+fn q5_engine(
+    dir: &std::path::Path,
+    arch: Arch,
+    max_batch: usize,
+    max_draft: usize,
+) -> EngineHandle {
+    let mut spec = TinySpec::new(arch);
+    spec.matrices = GgmlDType::Q5_0;
+    engine(
+        dir,
+        &spec,
+        LookupOptions {
+            max_batch,
+            max_draft,
+        },
+    )
+}
+
 /// Everything a stream says, in order (timings aside).
 fn events(engine: &EngineHandle, req: GenerateRequest) -> Vec<String> {
-    let mut rx = engine.generate(req).unwrap();
+    drain(engine.generate(req).unwrap())
+}
+
+/// Everything `rx` says until done, each event as text (timings aside).
+fn drain(mut rx: moss::engine::EventStream) -> Vec<String> {
     let mut out = Vec::new();
     while let Some(ev) = rx.blocking_recv() {
         match ev {
@@ -141,16 +165,7 @@ fn answers_with_drafting_are_the_answers_without() {
 #[test]
 fn drafting_sequences_in_one_batch_match_each_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = TinySpec::new(Arch::Qwen2);
-    spec.matrices = GgmlDType::Q5_0;
-    let engine = engine(
-        dir.path(),
-        &spec,
-        LookupOptions {
-            max_batch: 2,
-            max_draft: 6,
-        },
-    );
+    let engine = q5_engine(dir.path(), Arch::Qwen2, 2, 6);
     let prompts = prompts(&engine);
     let alone: Vec<_> = prompts[..2]
         .iter()
@@ -161,24 +176,7 @@ fn drafting_sequences_in_one_batch_match_each_alone() {
         .iter()
         .map(|p| engine.generate(request(p, false, false)).unwrap())
         .collect();
-    let together: Vec<Vec<String>> = streams
-        .into_iter()
-        .map(|mut rx| {
-            let mut out = Vec::new();
-            while let Some(ev) = rx.blocking_recv() {
-                match ev {
-                    Event::Done {
-                        finish_reason,
-                        usage,
-                        ..
-                    } => out.push(format!("done {finish_reason:?} {usage:?}")),
-                    Event::Error(e) => panic!("{e}"),
-                    other => out.push(format!("{other:?}")),
-                }
-            }
-            out
-        })
-        .collect();
+    let together: Vec<Vec<String>> = streams.into_iter().map(drain).collect();
     assert_eq!(together, alone);
     assert_eq!(engine.stats.batch_peak.load(Ordering::Relaxed), 2);
     // (on a GPU drafting stays off)
@@ -224,16 +222,7 @@ fn drafting_sequences_in_one_batch_match_each_alone() {
 #[test]
 fn drafting_keeps_logprobs_and_grammars_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = TinySpec::new(Arch::Qwen2);
-    spec.matrices = GgmlDType::Q5_0;
-    let engine = engine(
-        dir.path(),
-        &spec,
-        LookupOptions {
-            max_batch: 4,
-            max_draft: 8,
-        },
-    );
+    let engine = q5_engine(dir.path(), Arch::Qwen2, 4, 8);
     let schema = serde_json::json!({
         "type": "object",
         "properties": {
@@ -265,22 +254,19 @@ fn drafting_keeps_logprobs_and_grammars_exact() {
 #[test]
 fn drafting_stays_off_when_told() {
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = TinySpec::new(Arch::Llama);
-    spec.matrices = GgmlDType::Q5_0;
-    let off = engine(
-        dir.path(),
-        &spec,
-        LookupOptions {
-            max_batch: 0,
-            max_draft: 8,
-        },
-    );
+    let off = q5_engine(dir.path(), Arch::Llama, 0, 8);
     for prompt in prompts(&off) {
         events(&off, request(&prompt, false, false));
     }
     assert_eq!(off.stats.draft_tokens.load(Ordering::Relaxed), 0);
     drop(off);
-    let on = engine(dir.path(), &spec, LookupOptions::default());
+    let default = LookupOptions::default();
+    let on = q5_engine(
+        dir.path(),
+        Arch::Llama,
+        default.max_batch,
+        default.max_draft,
+    );
     for prompt in prompts(&on) {
         events(&on, request(&prompt, false, true));
     }

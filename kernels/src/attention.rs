@@ -19,8 +19,10 @@ pub struct Store<'a> {
     pub head_dim: usize,
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: every work item writes a disjoint range of the output (see `paged_decode_attention`).
+/// The output of a product split over the thread pool, shared by its work items.
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: the kernels that use it give every work item a disjoint range of the output
+// (`paged_decode_attention`, `prefill::chunk_attention`).
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 

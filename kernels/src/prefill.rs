@@ -8,6 +8,7 @@
 
 use candle_core::Result;
 
+use crate::attention::SendPtr;
 use crate::softmax::softmax_range;
 
 /// Query positions per work item.
@@ -27,11 +28,6 @@ pub struct ChunkDims {
     pub width: usize,
     pub head_dim: usize,
 }
-
-struct SendPtr(*mut f32);
-// SAFETY: every work item writes disjoint rows of the output.
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
 
 /// `q` (kv heads, sequences, positions, group, d), already scaled; `keys` and `values` (kv heads,
 /// sequences, width, d); `ranges[s * positions + p]` the columns position `p` of sequence `s`
@@ -80,33 +76,20 @@ pub fn chunk_attention(
             let m = (p1 - p0) * group;
             let row0 = (pair * positions + p0) * group;
             let kv = (pair * width + lo) * d;
-            scores.clear();
+            // (every value is written below: no need to clear what a previous unit left)
             scores.resize(m * span, 0.0);
-            probs.clear();
             probs.resize(m * span, 0.0);
             // SAFETY: the pointers cover m × d queries, span × d keys and m × span scores, all
             // inside their slices (sizes checked above), with the strides given.
             unsafe {
-                gemm::gemm(
-                    m,
-                    span,
-                    d,
+                product(
+                    (m, span, d),
                     scores.as_mut_ptr(),
-                    1,
-                    span as isize,
-                    false,
+                    span,
                     q.as_ptr().add(row0 * d),
-                    1,
-                    d as isize,
+                    d,
                     keys.as_ptr().add(kv),
-                    d as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    (1, d),
                 );
             }
             for (r, (src, dst)) in scores
@@ -120,29 +103,55 @@ pub fn chunk_attention(
             // SAFETY: rows row0 .. row0 + m of `out` belong to this unit alone; `probs` is
             // m × span and the values span × d, inside their slices.
             unsafe {
-                gemm::gemm(
-                    m,
-                    d,
-                    span,
+                product(
+                    (m, d, span),
                     dst.0.add(row0 * d),
-                    1,
-                    d as isize,
-                    false,
+                    d,
                     probs.as_ptr(),
-                    1,
-                    span as isize,
+                    span,
                     values.as_ptr().add(kv),
-                    1,
-                    d as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    (d, 1),
                 );
             }
         }
     });
     Ok(())
+}
+
+/// `dst` (m × n, rows `dst_rs` apart) = `lhs` (m × k, rows `lhs_rs` apart) · `rhs`, whose element
+/// (i, j) lies at `rhs + i · rhs_rs + j · rhs_cs`; on the calling thread (the caller is one work
+/// item of the pool).
+///
+/// # Safety
+/// Every element addressed lies inside its allocation, and `dst` overlaps neither operand.
+unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
 }

@@ -158,7 +158,7 @@ pub(super) fn run(
                 }
                 continue;
             };
-            match take_rows(seq, &logits, info, stats, options.lookup.max_draft) {
+            match take_rows(seq, &logits, info, stats) {
                 Ok(Step::Continue(next)) => feed.push((i, next)),
                 Ok(Step::Finished(reason)) => ended.push((i, reason)),
                 Err(e) => {
@@ -251,7 +251,6 @@ fn take_rows(
     logits: &Tensor,
     info: &ModelInfo,
     stats: &EngineStats,
-    max_draft: usize,
 ) -> candle_core::Result<Step> {
     let draft = std::mem::take(&mut seq.draft);
     let rows = draft.len() + 1;
@@ -274,7 +273,7 @@ fn take_rows(
         stats
             .draft_accepted
             .fetch_add(taken as u64, Ordering::Relaxed);
-        seq.draft_length.update(draft.len(), taken, max_draft);
+        seq.draft_length.update(draft.len(), taken);
     }
     Ok(step)
 }

@@ -60,12 +60,15 @@ pub(super) fn draft(tokens: &[u32], max: usize) -> Vec<u32> {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct DraftLength {
     current: usize,
+    max: usize,
 }
 
 impl DraftLength {
+    /// Starts at 4 (or `max`, if smaller); never above `max`.
     pub(super) fn new(max: usize) -> Self {
         Self {
             current: max.min(4),
+            max,
         }
     }
 
@@ -74,12 +77,12 @@ impl DraftLength {
     }
 
     /// `accepted` of `drafted` tokens held.
-    pub(super) fn update(&mut self, drafted: usize, accepted: usize, max: usize) {
+    pub(super) fn update(&mut self, drafted: usize, accepted: usize) {
         if drafted == 0 {
             return;
         }
         self.current = if accepted == drafted {
-            (self.current * 2).min(max)
+            (self.current * 2).min(self.max)
         } else {
             accepted.max(1)
         };
@@ -113,15 +116,15 @@ mod tests {
     fn draft_length_grows_while_drafts_hold_and_shrinks_when_they_fail() {
         let mut d = DraftLength::new(8);
         assert_eq!(d.get(), 4);
-        d.update(4, 4, 8);
+        d.update(4, 4);
         assert_eq!(d.get(), 8);
-        d.update(8, 8, 8);
+        d.update(8, 8);
         assert_eq!(d.get(), 8, "capped");
-        d.update(8, 3, 8);
+        d.update(8, 3);
         assert_eq!(d.get(), 3);
-        d.update(3, 0, 8);
+        d.update(3, 0);
         assert_eq!(d.get(), 1, "never zero: one guess is always tried");
-        d.update(0, 0, 8);
+        d.update(0, 0);
         assert_eq!(d.get(), 1, "no draft, no change");
     }
 }

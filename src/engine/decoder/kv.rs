@@ -218,115 +218,87 @@ impl Decoder {
 
     /// Where a decoding step's keys and values go and come from: each row is one token, of
     /// sequence `rows[r].0` at position `rows[r].1`, and sees that sequence's positions up to its
-    /// own (the caches already hold the blocks).
+    /// own (the caches already hold the blocks). On the CPU, moss's kernel reads each row's
+    /// positions in place; elsewhere every row gathers its own, as a sequence of one new token.
     pub(super) fn plan_rows(
         &self,
         caches: &[&mut SeqCache],
         rows: &[(usize, usize)],
     ) -> Result<StepPlan> {
-        let n = rows.len();
-        let write: Vec<u32> = rows.iter().map(|&(s, p)| caches[s].slot(p)).collect();
-        let write = Tensor::new(write.as_slice(), &self.device)?
-            .reshape((1, n, 1))?
-            .broadcast_as((self.n_kv_head, n, self.head_dim))?
-            .contiguous()?;
-        if self.cpu_attention() {
-            let slots = rows
-                .iter()
-                .map(|&(s, p)| (0..=p).map(|q| caches[s].slot(q)).collect())
-                .collect();
-            return Ok(StepPlan {
-                write,
-                read: Read::InPlace(slots),
-            });
+        if !self.cpu_attention() {
+            return self.plan_gather(caches, rows, 1);
         }
-        let width = rows.iter().map(|r| r.1 + 1).max().unwrap_or(1);
-        let index: Vec<u32> = rows
+        let slots = rows
             .iter()
-            .flat_map(|&(s, p)| (0..width).map(move |q| if q <= p { caches[s].slot(q) } else { 0 }))
+            .map(|&(s, p)| (0..=p).map(|q| caches[s].slot(q)).collect())
             .collect();
-        let index = Tensor::new(index.as_slice(), &self.device)?;
-        let mask = |window: usize| -> Result<Tensor> {
-            let m: Vec<f32> = rows
-                .iter()
-                .flat_map(|&(_, p)| {
-                    (0..width).map(move |q| {
-                        if q <= p && p - q < window {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                })
-                .collect();
-            Tensor::from_vec(m, (1, n, 1, 1, width), &self.device)
-        };
-        let hidden = rows.iter().any(|r| r.1 + 1 < width);
-        let local = self.local_rope.is_some() && width > self.window;
         Ok(StepPlan {
-            write,
-            read: Read::Gather {
-                index,
-                width,
-                mask: hidden.then(|| mask(usize::MAX)).transpose()?,
-                local_mask: local.then(|| mask(self.window)).transpose()?,
-                ranges: None,
-            },
+            write: self.write_slots(caches, rows, 1)?,
+            read: Read::InPlace(slots),
         })
     }
 
     /// Where a step of `t` new tokens per sequence writes and reads (the caches already hold the
     /// blocks).
     pub(super) fn plan(&self, caches: &[&mut SeqCache], t: usize) -> Result<StepPlan> {
-        let b = caches.len();
-        let write: Vec<u32> = caches
+        let groups: Vec<(usize, usize)> =
+            caches.iter().enumerate().map(|(i, c)| (i, c.len)).collect();
+        self.plan_gather(caches, &groups, t)
+    }
+
+    /// Store positions of `t` new tokens for each group — (sequence, first position) — repeated
+    /// over (kv heads, head dim) for `scatter_set`.
+    fn write_slots(
+        &self,
+        caches: &[&mut SeqCache],
+        groups: &[(usize, usize)],
+        t: usize,
+    ) -> Result<Tensor> {
+        let write: Vec<u32> = groups
             .iter()
-            .flat_map(|c| (c.len..c.len + t).map(|p| c.slot(p)))
+            .flat_map(|&(s, p)| (p..p + t).map(move |q| caches[s].slot(q)))
             .collect();
-        let write = Tensor::new(write.as_slice(), &self.device)?
-            .reshape((1, b * t, 1))?
-            .broadcast_as((self.n_kv_head, b * t, self.head_dim))?
-            .contiguous()?;
-        let width = caches.iter().map(|c| c.len + t).max().unwrap_or(t);
-        let index: Vec<u32> = caches
+        let n = write.len();
+        Tensor::new(write.as_slice(), &self.device)?
+            .reshape((1, n, 1))?
+            .broadcast_as((self.n_kv_head, n, self.head_dim))?
+            .contiguous()
+    }
+
+    /// A step whose groups — (sequence, first position), `t` new tokens each — gather their
+    /// sequence's positions, padded to the widest. Query `i` of a group starting at `p` sees
+    /// positions `0..=p+i`, and in a sliding-window layer only the last `window` of those: one
+    /// range of columns per query, handed as ranges to moss's chunk kernel on the CPU and made
+    /// into additive masks elsewhere.
+    fn plan_gather(
+        &self,
+        caches: &[&mut SeqCache],
+        groups: &[(usize, usize)],
+        t: usize,
+    ) -> Result<StepPlan> {
+        let write = self.write_slots(caches, groups, t)?;
+        let width = groups.iter().map(|&(_, p)| p + t).max().unwrap_or(t);
+        let index: Vec<u32> = groups
             .iter()
-            .flat_map(|c| (0..width).map(|p| if p < c.len + t { c.slot(p) } else { 0 }))
+            .flat_map(|&(s, p)| {
+                (0..width).map(move |q| if q < p + t { caches[s].slot(q) } else { 0 })
+            })
             .collect();
         let index = Tensor::new(index.as_slice(), &self.device)?;
-        // Query i of a sequence at length `len` sees positions 0..=len+i, and in a sliding-window
-        // layer only the last `window` of those: len+i-window < j.
-        let mask = |window: usize| -> Result<Tensor> {
-            let m: Vec<f32> = caches
+        let ranges = |window: usize| -> Vec<(usize, usize)> {
+            groups
                 .iter()
-                .flat_map(|c| {
-                    (0..t).flat_map(move |i| {
-                        (0..width).map(move |j| {
-                            let q = c.len + i;
-                            if j <= q && q - j < window {
-                                0.0
-                            } else {
-                                f32::NEG_INFINITY
-                            }
-                        })
+                .flat_map(|&(_, p)| {
+                    (0..t).map(move |i| {
+                        let end = p + i + 1;
+                        (end.saturating_sub(window), end)
                     })
                 })
-                .collect();
-            Tensor::from_vec(m, (1, b, 1, t, width), &self.device)
+                .collect()
         };
-        let hidden = caches.iter().any(|c| c.len + t < width) || t > 1;
-        let local = self.local_rope.is_some() && width > self.window;
+        let global = ranges(usize::MAX);
+        let local = (self.local_rope.is_some() && width > self.window).then(|| ranges(self.window));
         if self.cpu_attention() {
-            let ranges = |window: usize| -> Vec<(usize, usize)> {
-                caches
-                    .iter()
-                    .flat_map(|c| {
-                        (0..t).map(move |i| {
-                            let end = c.len + i + 1;
-                            (end.saturating_sub(window), end)
-                        })
-                    })
-                    .collect()
-            };
             return Ok(StepPlan {
                 write,
                 read: Read::Gather {
@@ -334,17 +306,33 @@ impl Decoder {
                     width,
                     mask: None,
                     local_mask: None,
-                    ranges: Some((ranges(usize::MAX), local.then(|| ranges(self.window)))),
+                    ranges: Some((global, local)),
                 },
             });
         }
+        let mask = |ranges: &[(usize, usize)]| -> Result<Tensor> {
+            let m: Vec<f32> = ranges
+                .iter()
+                .flat_map(|&(lo, hi)| {
+                    (0..width).map(move |j| {
+                        if (lo..hi).contains(&j) {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            Tensor::from_vec(m, (1, groups.len(), 1, t, width), &self.device)
+        };
+        let hidden = global.iter().any(|&(_, hi)| hi < width);
         Ok(StepPlan {
             write,
             read: Read::Gather {
                 index,
                 width,
-                mask: hidden.then(|| mask(usize::MAX)).transpose()?,
-                local_mask: local.then(|| mask(self.window)).transpose()?,
+                mask: hidden.then(|| mask(&global)).transpose()?,
+                local_mask: local.as_deref().map(mask).transpose()?,
                 ranges: None,
             },
         })
