@@ -94,10 +94,11 @@ fn main() -> anyhow::Result<()> {
         "GB/s",
         "ceiling"
     );
-    println!("(* candle's kernel, which moss uses for that type: the same code in both columns)");
+    println!("(* candle's kernel, which moss uses for that type and shape: the same code in both columns)");
     let batches: &[usize] = if quick { &[1, 8] } else { &[1, 4, 8, 32] };
     // moss's own kernels (Q5_0, Q8_0), then the types moss leaves to candle's (whose SIMD path
-    // candle 0.11 also picks at run time): there "moss" is the same code as "candle".
+    // candle 0.11 also picks at run time), and Q8_0 shapes candle's repacked tiles take: there
+    // "moss" is the same code as "candle".
     for dtype in [
         GgmlDType::Q5_0,
         GgmlDType::Q8_0,
@@ -109,7 +110,6 @@ fn main() -> anyhow::Result<()> {
         if only.as_ref().is_some_and(|o| *o != format!("{dtype:?}")) {
             continue;
         }
-        let ours_type = matches!(dtype, GgmlDType::Q5_0 | GgmlDType::Q8_0);
         // k-quant rows are whole 256-value blocks: the default model's feed-forward down
         // projection, and a square 2048.
         let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
@@ -130,7 +130,11 @@ fn main() -> anyhow::Result<()> {
             let q = QTensor::quantize(&w, dtype)?;
             let bytes = q.storage_size_in_bytes() as f64;
             let raw = q.data()?.into_owned();
-            let ours = QMatMul::from_qtensor(kernels::accelerate(q)?)?;
+            // The product the decoder takes in decoding steps (moss's kernels where they take
+            // the type).
+            let ours = kernels::Matrix::new(q)?;
+            let forward = |x: &Tensor| ours.forward(x, true);
+            let ours_type = ours.in_moss_kernels();
             for &m in batches {
                 let x: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
                 let x = Tensor::from_vec(x, (m, k), &dev)?;
@@ -143,7 +147,7 @@ fn main() -> anyhow::Result<()> {
                 );
                 let t_moss = time(
                     || {
-                        std::hint::black_box(ours.forward(&x).unwrap());
+                        std::hint::black_box(forward(&x).unwrap());
                     },
                     reps,
                 );

@@ -23,9 +23,9 @@ fn random_q8_0(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<BlockQ8_0> {
     (0..n)
         .map(|_| BlockQ8_0 {
             d: f16::from_f32(rng.random_range(-0.05..0.05)).to_bits(),
-            // Activations never hold -128 (quantize_q8_0 maps to -127..=127), and the SIMD
-            // sign trick relies on it.
-            qs: std::array::from_fn(|_| rng.random_range(-127..=127)),
+            // Weights may hold -128 (a GGUF writer may round there); activations never do
+            // (quantize_q8_0 maps to -127..=127), which the kernels' sign trick relies on.
+            qs: std::array::from_fn(|_| rng.random_range(-128..=127)),
         })
         .collect()
 }
@@ -98,7 +98,7 @@ fn q5_0_kernels_match_the_reference() {
 #[test]
 fn q8_0_kernels_match_the_reference() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
-    for (m, k, n) in [(1, 64, 3), (1, 896, 37), (5, 896, 16)] {
+    for (m, k, n) in [(1, 64, 3), (1, 896, 37), (5, 896, 16), (9, 96, 7)] {
         let w = random_q8_0(&mut rng, n * k / QK);
         check(&w, m, k, n, &mut rng);
     }
@@ -132,23 +132,26 @@ fn multiply(
         .unwrap()
 }
 
-/// The other types real GGUFs use (Q4_0, Q4_K, Q5_K, Q6_K) multiply through candle's kernels,
-/// whose SIMD path candle also chooses at run time: held to the same dequantise-then-multiply
-/// reference on random data, through the path the decoder takes (`accelerate`, `QMatMul`), for
-/// one row (decode), a few (batched decode) and many (prefill), with column counts that leave
-/// remainders.
+/// Every type real GGUFs use: candle's kernels (Q4_0, Q4_K, Q5_K, Q6_K, whose SIMD path candle
+/// also chooses at run time) and moss's (Q5_0, Q8_0; candle dequantises the weights for the
+/// reference here), held to the same dequantise-then-multiply reference on random data through
+/// the path the decoder takes (`Matrix`), as prompt chunks and as decoding steps, for one row, a
+/// few and many, with column counts that leave remainders and a shape candle's x86 matmul would
+/// send to its own repacked kernels by the type's name (rows a multiple of 16, columns of 256).
 #[test]
-fn the_other_gguf_types_match_the_reference() {
-    use candle_core::quantized::{GgmlDType, QMatMul};
-    use candle_core::{Device, Module};
+fn every_gguf_type_matches_the_reference_on_the_decoders_path() {
+    use candle_core::quantized::GgmlDType;
+    use candle_core::Device;
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     for dtype in [
         GgmlDType::Q4_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q8_0,
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
     ] {
-        for (k, n) in [(256, 5), (768, 37), (4864, 9)] {
+        for (k, n) in [(256, 5), (768, 37), (4864, 9), (512, 32)] {
             let q = random_matrix(&mut rng, dtype, n, k);
             assert_eq!(q.dtype(), dtype);
             let wf: Vec<f32> = q
@@ -159,26 +162,29 @@ fn the_other_gguf_types_match_the_reference() {
                 .to_vec1()
                 .unwrap();
             assert!(wf.iter().any(|v| *v != 0.0));
-            let mm = QMatMul::from_qtensor(accelerate(q).unwrap()).unwrap();
+            let mm = Matrix::new(q).unwrap();
             for m in [1, 3, 8, 17] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
-                let got = multiply(|x| mm.forward(x), &x, m, k);
-                assert_eq!(got.len(), m * n);
-                for i in 0..m {
-                    let xs = &x[i * k..(i + 1) * k];
-                    // Activations are rounded to 8 bits (half a step of max/127 per block, the
-                    // row's max bounding every block's; Q4_0's activation scale is an f16, which
-                    // adds up to 127 × 2⁻¹¹ of a step).
-                    let step = xs.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
-                    for j in 0..n {
-                        let ws = &wf[j * k..(j + 1) * k];
-                        let want: f64 = xs.iter().zip(ws).map(|(a, b)| *a as f64 * *b as f64).sum();
-                        let bound = ws.iter().map(|v| v.abs()).sum::<f32>() * step * 0.6 + 1e-4;
-                        let g = got[i * n + j];
-                        assert!(
+                for decoding in [false, true] {
+                    let got = multiply(|x| mm.forward(x, decoding), &x, m, k);
+                    assert_eq!(got.len(), m * n);
+                    for i in 0..m {
+                        let xs = &x[i * k..(i + 1) * k];
+                        // Activations are rounded to 8 bits (half a step of max/127 per block, the
+                        // row's max bounding every block's; Q4_0's activation scale is an f16, which
+                        // adds up to 127 × 2⁻¹¹ of a step).
+                        let step = xs.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                        for j in 0..n {
+                            let ws = &wf[j * k..(j + 1) * k];
+                            let want: f64 =
+                                xs.iter().zip(ws).map(|(a, b)| *a as f64 * *b as f64).sum();
+                            let bound = ws.iter().map(|v| v.abs()).sum::<f32>() * step * 0.6 + 1e-4;
+                            let g = got[i * n + j];
+                            assert!(
                             (g as f64 - want).abs() <= bound as f64,
-                            "{dtype:?} m={m} k={k} [{i},{j}]: {g} vs {want} (bound {bound})"
+                            "{dtype:?} m={m} k={k} decoding {decoding} [{i},{j}]: {g} vs {want} (bound {bound})"
                         );
+                        }
                     }
                 }
             }
@@ -192,8 +198,7 @@ fn the_other_gguf_types_match_the_reference() {
 /// decoding; the others must not need it).
 #[test]
 fn a_row_multiplies_the_same_alone_and_in_a_batch() {
-    use candle_core::quantized::{GgmlDType, QMatMul};
-    use candle_core::Module;
+    use candle_core::quantized::GgmlDType;
     let mut rng = rand::rngs::StdRng::seed_from_u64(6);
     for dtype in [
         GgmlDType::Q4_0,
@@ -209,17 +214,11 @@ fn a_row_multiplies_the_same_alone_and_in_a_batch() {
         // k-quant matrices of such sizes for its multi-row kernels).
         for (k, n) in [(768, 37), (4864, 896)] {
             let q = random_matrix(&mut rng, dtype, n, k);
-            let mm = QMatMul::from_qtensor(accelerate(q).unwrap()).unwrap();
+            let mm = Matrix::new(q).unwrap();
             for m in [2, 4, 5, 8, 13] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let run = |rows: &[f32], m: usize| -> Vec<u32> {
-                    let product = |x: &candle_core::Tensor| {
-                        if batch_sensitive(dtype) {
-                            forward_rows(&mm, x)
-                        } else {
-                            mm.forward(x)
-                        }
-                    };
+                    let product = |x: &candle_core::Tensor| mm.forward(x, true);
                     let y = multiply(product, rows, m, k);
                     y.into_iter().map(f32::to_bits).collect()
                 };
@@ -237,14 +236,14 @@ fn a_row_multiplies_the_same_alone_and_in_a_batch() {
     }
 }
 
-#[test]
-fn q5_0_products_are_the_same_bits_at_every_level() {
-    // Q5_0 runs on pairs of blocks with exact integer sums and the same float steps at every
-    // level, the scalar one included: any difference is a bug in one of them. Odd block counts
-    // (a padded last pair), several tiles of rows and a remainder.
+/// Every level's product equals the scalar level's bit for bit: both types run on pairs of blocks
+/// with exact integer sums and the same float steps at every level, so any difference is a bug in
+/// one of them.
+fn same_bits_at_every_level<B: Block>(random: fn(&mut rand::rngs::StdRng, usize) -> Vec<B>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    // Odd block counts (a padded last pair), several tiles of rows and a remainder.
     for (m, k, n) in [(1, 32, 5), (3, 96, 9), (13, 896, 17), (6, 4864, 3)] {
-        let w = random_q5_0(&mut rng, n * k / QK);
+        let w = random(&mut rng, n * k / QK);
         let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
         let mut want = vec![0f32; m * n];
         matmul(Isa::Scalar, (m, k, n), &x, &w, &mut want).unwrap();
@@ -259,27 +258,50 @@ fn q5_0_products_are_the_same_bits_at_every_level() {
                 .iter()
                 .zip(&want)
                 .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{isa:?} m={m} k={k} n={n}: {got:?} vs {want:?}");
+            assert!(
+                same,
+                "{:?} {isa:?} m={m} k={k} n={n}: {got:?} vs {want:?}",
+                B::DTYPE
+            );
         }
     }
 }
 
 #[test]
-fn q5_0_pairs_hold_the_same_values() {
-    // Packing into pairs and back gives every value of every row, odd block counts included.
+fn q5_0_products_are_the_same_bits_at_every_level() {
+    same_bits_at_every_level(random_q5_0);
+}
+
+#[test]
+fn q8_0_products_are_the_same_bits_at_every_level() {
+    same_bits_at_every_level(random_q8_0);
+}
+
+/// Packing into pairs and back gives every value of every row, odd block counts included.
+fn pairs_hold_the_same_values<B: Block>(random: fn(&mut rand::rngs::StdRng, usize) -> Vec<B>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
     for (kb, rows) in [(1, 3), (3, 2), (28, 4)] {
-        let w = random_q5_0(&mut rng, kb * rows);
+        let w = random(&mut rng, kb * rows);
         let mut want = vec![0f32; kb * rows * QK];
-        BlockQ5_0::dequantize(&w, &mut want);
-        let packed = BlockQ5_0::pack(w, kb);
+        B::dequantize(&w, &mut want);
+        let packed = B::pack(w, kb);
         assert_eq!(packed.len(), rows * kb.div_ceil(2));
         let mut got = vec![f32::NAN; kb * rows * QK];
         for (row, out) in packed.chunks(kb.div_ceil(2)).zip(got.chunks_mut(kb * QK)) {
-            BlockQ5_0::unpack(row, out);
+            B::unpack(row, out);
         }
-        assert_eq!(got, want, "{kb} blocks per row");
+        assert_eq!(got, want, "{:?}: {kb} blocks per row", B::DTYPE);
     }
+}
+
+#[test]
+fn q5_0_pairs_hold_the_same_values() {
+    pairs_hold_the_same_values(random_q5_0);
+}
+
+#[test]
+fn q8_0_pairs_hold_the_same_values() {
+    pairs_hold_the_same_values(random_q8_0);
 }
 
 #[test]

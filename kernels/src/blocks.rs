@@ -1,15 +1,12 @@
 //! The GGUF block types these kernels handle, how each is laid out for them (`Block::Packed`),
-//! rounding activations to Q8_0, and the scalar dot product every SIMD level must match.
+//! and rounding activations to Q8_0.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::Result;
 use half::f16;
 
-use crate::cpu::{supported, Isa};
-use crate::q5_0;
-#[cfg(target_arch = "x86_64")]
-use crate::simd;
-use crate::tiles::matmul_q8_0;
+use crate::cpu::Isa;
+use crate::{q5_0, q8_0};
 
 /// Values per block (Q5_0 and Q8_0).
 pub const QK: usize = 32;
@@ -42,8 +39,8 @@ pub(crate) fn half(bits: u16) -> f32 {
 /// A block type these kernels handle.
 pub trait Block: Copy + Default + Send + Sync + 'static {
     const DTYPE: GgmlDType;
-    /// The layout the kernels read, which `FastBlocks` holds: Q8_0 its blocks as they are; Q5_0
-    /// pairs of blocks rearranged so that each step does less unpacking (`q5_0::Pair`).
+    /// The layout the kernels read, which `FastBlocks` holds: pairs of blocks rearranged so that
+    /// each step does less unpacking (`q5_0::Pair`, `q8_0::Pair`).
     type Packed: Copy + Send + Sync + 'static;
     fn dequantize(blocks: &[Self], out: &mut [f32]);
     fn quantize(xs: &[f32], out: &mut [Self]);
@@ -126,7 +123,7 @@ impl Block for BlockQ5_0 {
 
 impl Block for BlockQ8_0 {
     const DTYPE: GgmlDType = GgmlDType::Q8_0;
-    type Packed = Self;
+    type Packed = q8_0::Pair;
 
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
         for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
@@ -141,66 +138,26 @@ impl Block for BlockQ8_0 {
         quantize_q8_0(xs, out)
     }
 
-    fn pack(w: Vec<Self>, _: usize) -> Vec<Self> {
-        w
+    fn pack(w: Vec<Self>, kb: usize) -> Vec<q8_0::Pair> {
+        q8_0::pack(&w, kb)
     }
 
     fn packed_len(kb: usize) -> usize {
-        kb
+        kb.div_ceil(2)
     }
 
-    fn unpack(row: &[Self], out: &mut [f32]) {
-        Self::dequantize(row, out)
+    fn unpack(row: &[q8_0::Pair], out: &mut [f32]) {
+        q8_0::unpack(row, out)
     }
 
     fn matmul_packed(
         isa: Isa,
         mkn: (usize, usize, usize),
         lhs: &[f32],
-        w: &[Self],
+        w: &[q8_0::Pair],
         dst: &mut [f32],
     ) -> Result<()> {
-        matmul_q8_0(isa, mkn, lhs, w, dst)
-    }
-}
-
-impl BlockQ8_0 {
-    /// Dot products of one weight row with N activation rows (`yd`: their block scales as f32),
-    /// activations in blocks.
-    #[inline]
-    pub(crate) fn rows<const N: usize>(
-        isa: Isa,
-        w: &[Self],
-        ys: [&[BlockQ8_0]; N],
-        yd: [&[f32]; N],
-    ) -> [f32; N] {
-        match supported(isa) {
-            // Activations in blocks: the 256-bit AVX2 kernel (the VNNI kernel reads the byte
-            // layout of `rows_wide`, which `matmul` uses on those CPUs).
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: each level is only chosen when the CPU reports its features (`detect`), and
-            // the AVX-512 levels imply AVX2.
-            Isa::Avx512Vnni | Isa::Avx512 | Isa::Avx2 => unsafe {
-                simd::avx2::rows_q8_0(w, ys, yd)
-            },
-            _ => std::array::from_fn(|r| dot_q8_0_scalar(w, ys[r], yd[r])),
-        }
-    }
-
-    /// `rows` for `Isa::Avx512Vnni`, with activations as plain bytes (`k` per row) so that two
-    /// blocks load as one 512-bit vector.
-    ///
-    /// # Safety
-    /// The CPU must have the `Isa::Avx512Vnni` features; each `ys[r]` holds `32 * w.len()` bytes
-    /// and each `yd[r]` `w.len()` scales.
-    #[cfg(target_arch = "x86_64")]
-    #[inline]
-    pub(crate) unsafe fn rows_wide<const N: usize>(
-        w: &[Self],
-        ys: [&[i8]; N],
-        yd: [&[f32]; N],
-    ) -> [f32; N] {
-        simd::vnni::rows_q8_0(w, ys, yd)
+        q8_0::matmul(isa, mkn, lhs, w, dst)
     }
 }
 
@@ -215,17 +172,4 @@ pub fn quantize_q8_0(xs: &[f32], out: &mut [BlockQ8_0]) {
         }
         b.d = f16::from_f32(d).to_bits();
     }
-}
-
-fn dot_q8_0_scalar(xs: &[BlockQ8_0], ys: &[BlockQ8_0], yd: &[f32]) -> f32 {
-    let mut sum = 0f32;
-    for ((x, y), yd) in xs.iter().zip(ys).zip(yd) {
-        let acc: i32 =
-            x.qs.iter()
-                .zip(y.qs)
-                .map(|(a, b)| *a as i32 * b as i32)
-                .sum();
-        sum += half(x.d) * yd * acc as f32;
-    }
-    sum
 }

@@ -1,19 +1,29 @@
-//! The candle side: weights held in the kernels' layout as a `QTensor` (so `QMatMul` runs these
-//! kernels unchanged), and the row-by-row path for candle's batch-sensitive kernel.
+//! The candle side: a weight matrix as the decoder multiplies it (`Matrix`): held in the kernels'
+//! layout as a `QTensor` (for embedding lookups, sizes and dequantising) and, sharing the same
+//! memory, as a product the decoder calls directly; and the row-by-row path for candle's
+//! batch-sensitive kernels.
+//!
+//! moss's products do not go through `QMatMul`: on x86 candle 0.11 sends Q4_K, Q6_K and Q8_0
+//! matrices of some shapes (rows a multiple of 16, columns of 256) to repacked kernels of its own,
+//! chosen by the type's name and reading the storage's bytes as GGUF lays them out, which moss's
+//! Q8_0 pairs are not. (candle's repacked kernels are good: Q4_K and Q6_K stay with them, and so
+//! do the Q8_0 shapes they take.)
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, QuantizedType};
-use candle_core::{CpuStorage, Module, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use half::f16;
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use crate::blocks::{Block, BlockQ5_0, BlockQ8_0, QK};
 use crate::cpu::{isa, Isa};
 
-/// Weights held for candle in the kernels' layout (`Block::Packed`): a `QTensor` whose matmul
-/// runs these kernels. Its bytes (`QTensor::data`) are that layout, not GGUF's.
+/// Weights in the kernels' layout (`Block::Packed`); its bytes (`QTensor::data`) are that
+/// layout, not GGUF's. Clones share the weights.
+#[derive(Clone)]
 pub struct FastBlocks<B: Block> {
-    packed: Vec<B::Packed>,
+    packed: Arc<Vec<B::Packed>>,
     /// Values per row.
     k: usize,
     isa: Isa,
@@ -43,7 +53,7 @@ impl<B: Block> FastBlocks<B> {
             blocks.set_len(data.len() / size);
         }
         Ok(Self {
-            packed: B::pack(blocks, k / QK),
+            packed: Arc::new(B::pack(blocks, k / QK)),
             k,
             isa: isa(),
         })
@@ -121,7 +131,7 @@ impl<B: Block> QuantizedType for FastBlocks<B> {
     fn from_float(&mut self, xs: &[f32]) {
         let mut blocks = vec![B::default(); xs.len() / QK];
         B::quantize(xs, &mut blocks);
-        self.packed = B::pack(blocks, self.k / QK);
+        self.packed = Arc::new(B::pack(blocks, self.k / QK));
     }
 
     fn from_float_imatrix(&mut self, xs: &[f32], _: &[f32], _: usize) {
@@ -133,28 +143,158 @@ impl<B: Block> QuantizedType for FastBlocks<B> {
     }
 }
 
-/// The same tensor with its blocks in moss's kernels when its type has them (CPU only);
-/// otherwise the tensor unchanged.
-pub fn accelerate(t: QTensor) -> Result<QTensor> {
-    if !t.device().is_cpu() {
-        return Ok(t);
-    }
-    let k = *t.shape().dims().last().unwrap_or(&0);
-    let storage: Box<dyn QuantizedType> = match t.dtype() {
-        GgmlDType::Q5_0 => Box::new(FastBlocks::<BlockQ5_0>::from_bytes(&data(&t)?, k)?),
-        GgmlDType::Q8_0 if isa() != Isa::Scalar => {
-            Box::new(FastBlocks::<BlockQ8_0>::from_bytes(&data(&t)?, k)?)
-        }
-        _ => return Ok(t),
-    };
-    QTensor::new(QStorage::Cpu(storage), t.shape().clone())
+/// A weight matrix as the decoder multiplies it: by moss's kernels where they take its type,
+/// else by candle's `QMatMul`, whose batch-sensitive kernels go one row at a time in decoding
+/// steps (so that a sequence's token comes out the same alone and in a batch).
+#[derive(Clone)]
+pub struct Matrix {
+    /// The matrix as candle holds it (in moss's layout where `product` is set).
+    mm: QMatMul,
+    product: Option<Product>,
+    /// candle's kernel for the type sums a lone row differently from several.
+    row_by_row: bool,
 }
 
-/// Whether candle's kernel for `dtype` sums one row differently from several rows multiplied at
-/// once, so that a sequence decoded in a batch (or with drafted tokens) would not get what it gets
-/// alone: on x86-64 candle 0.11 multiplies a lone Q6_K row with its compact GEMV and two or more
-/// with repacked tiles; unquantized matrices (F32, F16, BF16) become plain products, which `gemm`
-/// computes for one row as a matrix-vector product and for several with its tiled kernel.
+impl Matrix {
+    pub fn new(t: QTensor) -> Result<Self> {
+        let cpu = t.device().is_cpu();
+        let row_by_row = cpu && batch_sensitive(t.dtype());
+        let (t, product) = if cpu { accelerate(t)? } else { (t, None) };
+        Ok(Self {
+            mm: QMatMul::from_qtensor(t)?,
+            product,
+            row_by_row,
+        })
+    }
+
+    /// `x` times the matrix's transpose; `decoding`: the rows are sequences' next tokens (one
+    /// each), which must come out as each would alone.
+    pub fn forward(&self, x: &Tensor, decoding: bool) -> Result<Tensor> {
+        match &self.product {
+            Some(p) => p.forward(x),
+            None if decoding && self.row_by_row => forward_rows(&self.mm, x),
+            None => self.mm.forward(x),
+        }
+    }
+
+    /// Whether moss's kernels multiply by it (else candle's).
+    pub fn in_moss_kernels(&self) -> bool {
+        self.product.is_some()
+    }
+
+    /// The matrix as candle holds it (embedding lookups; on a GPU, candle's kernels).
+    pub fn qmatmul(&self) -> &QMatMul {
+        &self.mm
+    }
+
+    /// Bytes of the matrix as held (what one pass over it reads).
+    pub fn bytes(&self) -> usize {
+        match &self.mm {
+            QMatMul::QTensor(t) => t.storage_size_in_bytes(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+        }
+    }
+}
+
+/// The same tensor with its blocks in moss's kernels when its type has them, and the product to
+/// multiply by (`None`: the tensor unchanged, for candle's `QMatMul`).
+fn accelerate(t: QTensor) -> Result<(QTensor, Option<Product>)> {
+    let (n, k) = t.shape().dims2().unwrap_or((0, 0));
+    fn both<B: Block>(t: &QTensor, k: usize) -> Result<(Box<dyn QuantizedType>, Product)> {
+        let fast = FastBlocks::<B>::from_bytes(&data(t)?, k)?;
+        Ok((Box::new(fast.clone()), Product(Arc::new(fast))))
+    }
+    let (storage, product) = match t.dtype() {
+        GgmlDType::Q5_0 => both::<BlockQ5_0>(&t, k)?,
+        GgmlDType::Q8_0 if isa() != Isa::Scalar && !candle_tiles_q8_0(n, k) => {
+            both::<BlockQ8_0>(&t, k)?
+        }
+        _ => return Ok((t, None)),
+    };
+    let shape = t.shape().clone();
+    Ok((QTensor::new(QStorage::Cpu(storage), shape)?, Some(product)))
+}
+
+/// Whether candle 0.11 multiplies a Q8_0 matrix of `n` rows of `k` values with its repacked VNNI
+/// tiles (x86 with AVX-512 VNNI or AVX-VNNI, rows of whole 256-value blocks, a multiple of 16
+/// rows), which measured faster than moss's kernel for every batch size (`cargo bench --bench
+/// kernels -- --only Q8_0`: 896 × 4864, one row, 48 µs against 88): such matrices stay candle's.
+fn candle_tiles_q8_0(n: usize, k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let vnni = (is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni"))
+            || is_x86_feature_detected!("avxvnni");
+        vnni && k % 256 == 0 && n % 16 == 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (n, k);
+        false
+    }
+}
+
+/// A matrix in moss's kernels, multiplied by directly: `x` (f32, rows of `k`) times its
+/// transpose, as `QMatMul::forward` would.
+#[derive(Clone)]
+struct Product(Arc<dyn Rows>);
+
+/// What `Product` needs of a matrix.
+trait Rows: Send + Sync {
+    /// Rows and values per row.
+    fn dims(&self) -> (usize, usize);
+    fn matmul(&self, m: usize, lhs: &[f32], dst: &mut [f32]) -> Result<()>;
+}
+
+impl<B: Block> Rows for FastBlocks<B> {
+    fn dims(&self) -> (usize, usize) {
+        (self.packed.len() / self.per_row(), self.k)
+    }
+
+    fn matmul(&self, m: usize, lhs: &[f32], dst: &mut [f32]) -> Result<()> {
+        let (n, k) = self.dims();
+        B::matmul_packed(self.isa, (m, k, n), lhs, &self.packed, dst)
+    }
+}
+
+impl Product {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for Product {
+    fn name(&self) -> &'static str {
+        "moss-kernels-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = self.0.dims();
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("moss's kernels take f32 activations");
+        };
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("moss's kernels take contiguous activations");
+        };
+        let mut dims = l.shape().dims().to_vec();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("activations of shape {dims:?} against rows of {k} values");
+        }
+        let x = &data[start..end];
+        let m = x.len() / k.max(1);
+        *dims.last_mut().expect("checked above") = n;
+        let mut dst = vec![0f32; m * n];
+        self.0.matmul(m, x, &mut dst)?;
+        Ok((CpuStorage::F32(dst), Shape::from(dims)))
+    }
+}
+
+/// Whether candle's CPU kernel for `dtype` sums one row differently from several rows multiplied
+/// at once, so that a sequence decoded in a batch (or with drafted tokens) would not get what it
+/// gets alone: on x86-64 candle 0.11 multiplies a lone Q6_K row with its compact GEMV and two or
+/// more with repacked tiles; unquantized matrices (F32, F16, BF16) become plain products, which
+/// `gemm` computes for one row as a matrix-vector product and for several with its tiled kernel.
 /// `tests/kernels.rs` checks that every other type is indifferent.
 pub fn batch_sensitive(dtype: GgmlDType) -> bool {
     match dtype {

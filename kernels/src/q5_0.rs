@@ -19,6 +19,7 @@
 
 use crate::blocks::{half, BlockQ5_0, BlockQ8_0, QK};
 use crate::cpu::{supported, Isa};
+use crate::lanes::reduce8;
 use crate::tiles::{prepare, run, Out, Tiles};
 use candle_core::Result;
 
@@ -134,9 +135,7 @@ fn row_scalar(w: &[Pair], ys: &[Acts]) -> f32 {
             acc[n % 2][l] = s.mul_add(dot as f32, acc[n % 2][l]);
         }
     }
-    let v: [f32; 8] = std::array::from_fn(|l| acc[0][l] + acc[1][l]);
-    // `simd::hsum`'s order.
-    ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
+    reduce8(std::array::from_fn(|l| acc[0][l] + acc[1][l]))
 }
 
 /// `dst[i][j] = X[i] · W[j]` (see `crate::matmul`) with W in pairs.

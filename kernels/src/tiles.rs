@@ -3,7 +3,7 @@
 
 use candle_core::Result;
 
-use crate::blocks::{half, quantize_q8_0, Block, BlockQ8_0, QK};
+use crate::blocks::{quantize_q8_0, Block, BlockQ8_0, QK};
 use crate::cpu::{supported, Isa};
 
 /// `dst[i][j] = X[i] · W[j]` for `m` rows of X (`k` f32 each) and `n` rows of W.
@@ -44,39 +44,6 @@ pub(crate) fn prepare(
         quantize_q8_0(row, out);
     }
     Ok(xq)
-}
-
-pub(crate) fn matmul_q8_0(
-    isa: Isa,
-    (m, k, n): (usize, usize, usize),
-    lhs: &[f32],
-    w: &[BlockQ8_0],
-    dst: &mut [f32],
-) -> Result<()> {
-    let isa = supported(isa);
-    let xq = prepare((m, k, n), lhs, w.len(), |kb| kb, dst)?;
-    let xd: Vec<f32> = xq.iter().map(|b| half(b.d)).collect();
-    // The wide kernels read activations as plain bytes, two blocks per load. They serve every
-    // batch size, one row included: a row then sums in the same order alone as in a batch, so
-    // batching cannot change an answer (the 256-bit kernel is ~10 % faster for one row alone).
-    let wide = cfg!(target_arch = "x86_64") && isa == Isa::Avx512Vnni;
-    let bytes: Vec<i8> = if wide {
-        xq.iter().flat_map(|b| b.qs).collect()
-    } else {
-        Vec::new()
-    };
-    let job = Job {
-        isa,
-        wide,
-        k,
-        w,
-        xq: &xq,
-        xd: &xd,
-        bytes: &bytes,
-        out: Out::new(m, n, dst),
-    };
-    run(isa, &job);
-    Ok(())
 }
 
 /// Weight rows per work item; each group is read once for all rows of X.
@@ -142,78 +109,40 @@ pub(crate) fn run<T: Tiles>(isa: Isa, job: &T) {
     });
 }
 
-/// Weight-row groups `range`: each weight row against tiles of 8, then 4, then 1 rows of X (the
-/// weights are unpacked once for all rows of a tile).
+/// Weight-row groups `range`: tiles of 8, then 4, then 1 rows of X against each weight row of the
+/// group in turn (the weights are unpacked once for all rows of a tile; a tile of X stays in the
+/// first-level cache while the group's rows pass, instead of all of X streaming past every weight
+/// row). Each output is still one weight row against one row of X, summed alike in any tile.
 #[inline(always)]
 pub(crate) fn groups<T: Tiles>(job: &T, range: std::ops::Range<usize>) {
     let Out { m, n, addr } = *job.out();
     let dst = addr as *mut f32;
+    let put = |i: usize, j: usize, v: &[f32]| {
+        for (t, v) in v.iter().enumerate() {
+            // SAFETY: each (i, j) is written by exactly one work item, within m * n.
+            unsafe { *dst.add((i + t) * n + j) = *v };
+        }
+    };
     for g in range {
-        for j in g * GROUP..((g + 1) * GROUP).min(n) {
-            let put = |i: usize, v: &[f32]| {
-                for (t, v) in v.iter().enumerate() {
-                    // SAFETY: each (i, j) is written by exactly one work item, within m * n.
-                    unsafe { *dst.add((i + t) * n + j) = *v };
-                }
-            };
-            let mut i = 0;
-            while i + 8 <= m {
-                put(i, &job.tile::<8>(j, i));
-                i += 8;
+        let rows = g * GROUP..((g + 1) * GROUP).min(n);
+        let mut i = 0;
+        while i + 8 <= m {
+            for j in rows.clone() {
+                put(i, j, &job.tile::<8>(j, i));
             }
-            while i + 4 <= m {
-                put(i, &job.tile::<4>(j, i));
-                i += 4;
-            }
-            while i < m {
-                put(i, &job.tile::<1>(j, i));
-                i += 1;
-            }
+            i += 8;
         }
-    }
-}
-
-/// One Q8_0 product, shared by the work items of the thread pool.
-pub(crate) struct Job<'a> {
-    isa: Isa,
-    wide: bool,
-    k: usize,
-    w: &'a [BlockQ8_0],
-    xq: &'a [BlockQ8_0],
-    xd: &'a [f32],
-    bytes: &'a [i8],
-    out: Out,
-}
-
-impl Tiles for Job<'_> {
-    fn out(&self) -> &Out {
-        &self.out
-    }
-
-    #[inline(always)]
-    fn tile<const N: usize>(&self, j: usize, i: usize) -> [f32; N] {
-        let Self {
-            isa,
-            wide,
-            k,
-            w,
-            xq,
-            xd,
-            bytes,
-            ..
-        } = *self;
-        let kb = k / QK;
-        let wrow = &w[j * kb..(j + 1) * kb];
-        let yd: [&[f32]; N] = std::array::from_fn(|t| &xd[(i + t) * kb..(i + t + 1) * kb]);
-        #[cfg(target_arch = "x86_64")]
-        if wide {
-            let ys: [&[i8]; N] = std::array::from_fn(|t| &bytes[(i + t) * k..(i + t + 1) * k]);
-            // SAFETY: `wide` is only set for `Isa::Avx512Vnni`, which `supported` only gives
-            // where the CPU has it; the slices have the lengths asserted inside.
-            return unsafe { BlockQ8_0::rows_wide::<N>(wrow, ys, yd) };
+        while i + 4 <= m {
+            for j in rows.clone() {
+                put(i, j, &job.tile::<4>(j, i));
+            }
+            i += 4;
         }
-        let _ = (wide, bytes);
-        let ys: [&[BlockQ8_0]; N] = std::array::from_fn(|t| &xq[(i + t) * kb..(i + t + 1) * kb]);
-        BlockQ8_0::rows::<N>(isa, wrow, ys, yd)
+        while i < m {
+            for j in rows.clone() {
+                put(i, j, &job.tile::<1>(j, i));
+            }
+            i += 1;
+        }
     }
 }

@@ -124,7 +124,7 @@ impl Decoder {
             Ok(t) => matmul(t)?,
             Err(_) => embedding.clone(), // tied embeddings: the same blocks, held once
         };
-        let embedding = embedding.mm;
+        let embedding = embedding.qmatmul().clone();
         let norm = get("output_norm.weight")?.dequantize(device)?;
         // Gemma 3: every sixth layer (by default) attends globally, the others to a window; the
         // pattern may also be given layer by layer (llama.cpp's keys, then candle's).

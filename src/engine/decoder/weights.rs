@@ -1,32 +1,12 @@
 //! Weight matrices (one, or several multiplied as one) and what a layer is made of.
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Result, Tensor};
+use candle_core::quantized::QTensor;
+use candle_core::{Result, Tensor};
 
 use crate::engine::kernels;
 
-/// A weight matrix, multiplied through candle's `QMatMul` (moss's kernels where the type has
-/// them).
-#[derive(Clone)]
-pub(super) struct Weight {
-    pub(super) mm: QMatMul,
-    /// Its kernel sums a lone row differently from several (`kernels::batch_sensitive`): in
-    /// decoding steps it runs one row at a time (the fast one-row path, and a sequence's token
-    /// comes out the same alone and in a batch); prompt chunks take the many-row path.
-    pub(super) row_by_row: bool,
-}
-
-impl Weight {
-    /// `x` times the matrix; `decoding`: the rows are sequences' next tokens (one each), which
-    /// must come out as each would alone.
-    pub(super) fn forward(&self, x: &Tensor, decoding: bool) -> Result<Tensor> {
-        if decoding && self.row_by_row {
-            kernels::forward_rows(&self.mm, x)
-        } else {
-            self.mm.forward(x)
-        }
-    }
-}
+/// A weight matrix (moss's kernels where they take its type, else candle's `QMatMul`).
+pub(super) type Weight = kernels::Matrix;
 
 /// Weight matrices that multiply the same input (a layer's queries, keys and values; an MLP's gate
 /// and up projections). Those of one type and width are held as one matrix, their rows one after
@@ -136,25 +116,9 @@ pub(super) enum Ffn {
     },
 }
 
-/// A matrix for `QMatMul` (moss's kernels for the types that have them).
+/// A matrix for the decoder.
 pub(super) fn matmul(t: QTensor) -> Result<Weight> {
-    let row_by_row = t.device().is_cpu() && kernels::batch_sensitive(t.dtype());
-    Ok(Weight {
-        mm: QMatMul::from_qtensor(kernels::accelerate(t)?)?,
-        row_by_row,
-    })
-}
-
-impl Weight {
-    /// Bytes of the matrix as held (what one pass over it reads).
-    pub(super) fn bytes(&self) -> usize {
-        match &self.mm {
-            QMatMul::QTensor(t) => t.storage_size_in_bytes(),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
-                t.elem_count() * t.dtype().size_in_bytes()
-            }
-        }
-    }
+    Weight::new(t)
 }
 
 impl Fused {
