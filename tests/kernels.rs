@@ -280,14 +280,17 @@ fn q8_0_products_are_the_same_bits_at_every_level() {
 /// Packing into pairs and back gives every value of every row, odd block counts included.
 fn pairs_hold_the_same_values<B: Block>(random: fn(&mut rand::rngs::StdRng, usize) -> Vec<B>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(4);
-    for (kb, rows) in [(1, 3), (3, 2), (28, 4)] {
+    for (kb, rows) in [(1, 3), (3, 2), (6, 2), (28, 4)] {
         let w = random(&mut rng, kb * rows);
         let mut want = vec![0f32; kb * rows * QK];
         B::dequantize(&w, &mut want);
         let packed = B::pack(w, kb);
-        assert_eq!(packed.len(), rows * kb.div_ceil(2));
+        assert_eq!(packed.len(), rows * B::packed_len(kb));
         let mut got = vec![f32::NAN; kb * rows * QK];
-        for (row, out) in packed.chunks(kb.div_ceil(2)).zip(got.chunks_mut(kb * QK)) {
+        for (row, out) in packed
+            .chunks(B::packed_len(kb))
+            .zip(got.chunks_mut(kb * QK))
+        {
             B::unpack(row, out);
         }
         assert_eq!(got, want, "{:?}: {kb} blocks per row", B::DTYPE);

@@ -39,8 +39,8 @@ pub(crate) fn half(bits: u16) -> f32 {
 /// A block type these kernels handle.
 pub trait Block: Copy + Default + Send + Sync + 'static {
     const DTYPE: GgmlDType;
-    /// The layout the kernels read, which `FastBlocks` holds: pairs of blocks rearranged so that
-    /// each step does less unpacking (`q5_0::Pair`, `q8_0::Pair`).
+    /// The layout the kernels read, which `FastBlocks` holds: groups of blocks rearranged so that
+    /// each step does less unpacking (`q5_0::Quad`, `q8_0::Pair`).
     type Packed: Copy + Send + Sync + 'static;
     fn dequantize(blocks: &[Self], out: &mut [f32]);
     fn quantize(xs: &[f32], out: &mut [Self]);
@@ -62,7 +62,7 @@ pub trait Block: Copy + Default + Send + Sync + 'static {
 
 impl Block for BlockQ5_0 {
     const DTYPE: GgmlDType = GgmlDType::Q5_0;
-    type Packed = q5_0::Pair;
+    type Packed = q5_0::Quad;
 
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
         for (b, out) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
@@ -98,15 +98,15 @@ impl Block for BlockQ5_0 {
         }
     }
 
-    fn pack(w: Vec<Self>, kb: usize) -> Vec<q5_0::Pair> {
+    fn pack(w: Vec<Self>, kb: usize) -> Vec<q5_0::Quad> {
         q5_0::pack(&w, kb)
     }
 
     fn packed_len(kb: usize) -> usize {
-        kb.div_ceil(2)
+        kb.div_ceil(4)
     }
 
-    fn unpack(row: &[q5_0::Pair], out: &mut [f32]) {
+    fn unpack(row: &[q5_0::Quad], out: &mut [f32]) {
         q5_0::unpack(row, out)
     }
 
@@ -114,7 +114,7 @@ impl Block for BlockQ5_0 {
         isa: Isa,
         mkn: (usize, usize, usize),
         lhs: &[f32],
-        w: &[q5_0::Pair],
+        w: &[q5_0::Quad],
         dst: &mut [f32],
     ) -> Result<()> {
         q5_0::matmul(isa, mkn, lhs, w, dst)

@@ -7,8 +7,8 @@
 //! `matmul` quantises each row of X to Q8_0 once, then computes every output with integer dot
 //! products: AVX-512 (with or without VNNI) or AVX2 when the CPU has it (checked at run time, so a
 //! portable build is fast too), else a plain scalar loop that takes the same float steps (every
-//! level gives the same bits). The weights are held rearranged in pairs of blocks (`q5_0`,
-//! `q8_0`), which the kernels read with less work. Work is split over weight
+//! level gives the same bits). The weights are held rearranged in groups of blocks (`q5_0`:
+//! four, `q8_0`: two), which the kernels read with less work. Work is split over weight
 //! rows on candle's own thread pool; each weight row is read once for all rows of X (prefill and
 //! batched decode), a row summing in the same order alone and in a batch.
 //!

@@ -1,13 +1,16 @@
-//! Q5_0 held as pairs of blocks, rearranged once at load so that each step unpacks less.
+//! Q5_0 held as quads of blocks (two pairs), rearranged once at load so that each step unpacks
+//! less.
 //!
-//! A `Pair` holds two blocks a and b (64 values): 32 bytes of nibbles and two 32-bit masks of
-//! 5th bits. Byte i belongs to block a when its group of four (i / 4) is even, to b when odd, at
+//! A pair holds two blocks a and b (64 values): 32 bytes of nibbles and two 32-bit masks of 5th
+//! bits. Byte i belongs to block a when its group of four (i / 4) is even, to b when odd, at
 //! position p = (i / 8) * 4 + i % 4 of that block: it is that block's GGUF byte `qs[p]` (low
 //! nibble value p, high nibble value p + 16); bit i of `lo` is the 5th bit of value p, bit i of
 //! `hi` that of value p + 16. So the low nibbles of the 32 bytes make one vector of values and the
 //! high nibbles another, and once byte products are summed into 32-bit lanes, lane l belongs to
 //! block l % 2: one vector [da, db, da, db, ...] (the two f16 scales broadcast and converted)
-//! scales all lanes.
+//! scales all lanes. A `Quad` holds two consecutive pairs of a row side by side (their nibbles one
+//! after the other, their masks as 64-bit masks), so that AVX-512 takes both in one register:
+//! its lower eight lanes are the even pairs' running sums, its upper eight the odd pairs'.
 //!
 //! Values stay unsigned (q = 0..31 stands for q - 16): the unsigned-by-signed byte multiply-adds
 //! take them as they are, and the -16 · Σy they leave out is added per lane from a sum the
@@ -15,7 +18,8 @@
 //! too) runs the same float steps in the same order, so all give the same bits; and a row sums
 //! in the same order alone and in a batch.
 //!
-//! A row with an odd number of blocks ends with a pair padded by a zero block (scale 0).
+//! A row whose block count is not a multiple of four ends with a quad padded by zero blocks
+//! (scale 0), which add zero.
 
 use crate::blocks::{half, BlockQ5_0, BlockQ8_0, QK};
 use crate::cpu::{supported, Isa};
@@ -23,136 +27,162 @@ use crate::lanes::reduce8;
 use crate::tiles::{prepare, run, Out, Tiles};
 use candle_core::Result;
 
-/// Two Q5_0 blocks in the kernels' layout (see the module's documentation).
+/// Four Q5_0 blocks (two pairs) in the kernels' layout (see the module's documentation).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Pair {
-    /// Scales of a and b (f16).
-    pub d: [u16; 2],
-    pub lo: u32,
-    pub hi: u32,
-    pub qs: [u8; 32],
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Quad {
+    /// Scales of the first pair's a and b, then the second's (f16).
+    pub d: [u16; 4],
+    pub lo: u64,
+    pub hi: u64,
+    pub qs: [u8; 64],
 }
-const _: () = assert!(std::mem::size_of::<Pair>() == 2 * std::mem::size_of::<BlockQ5_0>());
+const _: () = assert!(std::mem::size_of::<Quad>() == 4 * std::mem::size_of::<BlockQ5_0>());
 
-/// A pair's activations (Q8_0), arranged like its weights.
-#[repr(C, align(32))]
+impl Default for Quad {
+    fn default() -> Self {
+        Self {
+            d: [0; 4],
+            lo: 0,
+            hi: 0,
+            qs: [0; 64],
+        }
+    }
+}
+
+/// A quad's activations (Q8_0), arranged like its weights.
+#[repr(C, align(64))]
 #[derive(Clone, Copy, Debug)]
 pub struct Acts {
-    /// The values matching the low nibbles, then those matching the high nibbles.
-    y: [i8; 64],
+    /// The values matching the low nibbles (first pair, then second).
+    ylo: [i8; 64],
+    /// The values matching the high nibbles.
+    yhi: [i8; 64],
     /// Per 32-bit lane: -16 times the sum of the lane's eight activations.
-    neg: [i32; 8],
+    neg: [i32; 16],
     /// Per lane: the activation scale of the lane's block.
-    scale: [f32; 8],
+    scale: [f32; 16],
 }
 
-/// Which block of the pair (0: a, 1: b) byte `i` belongs to, and its position there.
+/// Which block of its pair (0: a, 1: b) byte `i` of a pair belongs to, and its position there.
 fn place(i: usize) -> (usize, usize) {
     ((i / 4) % 2, (i / 8) * 4 + i % 4)
 }
 
-/// Rows of `kb` blocks as rows of `kb.div_ceil(2)` pairs.
-pub fn pack(w: &[BlockQ5_0], kb: usize) -> Vec<Pair> {
-    let mut out = Vec::with_capacity(w.len().div_ceil(2) + w.len() / kb.max(1));
+/// Rows of `kb` blocks as rows of `kb.div_ceil(4)` quads.
+pub fn pack(w: &[BlockQ5_0], kb: usize) -> Vec<Quad> {
+    let mut out = Vec::with_capacity(w.len().div_ceil(4) + w.len() / kb.max(1));
     for row in w.chunks(kb.max(1)) {
-        for two in row.chunks(2) {
-            let blocks = [two[0], two.get(1).copied().unwrap_or_default()];
-            let mut pair = Pair {
-                d: [blocks[0].d, blocks[1].d],
-                ..Pair::default()
-            };
-            for i in 0..32 {
-                let (b, p) = place(i);
-                let qh = u32::from_le_bytes(blocks[b].qh);
-                pair.qs[i] = blocks[b].qs[p];
-                pair.lo |= ((qh >> p) & 1) << i;
-                pair.hi |= ((qh >> (p + 16)) & 1) << i;
+        for four in row.chunks(4) {
+            let block = |b: usize| four.get(b).copied().unwrap_or_default();
+            let mut quad = Quad::default();
+            for h in 0..2 {
+                let blocks = [block(2 * h), block(2 * h + 1)];
+                quad.d[2 * h] = blocks[0].d;
+                quad.d[2 * h + 1] = blocks[1].d;
+                for i in 0..32 {
+                    let (b, p) = place(i);
+                    let qh = u32::from_le_bytes(blocks[b].qh) as u64;
+                    quad.qs[32 * h + i] = blocks[b].qs[p];
+                    quad.lo |= ((qh >> p) & 1) << (32 * h + i);
+                    quad.hi |= ((qh >> (p + 16)) & 1) << (32 * h + i);
+                }
             }
-            out.push(pair);
+            out.push(quad);
         }
     }
     out
 }
 
-/// One packed row, dequantised into `out` (its `k` values; a padding block is dropped).
-pub fn unpack(row: &[Pair], out: &mut [f32]) {
-    for (n, pair) in row.iter().enumerate() {
-        for i in 0..32 {
+/// One packed row, dequantised into `out` (its `k` values; padding blocks are dropped).
+pub fn unpack(row: &[Quad], out: &mut [f32]) {
+    for (n, quad) in row.iter().enumerate() {
+        for j in 0..64 {
+            let (h, i) = (j / 32, j % 32);
             let (b, p) = place(i);
-            let start = (2 * n + b) * QK;
+            let start = (4 * n + 2 * h + b) * QK;
             if start + QK > out.len() {
                 continue;
             }
-            let d = half(pair.d[b]);
-            let lo = (pair.qs[i] & 0x0F) as u32 | ((pair.lo >> i) & 1) << 4;
-            let hi = (pair.qs[i] >> 4) as u32 | ((pair.hi >> i) & 1) << 4;
+            let d = half(quad.d[2 * h + b]);
+            let lo = (quad.qs[j] & 0x0F) as u32 | (((quad.lo >> j) & 1) as u32) << 4;
+            let hi = (quad.qs[j] >> 4) as u32 | (((quad.hi >> j) & 1) as u32) << 4;
             out[start + p] = d * (lo as i32 - 16) as f32;
             out[start + p + 16] = d * (hi as i32 - 16) as f32;
         }
     }
 }
 
-/// A row of activations in blocks, arranged per pair.
+/// A row of activations in blocks, arranged per quad.
 fn arrange(xq: &[BlockQ8_0]) -> Vec<Acts> {
-    xq.chunks(2)
-        .map(|two| {
-            let blocks = [two[0], two.get(1).copied().unwrap_or_default()];
-            let mut a = Acts {
-                y: [0; 64],
-                neg: [0; 8],
-                scale: [0.0; 8],
+    xq.chunks(4)
+        .map(|four| {
+            let block = |b: usize| {
+                four.get(b)
+                    .copied()
+                    .unwrap_or(BlockQ8_0 { d: 0, qs: [0; 32] })
             };
-            for i in 0..32 {
-                let (b, p) = place(i);
-                a.y[i] = blocks[b].qs[p];
-                a.y[32 + i] = blocks[b].qs[p + 16];
-            }
-            for l in 0..8 {
-                let sum: i32 = (4 * l..4 * l + 4)
-                    .map(|i| a.y[i] as i32 + a.y[32 + i] as i32)
-                    .sum();
-                a.neg[l] = -16 * sum;
-                a.scale[l] = half(blocks[l % 2].d);
+            let mut a = Acts {
+                ylo: [0; 64],
+                yhi: [0; 64],
+                neg: [0; 16],
+                scale: [0.0; 16],
+            };
+            for h in 0..2 {
+                let blocks = [block(2 * h), block(2 * h + 1)];
+                for i in 0..32 {
+                    let (b, p) = place(i);
+                    a.ylo[32 * h + i] = blocks[b].qs[p];
+                    a.yhi[32 * h + i] = blocks[b].qs[p + 16];
+                }
+                for l in 0..8 {
+                    let sum: i32 = (32 * h + 4 * l..32 * h + 4 * l + 4)
+                        .map(|i| a.ylo[i] as i32 + a.yhi[i] as i32)
+                        .sum();
+                    a.neg[8 * h + l] = -16 * sum;
+                    a.scale[8 * h + l] = half(blocks[l % 2].d);
+                }
             }
             a
         })
         .collect()
 }
 
-/// The scalar level: the SIMD kernels' steps lane by lane (the same bits).
-fn row_scalar(w: &[Pair], ys: &[Acts]) -> f32 {
+/// The scalar level: the SIMD kernels' steps lane by lane (the same bits). Lane l of a quad's
+/// sixteen belongs to its pair l / 8 and sums into that parity's running sums.
+fn row_scalar(w: &[Quad], ys: &[Acts]) -> f32 {
     let mut acc = [[0f32; 8]; 2];
-    for (n, (x, y)) in w.iter().zip(ys).enumerate() {
-        for l in 0..8 {
-            let mut dot = y.neg[l];
-            for i in 4 * l..4 * l + 4 {
+    for (x, y) in w.iter().zip(ys) {
+        for lane in 0..16 {
+            let (h, l) = (lane / 8, lane % 8);
+            let mut dot = y.neg[lane];
+            for i in 32 * h + 4 * l..32 * h + 4 * l + 4 {
                 let lo = (x.qs[i] & 0x0F) as i32 | ((x.lo >> i) & 1) as i32 * 16;
                 let hi = (x.qs[i] >> 4) as i32 | ((x.hi >> i) & 1) as i32 * 16;
-                dot += lo * y.y[i] as i32 + hi * y.y[32 + i] as i32;
+                dot += lo * y.ylo[i] as i32 + hi * y.yhi[i] as i32;
             }
-            let s = half(x.d[l % 2]) * y.scale[l];
-            acc[n % 2][l] = s.mul_add(dot as f32, acc[n % 2][l]);
+            let s = half(x.d[2 * h + l % 2]) * y.scale[lane];
+            acc[h][l] = s.mul_add(dot as f32, acc[h][l]);
         }
     }
     reduce8(std::array::from_fn(|l| acc[0][l] + acc[1][l]))
 }
 
-/// `dst[i][j] = X[i] · W[j]` (see `crate::matmul`) with W in pairs.
+/// `dst[i][j] = X[i] · W[j]` (see `crate::matmul`) with W in quads.
 pub fn matmul(
     isa: Isa,
     (m, k, n): (usize, usize, usize),
     lhs: &[f32],
-    w: &[Pair],
+    w: &[Quad],
     dst: &mut [f32],
 ) -> Result<()> {
     let isa = supported(isa);
-    let xq = prepare((m, k, n), lhs, w.len(), |kb| kb.div_ceil(2), dst)?;
+    let xq = prepare((m, k, n), lhs, w.len(), |kb| kb.div_ceil(4), dst)?;
     let kb = k / QK;
     let acts: Vec<Acts> = xq.chunks_exact(kb).flat_map(arrange).collect();
     let job = Job {
         isa,
-        per_row: kb.div_ceil(2),
+        per_row: kb.div_ceil(4),
         w,
         acts: &acts,
         out: Out::new(m, n, dst),
@@ -164,7 +194,7 @@ pub fn matmul(
 struct Job<'a> {
     isa: Isa,
     per_row: usize,
-    w: &'a [Pair],
+    w: &'a [Quad],
     acts: &'a [Acts],
     out: Out,
 }
@@ -197,8 +227,8 @@ impl Tiles for Job<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{Acts, Pair};
-    use crate::simd::hsum;
+    use super::{Acts, Quad};
+    use crate::simd::{hsum, hsum16};
     use std::arch::x86_64::*;
 
     /// `nib` with 16 added to the bytes whose bit is set in `bits` (AVX2: spread the bits to
@@ -239,75 +269,93 @@ mod simd {
         _mm256_add_epi32(_mm256_madd_epi16(s, _mm256_set1_epi16(1)), neg)
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn dot_vnni(
-        lo: __m256i,
-        ylo: __m256i,
-        hi: __m256i,
-        yhi: __m256i,
-        neg: __m256i,
-    ) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(neg, lo, ylo), hi, yhi)
-    }
-
-    /// One weight row of pairs against N rows of activations. Pairs alternate between two
-    /// running sums (two chains of fused multiply-adds at once), in the same order for every N.
+    /// One weight row of quads against N rows of activations, each quad as its two pairs in
+    /// 256-bit registers, the first pair's lanes summing into one running sum and the second's
+    /// into another, in the same order for every N.
     macro_rules! pair_kernel {
-        ($features:literal, $name:ident, $high:ident, $dot:ident) => {
+        ($features:literal, $name:ident, $high:ident) => {
             #[inline]
             #[target_feature(enable = $features)]
-            pub unsafe fn $name<const N: usize>(w: &[Pair], ys: [&[Acts]; N]) -> [f32; N] {
+            pub unsafe fn $name<const N: usize>(w: &[Quad], ys: [&[Acts]; N]) -> [f32; N] {
                 for r in 0..N {
                     assert!(ys[r].len() >= w.len());
                 }
                 let mask = _mm256_set1_epi8(0x0F);
                 let mut acc = [[_mm256_setzero_ps(); N]; 2];
-                let step = |x: &Pair, p: usize, acc: &mut [__m256; N]| {
-                    let raw = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
-                    let lo = $high(x.lo, _mm256_and_si256(raw, mask));
-                    let hi = $high(x.hi, _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask));
-                    let d = x.d[0] as u32 | (x.d[1] as u32) << 16;
-                    // [da, db, da, db, ...]
-                    let dw = _mm256_cvtph_ps(_mm_set1_epi32(d as i32));
-                    for r in 0..N {
-                        let y = ys[r].get_unchecked(p);
-                        let v = y.y.as_ptr() as *const __m256i;
-                        let dot = $dot(
-                            lo,
-                            _mm256_load_si256(v),
-                            hi,
-                            _mm256_load_si256(v.add(1)),
-                            _mm256_load_si256(y.neg.as_ptr() as *const __m256i),
+                for (p, x) in w.iter().enumerate() {
+                    for h in 0..2 {
+                        let raw = _mm256_loadu_si256(x.qs.as_ptr().add(32 * h) as *const __m256i);
+                        let lo = $high((x.lo >> (32 * h)) as u32, _mm256_and_si256(raw, mask));
+                        let hi = $high(
+                            (x.hi >> (32 * h)) as u32,
+                            _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask),
                         );
-                        let s = _mm256_mul_ps(dw, _mm256_load_ps(y.scale.as_ptr()));
-                        acc[r] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(dot), acc[r]);
+                        let d = x.d[2 * h] as u32 | (x.d[2 * h + 1] as u32) << 16;
+                        // [da, db, da, db, ...]
+                        let dw = _mm256_cvtph_ps(_mm_set1_epi32(d as i32));
+                        for r in 0..N {
+                            let y = ys[r].get_unchecked(p);
+                            let dot = dot_avx2(
+                                lo,
+                                _mm256_load_si256(y.ylo.as_ptr().add(32 * h) as *const __m256i),
+                                hi,
+                                _mm256_load_si256(y.yhi.as_ptr().add(32 * h) as *const __m256i),
+                                _mm256_load_si256(y.neg.as_ptr().add(8 * h) as *const __m256i),
+                            );
+                            let s = _mm256_mul_ps(dw, _mm256_load_ps(y.scale.as_ptr().add(8 * h)));
+                            acc[h][r] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(dot), acc[h][r]);
+                        }
                     }
-                };
-                let [even, odd] = &mut acc;
-                for (p, two) in w.chunks_exact(2).enumerate() {
-                    step(&two[0], 2 * p, even);
-                    step(&two[1], 2 * p + 1, odd);
-                }
-                if w.len() % 2 == 1 {
-                    step(&w[w.len() - 1], w.len() - 1, even);
                 }
                 std::array::from_fn(|r| hsum(_mm256_add_ps(acc[0][r], acc[1][r])))
             }
         };
     }
 
-    pair_kernel!("avx2,fma,f16c", rows_avx2, high_avx2, dot_avx2);
+    pair_kernel!("avx2,fma,f16c", rows_avx2, high_avx2);
     pair_kernel!(
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl",
         rows_avx512,
-        high_mask,
-        dot_avx2
+        high_mask
     );
-    pair_kernel!(
-        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-        rows_vnni,
-        high_mask,
-        dot_vnni
-    );
+
+    /// AVX-512 with VNNI: a whole quad in one register, its sixteen lanes the two pairs' running
+    /// sums side by side.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn rows_vnni<const N: usize>(w: &[Quad], ys: [&[Acts]; N]) -> [f32; N] {
+        for r in 0..N {
+            assert!(ys[r].len() >= w.len());
+        }
+        let mask = _mm512_set1_epi8(0x0F);
+        let sixteen = _mm512_set1_epi8(0x10);
+        // The first pair's two scales for lanes 0-7, the second's for 8-15.
+        let spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        let mut acc = [_mm512_setzero_ps(); N];
+        for (p, x) in w.iter().enumerate() {
+            let raw = _mm512_loadu_si512(x.qs.as_ptr() as *const __m512i);
+            let nib = _mm512_and_si512(raw, mask);
+            let lo = _mm512_mask_add_epi8(nib, x.lo, nib, sixteen);
+            let nib = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+            let hi = _mm512_mask_add_epi8(nib, x.hi, nib, sixteen);
+            let d = _mm256_castsi128_si256(_mm_loadl_epi64(x.d.as_ptr() as *const __m128i));
+            // [da, db, da, db, ... | dc, dd, dc, dd, ...]
+            let dw = _mm512_cvtph_ps(_mm256_permutevar8x32_epi32(d, spread));
+            for r in 0..N {
+                let y = ys[r].get_unchecked(p);
+                let dot = _mm512_dpbusd_epi32(
+                    _mm512_dpbusd_epi32(
+                        _mm512_load_si512(y.neg.as_ptr() as *const __m512i),
+                        lo,
+                        _mm512_load_si512(y.ylo.as_ptr() as *const __m512i),
+                    ),
+                    hi,
+                    _mm512_load_si512(y.yhi.as_ptr() as *const __m512i),
+                );
+                let s = _mm512_mul_ps(dw, _mm512_load_ps(y.scale.as_ptr()));
+                acc[r] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(dot), acc[r]);
+            }
+        }
+        std::array::from_fn(|r| hsum16(acc[r]))
+    }
 }

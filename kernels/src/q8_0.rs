@@ -3,7 +3,7 @@
 //!
 //! A `Pair` holds two blocks a and b (64 values) in 64 bytes: byte i belongs to block a when its
 //! group of four (i / 4) is even, to b when odd, at position p = (i / 8) * 4 + i % 4 of that
-//! block (the same places as `q5_0::Pair`). Once byte products are summed into 32-bit lanes, lane
+//! block (the same places as in a pair of `q5_0`). Once byte products are summed into 32-bit lanes, lane
 //! l (bytes 4l..4l + 4) belongs to block l % 2: one vector [da, db, da, db, ...] (the two f16
 //! scales broadcast and converted) scales all sixteen lanes.
 //!
