@@ -201,7 +201,8 @@ impl Matrix {
 /// The same tensor with its blocks in moss's kernels when its type has them, and the product to
 /// multiply by (`None`: the tensor unchanged, for candle's `QMatMul`).
 fn accelerate(t: QTensor) -> Result<(QTensor, Option<Product>)> {
-    let (n, k) = t.shape().dims2().unwrap_or((0, 0));
+    let k = *t.shape().dims().last().unwrap_or(&0);
+    let n = t.shape().elem_count() / k.max(1);
     fn both<B: Block>(t: &QTensor, k: usize) -> Result<(Box<dyn QuantizedType>, Product)> {
         let fast = FastBlocks::<B>::from_bytes(&data(t)?, k)?;
         Ok((Box::new(fast.clone()), Product(Arc::new(fast))))
