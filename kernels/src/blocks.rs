@@ -6,6 +6,7 @@ use candle_core::Result;
 use half::f16;
 
 use crate::cpu::Isa;
+use crate::tiles::matmul_units;
 use crate::{q5_0, q8_0};
 
 /// Values per block (Q5_0 and Q8_0).
@@ -117,7 +118,7 @@ impl Block for BlockQ5_0 {
         w: &[q5_0::Quad],
         dst: &mut [f32],
     ) -> Result<()> {
-        q5_0::matmul(isa, mkn, lhs, w, dst)
+        matmul_units(isa, mkn, lhs, w, dst)
     }
 }
 
@@ -157,7 +158,7 @@ impl Block for BlockQ8_0 {
         w: &[q8_0::Pair],
         dst: &mut [f32],
     ) -> Result<()> {
-        q8_0::matmul(isa, mkn, lhs, w, dst)
+        matmul_units(isa, mkn, lhs, w, dst)
     }
 }
 

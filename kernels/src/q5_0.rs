@@ -22,10 +22,9 @@
 //! (scale 0), which add zero.
 
 use crate::blocks::{half, BlockQ5_0, BlockQ8_0, QK};
-use crate::cpu::{supported, Isa};
+use crate::cpu::Isa;
 use crate::lanes::reduce8;
-use crate::tiles::{prepare, run, Out, Tiles};
-use candle_core::Result;
+use crate::tiles::Unit;
 
 /// Four Q5_0 blocks (two pairs) in the kernels' layout (see the module's documentation).
 #[repr(C)]
@@ -168,51 +167,19 @@ fn row_scalar(w: &[Quad], ys: &[Acts]) -> f32 {
     reduce8(std::array::from_fn(|l| acc[0][l] + acc[1][l]))
 }
 
-/// `dst[i][j] = X[i] · W[j]` (see `crate::matmul`) with W in quads.
-pub fn matmul(
-    isa: Isa,
-    (m, k, n): (usize, usize, usize),
-    lhs: &[f32],
-    w: &[Quad],
-    dst: &mut [f32],
-) -> Result<()> {
-    let isa = supported(isa);
-    let xq = prepare((m, k, n), lhs, w.len(), |kb| kb.div_ceil(4), dst)?;
-    let kb = k / QK;
-    let acts: Vec<Acts> = xq.chunks_exact(kb).flat_map(arrange).collect();
-    let job = Job {
-        isa,
-        per_row: kb.div_ceil(4),
-        w,
-        acts: &acts,
-        out: Out::new(m, n, dst),
-    };
-    run(isa, &job);
-    Ok(())
-}
+impl Unit for Quad {
+    const BLOCKS: usize = 4;
+    type Acts = Acts;
 
-struct Job<'a> {
-    isa: Isa,
-    per_row: usize,
-    w: &'a [Quad],
-    acts: &'a [Acts],
-    out: Out,
-}
-
-impl Tiles for Job<'_> {
-    fn out(&self) -> &Out {
-        &self.out
+    fn arrange(xq: &[BlockQ8_0]) -> Vec<Acts> {
+        arrange(xq)
     }
 
     #[inline(always)]
-    fn tile<const N: usize>(&self, j: usize, i: usize) -> [f32; N] {
-        let per = self.per_row;
-        let w = &self.w[j * per..(j + 1) * per];
-        let ys: [&[Acts]; N] =
-            std::array::from_fn(|t| &self.acts[(i + t) * per..(i + t + 1) * per]);
-        match self.isa {
+    fn rows<const N: usize>(isa: Isa, w: &[Self], ys: [&[Acts]; N]) -> [f32; N] {
+        match isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `matmul` took `isa` through `supported`: the CPU has its features.
+            // SAFETY: `isa` came through `supported`: the CPU has its features.
             Isa::Avx512Vnni => unsafe { simd::rows_vnni(w, ys) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.

@@ -17,10 +17,9 @@
 //! A row with an odd number of blocks ends with a pair padded by a zero block (scale 0).
 
 use crate::blocks::{half, BlockQ8_0, QK};
-use crate::cpu::{supported, Isa};
+use crate::cpu::Isa;
 use crate::lanes::reduce16;
-use crate::tiles::{prepare, run, Out, Tiles};
-use candle_core::Result;
+use crate::tiles::Unit;
 
 /// Two Q8_0 blocks in the kernels' layout (see the module's documentation).
 #[repr(C)]
@@ -134,51 +133,19 @@ fn row_scalar(w: &[Pair], ys: &[Acts]) -> f32 {
     reduce16(std::array::from_fn(|l| acc[0][l] + acc[1][l]))
 }
 
-/// `dst[i][j] = X[i] · W[j]` (see `crate::matmul`) with W in pairs.
-pub fn matmul(
-    isa: Isa,
-    (m, k, n): (usize, usize, usize),
-    lhs: &[f32],
-    w: &[Pair],
-    dst: &mut [f32],
-) -> Result<()> {
-    let isa = supported(isa);
-    let xq = prepare((m, k, n), lhs, w.len(), |kb| kb.div_ceil(2), dst)?;
-    let kb = k / QK;
-    let acts: Vec<Acts> = xq.chunks_exact(kb).flat_map(arrange).collect();
-    let job = Job {
-        isa,
-        per_row: kb.div_ceil(2),
-        w,
-        acts: &acts,
-        out: Out::new(m, n, dst),
-    };
-    run(isa, &job);
-    Ok(())
-}
+impl Unit for Pair {
+    const BLOCKS: usize = 2;
+    type Acts = Acts;
 
-struct Job<'a> {
-    isa: Isa,
-    per_row: usize,
-    w: &'a [Pair],
-    acts: &'a [Acts],
-    out: Out,
-}
-
-impl Tiles for Job<'_> {
-    fn out(&self) -> &Out {
-        &self.out
+    fn arrange(xq: &[BlockQ8_0]) -> Vec<Acts> {
+        arrange(xq)
     }
 
     #[inline(always)]
-    fn tile<const N: usize>(&self, j: usize, i: usize) -> [f32; N] {
-        let per = self.per_row;
-        let w = &self.w[j * per..(j + 1) * per];
-        let ys: [&[Acts]; N] =
-            std::array::from_fn(|t| &self.acts[(i + t) * per..(i + t + 1) * per]);
-        match self.isa {
+    fn rows<const N: usize>(isa: Isa, w: &[Self], ys: [&[Acts]; N]) -> [f32; N] {
+        match isa {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `matmul` took `isa` through `supported`: the CPU has its features.
+            // SAFETY: `isa` came through `supported`: the CPU has its features.
             Isa::Avx512Vnni => unsafe { simd::rows_vnni(w, ys) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above (the AVX-512 levels imply AVX2).
@@ -191,6 +158,7 @@ impl Tiles for Job<'_> {
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use super::{Acts, Pair};
+    use crate::lanes::alternate;
     use crate::simd::{hsum, hsum16};
     use std::arch::x86_64::*;
 
@@ -219,14 +187,7 @@ mod simd {
                 acc[r] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(dot), acc[r]);
             }
         };
-        let [even, odd] = &mut acc;
-        for (p, two) in w.chunks_exact(2).enumerate() {
-            step(&two[0], 2 * p, even);
-            step(&two[1], 2 * p + 1, odd);
-        }
-        if w.len() % 2 == 1 {
-            step(&w[w.len() - 1], w.len() - 1, even);
-        }
+        alternate(w, &mut acc, step);
         std::array::from_fn(|r| hsum16(_mm512_add_ps(acc[0][r], acc[1][r])))
     }
 
@@ -265,14 +226,7 @@ mod simd {
                 }
             }
         };
-        let [even, odd] = &mut acc;
-        for (p, two) in w.chunks_exact(2).enumerate() {
-            step(&two[0], 2 * p, even);
-            step(&two[1], 2 * p + 1, odd);
-        }
-        if w.len() % 2 == 1 {
-            step(&w[w.len() - 1], w.len() - 1, even);
-        }
+        alternate(w, &mut acc, step);
         std::array::from_fn(|r| {
             let lo = _mm256_add_ps(acc[0][0][r], acc[1][0][r]);
             let hi = _mm256_add_ps(acc[0][1][r], acc[1][1][r]);

@@ -25,7 +25,7 @@ pub fn matmul<B: Block>(
 
 /// Checks a product's shapes (`units` packed units per weight row) and rounds the rows of X to
 /// Q8_0 blocks, the other operand of every dot product.
-pub(crate) fn prepare(
+fn prepare(
     (m, k, n): (usize, usize, usize),
     lhs: &[f32],
     w: usize,
@@ -44,6 +44,65 @@ pub(crate) fn prepare(
         quantize_q8_0(row, out);
     }
     Ok(xq)
+}
+
+/// A packed weight layout: rows of units (each covering `BLOCKS` Q8_0 blocks of activations),
+/// the activations arranged to match, and the row kernel for each SIMD level.
+pub(crate) trait Unit: Copy + Sync {
+    /// Activation blocks per unit.
+    const BLOCKS: usize;
+    type Acts: Sync;
+    /// A row of activation blocks, arranged per unit (padded like the weights).
+    fn arrange(xq: &[BlockQ8_0]) -> Vec<Self::Acts>;
+    /// One weight row against N rows of activations at `isa` (which `supported` gave).
+    fn rows<const N: usize>(isa: Isa, w: &[Self], ys: [&[Self::Acts]; N]) -> [f32; N];
+}
+
+/// `dst[i][j] = X[i] · W[j]` with W in units of `U`.
+pub(crate) fn matmul_units<U: Unit>(
+    isa: Isa,
+    (m, k, n): (usize, usize, usize),
+    lhs: &[f32],
+    w: &[U],
+    dst: &mut [f32],
+) -> Result<()> {
+    let isa = supported(isa);
+    let per_row = |kb: usize| kb.div_ceil(U::BLOCKS);
+    let xq = prepare((m, k, n), lhs, w.len(), per_row, dst)?;
+    let kb = k / QK;
+    let acts: Vec<U::Acts> = xq.chunks_exact(kb).flat_map(U::arrange).collect();
+    let job = UnitJob {
+        isa,
+        per_row: per_row(kb),
+        w,
+        acts: &acts,
+        out: Out::new(m, n, dst),
+    };
+    run(isa, &job);
+    Ok(())
+}
+
+struct UnitJob<'a, U: Unit> {
+    isa: Isa,
+    per_row: usize,
+    w: &'a [U],
+    acts: &'a [U::Acts],
+    out: Out,
+}
+
+impl<U: Unit> Tiles for UnitJob<'_, U> {
+    fn out(&self) -> &Out {
+        &self.out
+    }
+
+    #[inline(always)]
+    fn tile<const N: usize>(&self, j: usize, i: usize) -> [f32; N] {
+        let per = self.per_row;
+        let w = &self.w[j * per..(j + 1) * per];
+        let ys: [&[U::Acts]; N] =
+            std::array::from_fn(|t| &self.acts[(i + t) * per..(i + t + 1) * per]);
+        U::rows(self.isa, w, ys)
+    }
 }
 
 /// Weight rows per work item; each group is read once for all rows of X.
