@@ -233,10 +233,15 @@ fn drafting_keeps_logprobs_and_grammars_exact() {
     });
     let drafted_before = engine.stats.draft_tokens.load(Ordering::Relaxed);
     for prompt in prompts(&engine) {
-        for grammar in [None, Some(Grammar::JsonSchema(schema.clone()))] {
+        let compiled = engine
+            .info
+            .vocabulary
+            .constraint(&Grammar::JsonSchema(schema.clone()))
+            .unwrap();
+        for constraint in [None, Some(compiled)] {
             let req = |no_lookup| GenerateRequest {
                 logprobs: Some(3),
-                grammar: grammar.clone(),
+                constraint: constraint.clone(),
                 ignore_eos: false,
                 ..request(&prompt, false, no_lookup)
             };

@@ -128,7 +128,7 @@ fn a_schema_holds_for_every_sequence_of_a_batch_and_batching_changes_nothing() {
             .unwrap()
             .ids;
         let mut req = greedy(prompt, 120);
-        req.grammar = grammar;
+        req.constraint = grammar.map(|g| engine.info.vocabulary.constraint(&g).unwrap());
         req
     };
     let numbers = json!({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 2, "maxItems": 4});

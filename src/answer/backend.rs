@@ -9,8 +9,8 @@ use super::params::{Field, Format};
 use super::tools::ToolChoice;
 use super::AnswerError;
 use crate::engine::{
-    ChatMessage, EngineHandle, EngineStats, EventStream, GenerateRequest, Grammar, SamplingParams,
-    SubmitError, Tool,
+    ChatMessage, Constraint, EngineHandle, EngineStats, EventStream, GenerateRequest, Grammar,
+    SamplingParams, SubmitError, Tool,
 };
 use crate::upstream::{TargetHealth, Upstream, UpstreamError, UpstreamRequest};
 
@@ -115,13 +115,16 @@ impl Backend {
                         },
                         other => AnswerError::Internal(other.to_string()),
                     })?;
-                if let Some(grammar) = &req.grammar {
-                    let forced = matches!(
-                        req.tool_choice,
-                        ToolChoice::Required | ToolChoice::Function(_)
-                    );
-                    check_grammar(engine, grammar, forced).await?;
-                }
+                let constraint = match &req.grammar {
+                    Some(grammar) => {
+                        let forced = matches!(
+                            req.tool_choice,
+                            ToolChoice::Required | ToolChoice::Function(_)
+                        );
+                        Some(compile_grammar(engine, grammar, forced).await?)
+                    }
+                    None => None,
+                };
                 let request = GenerateRequest {
                     prompt: prompt.ids,
                     sampling: req.sampling,
@@ -129,7 +132,7 @@ impl Backend {
                     stop: req.stop,
                     ignore_eos: false,
                     logprobs: req.logprobs,
-                    grammar: req.grammar,
+                    constraint,
                     no_lookup: false,
                 };
                 engine.generate(request).map_err(|e| match e {
@@ -211,19 +214,20 @@ impl Backend {
     }
 }
 
-/// Compiles `grammar` for the model once before the answer is queued, off the async threads
-/// (a large schema takes a while), so that a grammar llguidance rejects is the caller's error.
-async fn check_grammar(
+/// Compiles `grammar` for the model before the answer is queued, once, off the async threads and
+/// off the engine's (a large schema takes a while), so that a grammar llguidance rejects is the
+/// caller's error and the engine only clones what was compiled.
+async fn compile_grammar(
     engine: &EngineHandle,
     grammar: &Grammar,
     forced_call: bool,
-) -> Result<(), AnswerError> {
+) -> Result<Constraint, AnswerError> {
     let info = engine.info.clone();
     let g = grammar.clone();
-    let checked = tokio::task::spawn_blocking(move || info.vocabulary.constraint(&g).map(|_| ()))
+    let compiled = tokio::task::spawn_blocking(move || info.vocabulary.constraint(&g))
         .await
         .map_err(|e| AnswerError::Internal(e.to_string()))?;
-    checked.map_err(|e| {
+    compiled.map_err(|e| {
         let field = match forced_call {
             true => Field::Tools,
             false => Field::ResponseFormat,

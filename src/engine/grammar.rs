@@ -135,7 +135,9 @@ fn build(tokenizer: &Tokenizer, size: usize, end_of_turn: u32) -> Result<Built, 
     })
 }
 
-/// One sequence's grammar state.
+/// One sequence's grammar state. A clone starts where the original is, sharing its compiled
+/// grammar and lexer caches (one compile for any number of sequences).
+#[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
 }

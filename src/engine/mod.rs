@@ -94,8 +94,10 @@ pub struct GenerateRequest {
     /// Report each token's log-probability and this many most likely alternatives
     /// (`Event::Logprob`); `None`: no log-probabilities.
     pub logprobs: Option<usize>,
-    /// Generate only what this grammar allows.
-    pub grammar: Option<Grammar>,
+    /// Generate only what this grammar allows: compiled by the caller
+    /// (`Vocabulary::constraint`), off the engine's thread, so that a large schema never holds up
+    /// the other answers' steps.
+    pub constraint: Option<Constraint>,
     /// Never draft this request's tokens by prompt lookup (to compare with and without: the
     /// answer is the same either way).
     pub no_lookup: bool,

@@ -38,8 +38,8 @@ pub(super) struct Sequence<'a> {
     stopped: bool,
     /// Alternatives to report with each token's log-probability (`None`: none reported).
     logprobs: Option<usize>,
-    /// The grammar the answer must follow (an error: it could not be set up).
-    constraint: Result<Option<Constraint>, String>,
+    /// The grammar the answer must follow, compiled before the request was queued.
+    constraint: Option<Constraint>,
 }
 
 impl<'a> Sequence<'a> {
@@ -55,11 +55,7 @@ impl<'a> Sequence<'a> {
             stops: StopMatcher::new(&req.stop),
             stopped: false,
             logprobs: req.logprobs,
-            constraint: req
-                .grammar
-                .as_ref()
-                .map(|g| info.vocabulary.constraint(g))
-                .transpose(),
+            constraint: req.constraint.clone(),
         }
     }
 
@@ -71,10 +67,7 @@ impl<'a> Sequence<'a> {
         info: &ModelInfo,
         events: &mpsc::UnboundedSender<Event>,
     ) -> candle_core::Result<u32> {
-        let constraint = match &mut self.constraint {
-            Ok(c) => c,
-            Err(e) => return Err(candle_core::Error::Msg(format!("grammar: {e}"))),
-        };
+        let constraint = &mut self.constraint;
         if constraint.is_none() && self.logprobs.is_none() {
             return self.sampler.sample(logits, &self.tokens);
         }

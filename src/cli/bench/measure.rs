@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::engine::{
-    EngineHandle, Event, EventStream, GenerateRequest, Grammar, SamplingParams, Timings, Usage,
+    Constraint, EngineHandle, Event, EventStream, GenerateRequest, SamplingParams, Timings, Usage,
 };
 
 /// What one run submits.
@@ -21,8 +21,8 @@ pub struct Workload {
     /// Tokens already in each stream's context before its prompt (like `llama-bench -d`): they
     /// come from the prefix cache, computed once before the run.
     pub depth: usize,
-    /// Every stream held to this grammar.
-    pub grammar: Option<Grammar>,
+    /// Every stream held to this grammar (compiled once, a clone per stream).
+    pub constraint: Option<Constraint>,
     /// Let the engine draft by prompt lookup (off: the figures are the model's own speed; the
     /// bench's prompt repeats itself, which drafting would turn into a flattering number).
     pub lookup: bool,
@@ -108,7 +108,7 @@ pub fn measure(engine: &EngineHandle, work: &Workload) -> anyhow::Result<BenchRe
         max_tokens: work.gen,
         stop: vec![],
         ignore_eos: true,
-        grammar: work.grammar.clone(),
+        constraint: work.constraint.clone(),
         no_lookup: !work.lookup,
         ..Default::default()
     };

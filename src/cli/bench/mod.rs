@@ -91,7 +91,7 @@ pub fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         gen: args.gen_tokens,
         concurrency: args.concurrency,
         depth: args.depth,
-        grammar: None,
+        constraint: None,
         lookup: false,
     };
     if args.lookup {

@@ -2,7 +2,7 @@
 
 use super::measure::{measure, BenchReport, Workload};
 use super::BenchArgs;
-use crate::engine::{EngineHandle, Grammar};
+use crate::engine::{Constraint, EngineHandle, Grammar};
 
 /// The schema `--schema` holds streams to: records with open strings, so the answer does not
 /// end before `--gen-tokens`.
@@ -31,25 +31,24 @@ pub(super) fn compare_schema(
     work: &Workload,
     plain: BenchReport,
 ) -> anyhow::Result<()> {
-    let grammar = Grammar::JsonSchema(bench_schema());
-    engine
+    let constraint = engine
         .info
         .vocabulary
-        .prepare()
+        .constraint(&Grammar::JsonSchema(bench_schema()))
         .map_err(|e| anyhow::anyhow!(e))?;
-    let run = |grammar: Option<Grammar>| {
+    let run = |constraint: Option<Constraint>| {
         measure(
             engine,
             &Workload {
-                grammar,
+                constraint,
                 ..work.clone()
             },
         )
     };
     // (held to the schema, report)
-    let mut rows = vec![(false, plain), (true, run(Some(grammar.clone()))?)];
+    let mut rows = vec![(false, plain), (true, run(Some(constraint.clone()))?)];
     rows.push((false, run(None)?));
-    rows.push((true, run(Some(grammar))?));
+    rows.push((true, run(Some(constraint))?));
     let label = |schema: bool| if schema { "schema" } else { "without" };
     if args.json {
         let reports: Vec<_> = rows
