@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::server::{parse_sse, Backend, Options, TestApp, UpstreamOptions};
 use common::{greedy, start, tiny_model};
-use moss::engine::{Arch, ChatMessage, Event, FinishReason, Grammar, Role, Tool};
+use moss::engine::{Arch, ChatMessage, Constraint, Event, FinishReason, Grammar, Role, Tool};
 use serde_json::{json, Value};
 
 /// A schema with nested objects, enums, arrays, a bounded string and a bounded integer.
@@ -122,21 +122,24 @@ fn a_schema_holds_for_every_sequence_of_a_batch_and_batching_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), Arch::Qwen2);
     let engine = start(&model, Duration::ZERO);
-    let ask = |q: &str, grammar: Option<Grammar>| {
+    let compile = |g: Grammar| engine.info.vocabulary.constraint(&g).unwrap();
+    let ask = |q: &str, constraint: Option<Constraint>| {
         let prompt = engine
             .prompt(None, &[ChatMessage::new(Role::User, q)], 120)
             .unwrap()
             .ids;
         let mut req = greedy(prompt, 120);
-        req.constraint = grammar.map(|g| engine.info.vocabulary.constraint(&g).unwrap());
+        req.constraint = constraint;
         req
     };
     let numbers = json!({"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 2, "maxItems": 4});
+    // One compiled schema for two requests: each sequence gets a clone, with its own state.
+    let order = compile(Grammar::JsonSchema(order_schema()));
     let requests = [
-        ask("order lunch", Some(Grammar::JsonSchema(order_schema()))),
-        ask("give numbers", Some(Grammar::JsonSchema(numbers))),
+        ask("order lunch", Some(order.clone())),
+        ask("give numbers", Some(compile(Grammar::JsonSchema(numbers)))),
         ask("just talk", None),
-        ask("order dinner", Some(Grammar::JsonSchema(order_schema()))),
+        ask("order dinner", Some(order)),
     ];
     // Alone, one after another.
     let alone: Vec<(String, FinishReason)> = requests
