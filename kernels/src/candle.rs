@@ -13,7 +13,6 @@ use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor, QuantizedTyp
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Result, Shape, Tensor};
 use half::f16;
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::blocks::{Block, BlockQ5_0, BlockQ8_0, QK};
@@ -204,8 +203,14 @@ fn accelerate(t: QTensor) -> Result<(QTensor, Option<Product>)> {
     let k = *t.shape().dims().last().unwrap_or(&0);
     let n = t.shape().elem_count() / k.max(1);
     fn both<B: Block>(t: &QTensor, k: usize) -> Result<(Box<dyn QuantizedType>, Product)> {
-        let fast = FastBlocks::<B>::from_bytes(&data(t)?, k)?;
-        Ok((Box::new(fast.clone()), Product(Arc::new(fast))))
+        let fast = FastBlocks::<B>::from_bytes(&t.data()?, k)?;
+        let n = fast.packed.len() / fast.per_row();
+        let product = Product {
+            blocks: Arc::new(fast.clone()),
+            n,
+            k,
+        };
+        Ok((Box::new(fast), product))
     }
     let (storage, product) = match t.dtype() {
         GgmlDType::Q5_0 => both::<BlockQ5_0>(&t, k)?,
@@ -237,26 +242,12 @@ fn candle_tiles_q8_0(n: usize, k: usize) -> bool {
 }
 
 /// A matrix in moss's kernels, multiplied by directly: `x` (f32, rows of `k`) times its
-/// transpose, as `QMatMul::forward` would.
+/// transpose (`n` rows), as `QMatMul::forward` would.
 #[derive(Clone)]
-struct Product(Arc<dyn Rows>);
-
-/// What `Product` needs of a matrix.
-trait Rows: Send + Sync {
-    /// Rows and values per row.
-    fn dims(&self) -> (usize, usize);
-    fn matmul(&self, m: usize, lhs: &[f32], dst: &mut [f32]) -> Result<()>;
-}
-
-impl<B: Block> Rows for FastBlocks<B> {
-    fn dims(&self) -> (usize, usize) {
-        (self.packed.len() / self.per_row(), self.k)
-    }
-
-    fn matmul(&self, m: usize, lhs: &[f32], dst: &mut [f32]) -> Result<()> {
-        let (n, k) = self.dims();
-        B::matmul_packed(self.isa, (m, k, n), lhs, &self.packed, dst)
-    }
+struct Product {
+    blocks: Arc<dyn QuantizedType>,
+    n: usize,
+    k: usize,
 }
 
 impl Product {
@@ -271,7 +262,7 @@ impl CustomOp1 for Product {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, k) = self.0.dims();
+        let (n, k) = (self.n, self.k);
         let CpuStorage::F32(data) = s else {
             candle_core::bail!("moss's kernels take f32 activations");
         };
@@ -286,7 +277,7 @@ impl CustomOp1 for Product {
         let m = x.len() / k.max(1);
         *dims.last_mut().expect("checked above") = n;
         let mut dst = vec![0f32; m * n];
-        self.0.matmul(m, x, &mut dst)?;
+        self.blocks.matmul_t((m, k, n), x, &mut dst)?;
         Ok((CpuStorage::F32(dst), Shape::from(dims)))
     }
 }
@@ -322,8 +313,4 @@ pub fn forward_rows(mm: &QMatMul, x: &Tensor) -> Result<Tensor> {
     let mut shape = dims.to_vec();
     *shape.last_mut().expect("rows > 1") = y.dim(1)?;
     y.reshape(shape)
-}
-
-fn data(t: &QTensor) -> Result<Cow<'_, [u8]>> {
-    t.data()
 }

@@ -6,7 +6,7 @@ use candle_core::{Device, Result, Tensor};
 
 use super::attention::Rope;
 use super::kv::SeqCache;
-use super::weights::{matmul, Ffn, Fused, Layer, Mlp};
+use super::weights::{Ffn, Fused, Layer, Mlp, Weight};
 use super::Decoder;
 
 /// A pair of Gemma 3's norm weights (none in the other architectures).
@@ -59,7 +59,7 @@ fn load_experts(t: &mut impl FnMut(&str) -> Result<QTensor>, n: usize) -> Result
         .map(|((gate, up), down)| {
             Ok(Mlp {
                 gate_up: Fused::new(vec![gate, up])?,
-                down: matmul(down)?,
+                down: Weight::new(down)?,
             })
         })
         .collect()
@@ -119,9 +119,9 @@ impl Decoder {
             );
         }
         let mut get = |name: &str| ct.tensor(reader, name, device);
-        let embedding = matmul(get("token_embd.weight")?)?;
+        let embedding = Weight::new(get("token_embd.weight")?)?;
         let output = match get("output.weight") {
-            Ok(t) => matmul(t)?,
+            Ok(t) => Weight::new(t)?,
             Err(_) => embedding.clone(), // tied embeddings: the same blocks, held once
         };
         let embedding = embedding.qmatmul().clone();
@@ -153,7 +153,7 @@ impl Decoder {
                     t("attn_k.weight")?,
                     t("attn_v.weight")?,
                 ])?,
-                wo: matmul(t("attn_output.weight")?)?,
+                wo: Weight::new(t("attn_output.weight")?)?,
                 bias: match t("attn_q.bias") {
                     Ok(bq) => Some((
                         bq.dequantize(device)?,
@@ -177,7 +177,7 @@ impl Decoder {
                 } else {
                     Ffn::Dense(Mlp {
                         gate_up: Fused::new(vec![t("ffn_gate.weight")?, t("ffn_up.weight")?])?,
-                        down: matmul(t("ffn_down.weight")?)?,
+                        down: Weight::new(t("ffn_down.weight")?)?,
                     })
                 },
                 qk_norm: gemma_norms(gemma, &mut t, ["attn_q_norm", "attn_k_norm"], device)?,

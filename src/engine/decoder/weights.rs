@@ -38,7 +38,7 @@ impl Fused {
                 let rows: Vec<usize> = g.iter().map(|t| t.shape().dims()[0]).collect();
                 if g.len() == 1 {
                     if let Some(one) = g.pop() {
-                        return Ok((matmul(one)?, rows));
+                        return Ok((Weight::new(one)?, rows));
                     }
                 }
                 let (dtype, cols, device) = (g[0].dtype(), g[0].shape().dims2()?.1, g[0].device());
@@ -53,7 +53,7 @@ impl Fused {
                     vec![rows.iter().sum(), cols],
                     &device,
                 )?;
-                Ok((matmul(joined)?, rows))
+                Ok((Weight::new(joined)?, rows))
             })
             .collect::<Result<_>>()?;
         Ok(Self { parts })
@@ -114,11 +114,6 @@ pub(super) enum Ffn {
         experts: Vec<Mlp>,
         used: usize,
     },
-}
-
-/// A matrix for the decoder.
-pub(super) fn matmul(t: QTensor) -> Result<Weight> {
-    Weight::new(t)
 }
 
 impl Fused {
